@@ -1,0 +1,38 @@
+"""The ``spaf-edge`` command line. Each command lives in its own module and stays thin:
+it parses options and calls one library function. Heavy imports (torch, transformers)
+happen inside commands, so runtime-only commands start without them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import click
+
+from spaf_edge.errors import SpAFError
+
+# Modules under spaf_edge.cli, each defining a click command named ``command``.
+COMMAND_MODULES = ("generate", "info")
+
+
+class _Group(click.Group):
+    """Turns SpAFError into a one-line message and exit code 2 instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SpAFError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@click.version_option(package_name="spaf-edge")
+def main(verbose: bool) -> None:
+    """SpAF edge: self-speculative decoding for LLMs on edge devices."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+
+
+for _name in COMMAND_MODULES:
+    main.add_command(importlib.import_module(f"spaf_edge.cli.{_name}").command)

@@ -1,0 +1,209 @@
+"""SpAF configuration: one dataclass tree, JSON in and out, validated.
+
+Torch-free so that the runtime and the exporter's manifest can use it.
+Setting names follow DESIGN.md: ``cutoff_layer``, ``adapter_dim_ratio``,
+``alignment_head.num_layers``, ``alignment_head.hidden_dim_ratio``,
+``loss_weights.alignment``, ``loss_weights.adapter_base``, ``alignment_loss_type``,
+``num_draft_tokens``, ``serial_parallel_transition``, ``temperature``, ``top_p``,
+``top_k``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spaf_edge.atomic import atomic_write_text
+from spaf_edge.errors import ConfigError
+
+CONFIG_FILE = "spaf_config.json"
+ALIGNMENT_LOSS_TYPES = ("mse", "cosine")
+
+
+@dataclass
+class AlignmentHeadConfig:
+    kind: str = "mlp"
+    num_layers: int = 2
+    hidden_dim_ratio: float = 2.0
+
+
+@dataclass
+class LossWeights:
+    adapter_base: float = 1.0  # KL(p_t || q_t) of the adapter's drafts
+    adapter_ce: float = 0.0  # optional cross-entropy on data tokens
+    alignment: float = 1.0  # state loss between AH(e(x_{t+1}), h(t)) and h(t+1)
+    alignment_token: float = 1.0  # KL(p_{t+1} || head(a(AH(...))))
+
+
+@dataclass
+class SpAFConfig:
+    """Everything that defines SpAF components and their default decoding settings.
+
+    ``cutoff_layer`` None means ``L // 2``; ``adapter_layers`` None means
+    ``[cutoff_layer]``. :meth:`resolved` fills both for a given base depth.
+    """
+
+    cutoff_layer: int | None = None
+    adapter_layers: list[int] | None = None
+    adapter_kind: str = "bottleneck"
+    adapter_dim_ratio: float = 0.25
+    alignment_head: AlignmentHeadConfig = field(default_factory=AlignmentHeadConfig)
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    alignment_loss_type: str = "mse"
+    alignment_rollout_steps: int = 1  # AH steps rolled on its own outputs in training
+    draft_vocab_size: int | None = None  # restrict draft logits to the V_d most frequent tokens
+    num_draft_tokens: int = 5
+    serial_parallel_transition: int = 2
+    draft_stop_threshold: float | None = None
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k filter
+
+    # ---- construction -------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpAFConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"SpAF config must be a JSON object, got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"Unknown SpAF config setting(s): {', '.join(unknown)}. "
+                f"Valid settings: {', '.join(sorted(known))}."
+            )
+        values = dict(data)
+        try:
+            if isinstance(values.get("alignment_head"), dict):
+                values["alignment_head"] = AlignmentHeadConfig(**values["alignment_head"])
+            if isinstance(values.get("loss_weights"), dict):
+                values["loss_weights"] = LossWeights(**values["loss_weights"])
+        except TypeError as exc:
+            raise ConfigError(f"Invalid nested SpAF setting: {exc}.") from exc
+        config = cls(**values)
+        config.validate()
+        return config
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SpAFConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_FILE
+        if not path.is_file():
+            raise ConfigError(f"SpAF config not found: {path}. Pass a {CONFIG_FILE} file or a checkpoint folder.")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}). Fix or regenerate the file.") from exc
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        if path.is_dir() or path.suffix != ".json":
+            path = path / CONFIG_FILE
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def replace(self, **changes: Any) -> SpAFConfig:
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+    def resolved(self, num_layers: int) -> SpAFConfig:
+        """Fill defaults that depend on the base model depth and validate against it."""
+        cutoff = self.cutoff_layer if self.cutoff_layer is not None else num_layers // 2
+        layers = list(self.adapter_layers) if self.adapter_layers else [cutoff]
+        if cutoff not in layers:
+            layers.append(cutoff)
+        config = dataclasses.replace(self, cutoff_layer=cutoff, adapter_layers=sorted(set(layers)))
+        config.validate(num_layers)
+        return config
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    # ---- validation ---------------------------------------------------
+    def validate(self, num_layers: int | None = None) -> None:
+        """Raise :class:`ConfigError` naming the first invalid setting and its valid range."""
+        validate_sampling(self.temperature, self.top_p, self.top_k)
+        validate_drafting(self.num_draft_tokens, self.serial_parallel_transition, self.draft_stop_threshold)
+        _check(self.adapter_dim_ratio > 0, "adapter_dim_ratio", self.adapter_dim_ratio, "a number > 0")
+        _check(
+            isinstance(self.alignment_head.num_layers, int) and self.alignment_head.num_layers >= 1,
+            "alignment_head.num_layers", self.alignment_head.num_layers, "an integer >= 1",
+        )
+        _check(
+            self.alignment_head.hidden_dim_ratio > 0,
+            "alignment_head.hidden_dim_ratio", self.alignment_head.hidden_dim_ratio, "a number > 0",
+        )
+        _check(
+            self.alignment_loss_type in ALIGNMENT_LOSS_TYPES,
+            "alignment_loss_type", self.alignment_loss_type, f"one of {ALIGNMENT_LOSS_TYPES}",
+        )
+        _check(
+            isinstance(self.alignment_rollout_steps, int) and self.alignment_rollout_steps >= 1,
+            "alignment_rollout_steps", self.alignment_rollout_steps, "an integer >= 1",
+        )
+        for name, value in dataclasses.asdict(self.loss_weights).items():
+            _check(value >= 0, f"loss_weights.{name}", value, "a number >= 0")
+        if self.draft_vocab_size is not None:
+            _check(
+                isinstance(self.draft_vocab_size, int) and self.draft_vocab_size >= 2,
+                "draft_vocab_size", self.draft_vocab_size, "an integer >= 2 or null",
+            )
+        if num_layers is not None:
+            upper = num_layers - 1
+            for name, layer in [("cutoff_layer", self.cutoff_layer)] + [
+                ("adapter_layers", layer) for layer in (self.adapter_layers or [])
+            ]:
+                if layer is None:
+                    continue
+                _check(
+                    isinstance(layer, int) and 1 <= layer <= upper,
+                    name, layer, f"an integer in 1..{upper} (the base model has {num_layers} layers)",
+                )
+        elif self.cutoff_layer is not None:
+            _check(
+                isinstance(self.cutoff_layer, int) and self.cutoff_layer >= 1,
+                "cutoff_layer", self.cutoff_layer, "an integer >= 1",
+            )
+
+
+def validate_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    _check(_is_number(temperature) and temperature >= 0, "temperature", temperature, "a number >= 0 (0 = greedy)")
+    _check(_is_number(top_p) and 0 < top_p <= 1, "top_p", top_p, "a number in (0, 1]")
+    _check(isinstance(top_k, int) and top_k >= 0, "top_k", top_k, "an integer >= 0 (0 = off)")
+
+
+def validate_drafting(num_draft_tokens: int, serial_parallel_transition: int, stop_threshold: float | None) -> None:
+    _check(
+        isinstance(num_draft_tokens, int) and num_draft_tokens >= 1,
+        "num_draft_tokens", num_draft_tokens, "an integer >= 1",
+    )
+    _check(
+        isinstance(serial_parallel_transition, int) and 1 <= serial_parallel_transition <= num_draft_tokens,
+        "serial_parallel_transition", serial_parallel_transition,
+        f"an integer with 1 <= serial_parallel_transition <= num_draft_tokens ({num_draft_tokens})",
+    )
+    if stop_threshold is not None:
+        _check(
+            _is_number(stop_threshold) and 0 <= stop_threshold < 1,
+            "draft_stop_threshold", stop_threshold, "a number in [0, 1) or null",
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"Invalid {name}={value!r}: expected {expected}.")
+

@@ -1,0 +1,235 @@
+"""PyTorch reference of SpAF decoding (DESIGN §4): draft -> verify -> accept -> commit.
+
+Batch 1 only (asserted). The acceptance rule is :mod:`spaf_edge.sampling`, shared with
+the ONNX Runtime engine. State between steps: committed tokens ``x_0 .. x_T``; both KV
+caches hold positions ``0 .. T-1``; ``x_T`` is pending.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from spaf_edge.config import validate_drafting
+from spaf_edge.errors import ContextLengthError
+from spaf_edge.generation.kv_cache import StackKVCache
+from spaf_edge.model import SpAFModel
+from spaf_edge.sampling import SamplingParams, accept, choose, logits_to_probs, softmax
+from spaf_edge.stats import GenerationStats
+
+
+@dataclass
+class DecodeState:
+    tokens: list[int]  # committed x_0 .. x_T
+    lower: StackKVCache
+    upper: StackKVCache
+
+    @property
+    def pending(self) -> int:
+        return self.tokens[-1]
+
+    @property
+    def position(self) -> int:
+        """T: the position of the pending token (= valid cache length)."""
+        return len(self.tokens) - 1
+
+
+@dataclass
+class Draft:
+    tokens: list[int] = field(default_factory=list)  # d_1 .. d_D
+    probs: list[np.ndarray] = field(default_factory=list)  # q_j over the full vocabulary
+    exact_hidden: list[torch.Tensor] = field(default_factory=list)  # h(T .. T+e-1): [1, 1, H] each
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # new tokens only
+    stats: GenerationStats
+    text: str | None = None
+
+
+def check_context(prompt_length: int, max_new_tokens: int, max_context: int) -> None:
+    if prompt_length < 1:
+        raise ContextLengthError("The prompt is empty; give at least one token.")
+    if max_new_tokens < 1:
+        raise ContextLengthError(f"max_new_tokens={max_new_tokens}: ask for at least 1 new token.")
+    if prompt_length + max_new_tokens > max_context:
+        raise ContextLengthError(
+            f"Prompt ({prompt_length} tokens) + max_new_tokens ({max_new_tokens}) = "
+            f"{prompt_length + max_new_tokens} exceeds the context of {max_context} tokens. "
+            "Shorten the prompt or lower max_new_tokens."
+        )
+
+
+@torch.no_grad()
+def prefill(model: SpAFModel, prompt: Sequence[int], max_length: int) -> DecodeState:
+    """Run both stacks on ``prompt[:-1]``; the last prompt token becomes pending."""
+    state = DecodeState(
+        tokens=list(prompt),
+        lower=model.new_cache(model.lower_layer_ids(), max_length),
+        upper=model.new_cache(model.upper_layer_ids(), max_length),
+    )
+    if len(prompt) > 1:
+        ids = torch.tensor([list(prompt[:-1])], device=model.base_device)  # [1, P-1]
+        hidden = model.run_layers(model.embed(ids), state.lower)
+        model.run_layers(hidden, state.upper)
+    return state
+
+
+def _draft_distribution(model: SpAFModel, logits: torch.Tensor, params: SamplingParams, vocab_size: int) -> np.ndarray:
+    """Processed draft distribution over the full vocabulary from draft-vocab logits [V_d]."""
+    probs = logits_to_probs(logits.float().cpu().numpy(), params)
+    if model.draft_vocab.numel() == 0:
+        return probs
+    full = np.zeros(vocab_size, dtype=np.float64)
+    full[model.draft_vocab.cpu().numpy()] = probs
+    return full
+
+
+@torch.no_grad()
+def spaf_draft(
+    model: SpAFModel,
+    state: DecodeState,
+    num_drafts: int,
+    serial_parallel_transition: int,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    stop_threshold: float | None = None,
+) -> Draft:
+    """Serial drafts through the lower stack, then aligned drafts through the AlignmentHead."""
+    draft = Draft()
+    vocab_size = model.base.config.vocab_size
+    token = state.pending
+    hidden_bar = None  # h̄ of the newest drafted position: [1, 1, H]
+    for j in range(1, num_drafts + 1):
+        if j <= serial_parallel_transition:
+            ids = torch.tensor([[token]], device=model.base_device)
+            hidden_bar = model.run_layers(model.embed(ids), state.lower)  # exact h(T+j-1)
+            draft.exact_hidden.append(hidden_bar)
+        else:
+            ids = torch.tensor([[token]], device=model.base_device)
+            hidden_bar = model.align(ids, hidden_bar)  # pseudo ĥ(T+j-1)
+        logits = model.draft_logits(hidden_bar)[0, -1]  # [V_d]
+        q = _draft_distribution(model, logits, params, vocab_size)
+        if stop_threshold is not None:
+            confidence = q.max() if not params.greedy else softmax(logits.float().cpu().numpy()).max()
+            if confidence < stop_threshold:
+                break
+        token = choose(q, params, rng)
+        draft.tokens.append(token)
+        draft.probs.append(q)
+    return draft
+
+
+@torch.no_grad()
+def spaf_verify(model: SpAFModel, state: DecodeState, draft: Draft) -> np.ndarray:
+    """One batched target pass over positions ``T .. T+D``. Returns logits [D+1, V] (float32)."""
+    sequence = [state.pending] + draft.tokens
+    exact = len(draft.exact_hidden)
+    pieces = list(draft.exact_hidden)
+    if exact < len(sequence):
+        ids = torch.tensor([sequence[exact:]], device=model.base_device)  # [1, D+1-e]
+        pieces.append(model.run_layers(model.embed(ids), state.lower))
+    hidden = torch.cat(pieces, dim=1)  # [1, D+1, H]
+    top = model.run_layers(hidden, state.upper)
+    return model.head(top)[0].float().cpu().numpy()
+
+
+def commit(state: DecodeState, draft: Draft, num_accepted: int, bonus: int) -> list[int]:
+    """Append the accepted drafts and the bonus; cut both caches back to the valid length."""
+    new = draft.tokens[:num_accepted] + [bonus]
+    valid = state.position + num_accepted + 1  # positions T .. T+n now hold accepted tokens
+    state.tokens.extend(new)
+    state.lower.rewind_to(valid)
+    state.upper.rewind_to(valid)
+    return new
+
+
+@torch.no_grad()
+def spaf_generate(
+    model: SpAFModel,
+    input_ids: Sequence[int] | torch.Tensor,
+    max_new_tokens: int = 128,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    num_draft_tokens: int | None = None,
+    serial_parallel_transition: int | None = None,
+    draft_stop_threshold: float | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+    max_context: int | None = None,
+    on_tokens: Callable[[list[int]], None] | None = None,
+) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` tokens; settings default to ``model.config``'s."""
+    config = model.config
+    params = SamplingParams(
+        temperature=config.temperature if temperature is None else temperature,
+        top_k=config.top_k if top_k is None else top_k,
+        top_p=config.top_p if top_p is None else top_p,
+    )
+    num_draft_tokens = num_draft_tokens or config.num_draft_tokens
+    transition = serial_parallel_transition or min(config.serial_parallel_transition, num_draft_tokens)
+    stop_threshold = draft_stop_threshold if draft_stop_threshold is not None else config.draft_stop_threshold
+    validate_drafting(num_draft_tokens, transition, stop_threshold)
+    prompt = _as_token_list(input_ids)
+    max_context = max_context or model.max_context
+    check_context(len(prompt), max_new_tokens, max_context)
+    eos = set(eos_token_ids if eos_token_ids is not None else default_eos_ids(model))
+    rng = np.random.default_rng(seed)
+
+    stats = GenerationStats(prompt_tokens=len(prompt))
+    start = time.perf_counter()
+    state = prefill(model, prompt, len(prompt) + max_new_tokens)
+    stats.prefill_seconds = time.perf_counter() - start
+    generated: list[int] = []
+    while len(generated) < max_new_tokens:
+        budget = min(num_draft_tokens, max_new_tokens - len(generated) - 1)
+        draft = spaf_draft(model, state, budget, transition, params, rng, stop_threshold)
+        target_probs = logits_to_probs(spaf_verify(model, state, draft), params)
+        num_accepted, bonus = accept(draft.tokens, draft.probs, target_probs, params, rng)
+        new = commit(state, draft, num_accepted, bonus)
+        stats.record(len(draft.tokens), num_accepted)
+        new, finished = _cut_at_eos(new, eos)
+        generated.extend(new)
+        if not stats.first_token_seconds:
+            stats.first_token_seconds = time.perf_counter() - start
+        if on_tokens is not None:
+            on_tokens(new)
+        if finished:
+            break
+    stats.new_tokens = len(generated)
+    stats.wall_seconds = time.perf_counter() - start
+    return GenerationResult(tokens=generated, stats=stats)
+
+
+def default_eos_ids(model: SpAFModel) -> list[int]:
+    """EOS ids from the base's generation config, config and tokenizer."""
+    ids: set[int] = set()
+    sources = [getattr(model.base, "generation_config", None), model.base.config]
+    for source in sources:
+        value = getattr(source, "eos_token_id", None)
+        ids.update([value] if isinstance(value, int) else value or [])
+    if model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
+        ids.add(model.tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def _cut_at_eos(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
+    for index, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: index + 1], True
+    return tokens, False
+
+
+def _as_token_list(input_ids: Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 2:
+            assert input_ids.shape[0] == 1, "spaf_generate is batch-1: pass one sequence"
+            input_ids = input_ids[0]
+        return [int(t) for t in input_ids.tolist()]
+    return [int(t) for t in input_ids]

@@ -1,0 +1,50 @@
+"""Names of every ONNX graph, input and output: defined once, computed by scheme.
+
+The exporter writes graphs with these names; the runtime binds buffers by them.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+# Graph files in an export folder.
+LOWER_GRAPH = "lower.onnx"  # embedding + layers 0..k-1 (+ adapter draft head on the last position)
+UPPER_GRAPH = "upper.onnx"  # layers k..L-1 + final norm + LM head
+DRAFTER_GRAPH = "drafter.onnx"  # AlignmentHead step + adapter draft head
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SHARED_WEIGHTS = "shared_weights.bin"  # external data holding weights used by several graphs
+
+# Inputs.
+INPUT_IDS = "input_ids"  # int64 [1, S]
+SEQLENS_K = "seqlens_k"  # int32 [1]: past_length + S - 1 (GroupQueryAttention convention)
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 []: past_length + S
+CUTOFF_HIDDEN = "cutoff_hidden"  # float [1, S, H]: output of lower, input of upper
+TOKEN_IDS = "token_ids"  # int64 [1, 1]: drafter input, the previous draft d_{j-1}
+PREV_HIDDEN = "prev_hidden"  # float [1, 1, H]: drafter input h̄(t)
+
+# Outputs.
+DRAFT_LOGITS = "draft_logits"  # float32 [1, 1, V_d]: head(a(h)) of the last position
+LOGITS = "logits"  # float32 [1, S, V]
+PSEUDO_HIDDEN = "pseudo_hidden"  # float [1, 1, H]: drafter output ĥ(t+1)
+
+
+def past_key(layer: int) -> str:
+    return f"past_key_values.{layer}.key"  # [1, kv_heads, max_length, head_dim]
+
+
+def past_value(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key(layer: int) -> str:
+    return f"present.{layer}.key"  # same buffer as past_key(layer) at run time
+
+
+def present_value(layer: int) -> str:
+    return f"present.{layer}.value"
+
+
+def kv_names(layers: range) -> list[tuple[str, str, str, str]]:
+    """(past_key, past_value, present_key, present_value) per layer, in layer order."""
+    return [(past_key(i), past_value(i), present_key(i), present_value(i)) for i in layers]
