@@ -14,6 +14,7 @@ MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SHARED_WEIGHTS = "shared_weights.bin"  # external data holding weights used by several graphs
+DRAFT_VOCAB = "draft_vocab.npy"  # int64 [V_d] token ids of the draft vocabulary (absent = all)
 
 # Inputs.
 INPUT_IDS = "input_ids"  # int64 [1, S]
