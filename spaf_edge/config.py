@@ -76,13 +76,16 @@ class SpAFConfig:
                 f"Valid settings: {', '.join(sorted(known))}."
             )
         values = dict(data)
-        try:
-            if isinstance(values.get("alignment_head"), dict):
-                values["alignment_head"] = AlignmentHeadConfig(**values["alignment_head"])
-            if isinstance(values.get("loss_weights"), dict):
-                values["loss_weights"] = LossWeights(**values["loss_weights"])
-        except TypeError as exc:
-            raise ConfigError(f"Invalid nested SpAF setting: {exc}.") from exc
+        for name, nested in (("alignment_head", AlignmentHeadConfig), ("loss_weights", LossWeights)):
+            if name not in values:
+                continue
+            if not isinstance(values[name], dict):
+                raise ConfigError(f"Invalid {name}={values[name]!r}: expected an object of settings.")
+            try:
+                values[name] = nested(**values[name])
+            except TypeError as exc:
+                valid = ", ".join(f.name for f in dataclasses.fields(nested))
+                raise ConfigError(f"Invalid {name} setting ({exc}). Valid {name} settings: {valid}.") from exc
         config = cls(**values)
         config.validate()
         return config
@@ -96,7 +99,7 @@ class SpAFConfig:
             raise ConfigError(f"SpAF config not found: {path}. Pass a {CONFIG_FILE} file or a checkpoint folder.")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc}). Fix or regenerate the file.") from exc
         return cls.from_dict(data)
 
@@ -117,6 +120,7 @@ class SpAFConfig:
 
     def resolved(self, num_layers: int) -> SpAFConfig:
         """Fill defaults that depend on the base model depth and validate against it."""
+        self.validate(num_layers)
         cutoff = self.cutoff_layer if self.cutoff_layer is not None else num_layers // 2
         layers = list(self.adapter_layers) if self.adapter_layers else [cutoff]
         if cutoff not in layers:
@@ -134,13 +138,16 @@ class SpAFConfig:
         """Raise :class:`ConfigError` naming the first invalid setting and its valid range."""
         validate_sampling(self.temperature, self.top_p, self.top_k)
         validate_drafting(self.num_draft_tokens, self.serial_parallel_transition, self.draft_stop_threshold)
-        _check(self.adapter_dim_ratio > 0, "adapter_dim_ratio", self.adapter_dim_ratio, "a number > 0")
         _check(
-            isinstance(self.alignment_head.num_layers, int) and self.alignment_head.num_layers >= 1,
+            _is_number(self.adapter_dim_ratio) and self.adapter_dim_ratio > 0,
+            "adapter_dim_ratio", self.adapter_dim_ratio, "a number > 0",
+        )
+        _check(
+            _is_int(self.alignment_head.num_layers) and self.alignment_head.num_layers >= 1,
             "alignment_head.num_layers", self.alignment_head.num_layers, "an integer >= 1",
         )
         _check(
-            self.alignment_head.hidden_dim_ratio > 0,
+            _is_number(self.alignment_head.hidden_dim_ratio) and self.alignment_head.hidden_dim_ratio > 0,
             "alignment_head.hidden_dim_ratio", self.alignment_head.hidden_dim_ratio, "a number > 0",
         )
         _check(
@@ -148,15 +155,20 @@ class SpAFConfig:
             "alignment_loss_type", self.alignment_loss_type, f"one of {ALIGNMENT_LOSS_TYPES}",
         )
         _check(
-            isinstance(self.alignment_rollout_steps, int) and self.alignment_rollout_steps >= 1,
+            _is_int(self.alignment_rollout_steps) and self.alignment_rollout_steps >= 1,
             "alignment_rollout_steps", self.alignment_rollout_steps, "an integer >= 1",
         )
         for name, value in dataclasses.asdict(self.loss_weights).items():
-            _check(value >= 0, f"loss_weights.{name}", value, "a number >= 0")
+            _check(_is_number(value) and value >= 0, f"loss_weights.{name}", value, "a number >= 0")
         if self.draft_vocab_size is not None:
             _check(
-                isinstance(self.draft_vocab_size, int) and self.draft_vocab_size >= 2,
+                _is_int(self.draft_vocab_size) and self.draft_vocab_size >= 2,
                 "draft_vocab_size", self.draft_vocab_size, "an integer >= 2 or null",
+            )
+        if self.adapter_layers is not None:
+            _check(
+                isinstance(self.adapter_layers, (list, tuple)) and all(_is_int(x) for x in self.adapter_layers),
+                "adapter_layers", self.adapter_layers, "a list of integer exit layers or null",
             )
         if num_layers is not None:
             upper = num_layers - 1
@@ -166,12 +178,12 @@ class SpAFConfig:
                 if layer is None:
                     continue
                 _check(
-                    isinstance(layer, int) and 1 <= layer <= upper,
+                    _is_int(layer) and 1 <= layer <= upper,
                     name, layer, f"an integer in 1..{upper} (the base model has {num_layers} layers)",
                 )
         elif self.cutoff_layer is not None:
             _check(
-                isinstance(self.cutoff_layer, int) and self.cutoff_layer >= 1,
+                _is_int(self.cutoff_layer) and self.cutoff_layer >= 1,
                 "cutoff_layer", self.cutoff_layer, "an integer >= 1",
             )
 
@@ -179,16 +191,16 @@ class SpAFConfig:
 def validate_sampling(temperature: float, top_p: float, top_k: int) -> None:
     _check(_is_number(temperature) and temperature >= 0, "temperature", temperature, "a number >= 0 (0 = greedy)")
     _check(_is_number(top_p) and 0 < top_p <= 1, "top_p", top_p, "a number in (0, 1]")
-    _check(isinstance(top_k, int) and top_k >= 0, "top_k", top_k, "an integer >= 0 (0 = off)")
+    _check(_is_int(top_k) and top_k >= 0, "top_k", top_k, "an integer >= 0 (0 = off)")
 
 
 def validate_drafting(num_draft_tokens: int, serial_parallel_transition: int, stop_threshold: float | None) -> None:
     _check(
-        isinstance(num_draft_tokens, int) and num_draft_tokens >= 1,
+        _is_int(num_draft_tokens) and num_draft_tokens >= 1,
         "num_draft_tokens", num_draft_tokens, "an integer >= 1",
     )
     _check(
-        isinstance(serial_parallel_transition, int) and 1 <= serial_parallel_transition <= num_draft_tokens,
+        _is_int(serial_parallel_transition) and 1 <= serial_parallel_transition <= num_draft_tokens,
         "serial_parallel_transition", serial_parallel_transition,
         f"an integer with 1 <= serial_parallel_transition <= num_draft_tokens ({num_draft_tokens})",
     )
@@ -201,6 +213,10 @@ def validate_drafting(num_draft_tokens: int, serial_parallel_transition: int, st
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from spaf_edge.atomic import atomic_directory
 from spaf_edge.config import CONFIG_FILE, SpAFConfig
-from spaf_edge.errors import CheckpointMismatchError, ModelNotFoundError
+from spaf_edge.errors import CheckpointMismatchError, ConfigError, ModelNotFoundError
 from spaf_edge.generation.kv_cache import StackKVCache
 from spaf_edge.models.loading import load_base_model, model_fingerprint
 from spaf_edge.models.registry import get_architecture
@@ -127,11 +127,14 @@ class SpAFModel(nn.Module):
                 "Re-save or re-train the components."
             ) from exc
         device = self.base_device
-        if "draft_vocab" in state:
-            self.draft_vocab = state.pop("draft_vocab").to(device)
-        missing, unexpected = self.load_state_dict(
-            {k: v.to(device) for k, v in state.items()}, strict=False
-        )
+        self.set_draft_vocab(state.pop("draft_vocab", None))
+        try:
+            missing, unexpected = self.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
+        except RuntimeError as exc:  # tensor shapes differ from the config's
+            raise CheckpointMismatchError(
+                f"Checkpoint {path} does not match its SpAF config ({exc}). The config and weights were "
+                "saved by different runs; re-save the components."
+            ) from exc
         missing = [k for k in missing if not k.startswith("base.")]
         if missing or unexpected:
             raise CheckpointMismatchError(
@@ -144,8 +147,16 @@ class SpAFModel(nn.Module):
         """Restrict draft logits to ``token_ids`` (sorted unique); ``None`` restores all."""
         if token_ids is None:
             self.draft_vocab = torch.zeros(0, dtype=torch.long, device=self.base_device)
-        else:
-            self.draft_vocab = torch.unique(token_ids.to(torch.long)).to(self.base_device)
+            return
+        ids = torch.unique(torch.as_tensor(token_ids, dtype=torch.long)).to(self.base_device)
+        vocab_size = self.base.config.vocab_size
+        if ids.numel() < 1 or int(ids[0]) < 0 or int(ids[-1]) >= vocab_size:
+            found = f"ids {int(ids[0])}..{int(ids[-1])}" if ids.numel() else "no ids"
+            raise ConfigError(
+                f"Invalid draft vocabulary: expected token ids in 0..{vocab_size - 1}, got {found}. "
+                "Build it from this base model's tokenizer, or pass None for the full vocabulary."
+            )
+        self.draft_vocab = ids
 
     # ---- sizes ------------------------------------------------------------
     @property
@@ -244,7 +255,7 @@ class SpAFModel(nn.Module):
         """One no-grad base forward for training: (hidden_states per layer, final hidden).
 
         ``hidden_states[i]`` is the state after layer ``i-1`` (HF convention); the final
-        entry is pre-norm. [B, S] -> tuple of [B, S, H]
+        entry is after the final norm (lm_head of it gives the logits). [B, S] -> tuple of [B, S, H]
         """
         with torch.no_grad():
             out = self.arch.decoder(self.base)(

@@ -45,6 +45,21 @@ def make_tiny_spaf(model_type: str = "llama", seed: int = 0, randomize: bool = T
     return model
 
 
+@pytest.fixture
+def single_thread():
+    """Run a test on one torch thread.
+
+    Tiny models gain nothing from threads, and on a busy 2-core machine two OpenMP
+    threads spin-wait on each other: measured 3-5x slower than one thread.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=ARCHITECTURES)
 def model_type(request):
     return request.param
@@ -56,3 +71,43 @@ def default_base():
     from spaf_edge.models.loading import load_base_model
 
     return load_base_model("default")
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_tiny_tokenizer():
+    """A character-level fast tokenizer (< 96 ids) with ChatML special tokens and template."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    chars = list(" \n" + string.ascii_letters + string.digits + ".,!?'-:;()")
+    vocab = {token: index for index, token in enumerate(specials + chars)}
+    assert len(vocab) <= TINY["vocab_size"]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny random Llama folder (config, safetensors, tokenizer, chat template)."""
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_base("llama", eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    folder = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

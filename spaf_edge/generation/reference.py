@@ -172,8 +172,11 @@ def spaf_generate(
         top_k=config.top_k if top_k is None else top_k,
         top_p=config.top_p if top_p is None else top_p,
     )
-    num_draft_tokens = num_draft_tokens or config.num_draft_tokens
-    transition = serial_parallel_transition or min(config.serial_parallel_transition, num_draft_tokens)
+    if num_draft_tokens is None:
+        num_draft_tokens = config.num_draft_tokens
+    transition = serial_parallel_transition
+    if transition is None:
+        transition = min(config.serial_parallel_transition, num_draft_tokens)
     stop_threshold = draft_stop_threshold if draft_stop_threshold is not None else config.draft_stop_threshold
     validate_drafting(num_draft_tokens, transition, stop_threshold)
     prompt = _as_token_list(input_ids)

@@ -1,0 +1,44 @@
+"""A SpAF export to benchmark when none is given: exported once, cached by its sources.
+
+The cache key covers the base folder, the SpAF checkpoint, precision, max length and
+the exporter's own source code, so a changed exporter re-exports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from spaf_edge.bench.cache import cached_folder, source_key
+
+EXPORT_SUBDIR = "spaf"
+DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+
+def cached_export(base_model: str | Path, components: str | Path | None, precision: str, max_length: int) -> Path:
+    """Export ``base_model`` + ``components`` (untrained modules when None) once; return the folder."""
+
+    def build(tmp: Path) -> None:
+        from spaf_edge.exporters import export_model
+        from spaf_edge.model import SpAFModel
+
+        model = SpAFModel.from_pretrained(base_model, components=components)
+        export_model(model, tmp / EXPORT_SUBDIR, dtype=DTYPES[precision], max_length=max_length)
+
+    folder = cached_folder(
+        "exports", base_model, precision, build, max_length=max_length,
+        components=source_key(components) if components else None, exporter=exporter_code_key(),
+    )
+    return folder / EXPORT_SUBDIR
+
+
+def exporter_code_key() -> str:
+    """Hash of the exporter and model sources: a code change invalidates cached exports."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    files = sorted((root / "exporters").rglob("*.py")) + sorted((root / "modules").rglob("*.py"))
+    files += [root / "model.py", root / "io_names.py", root / "manifest.py"]
+    for file in files:
+        if file.is_file():
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:12]

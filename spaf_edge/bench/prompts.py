@@ -1,0 +1,88 @@
+"""Benchmark prompts: MT-Bench first turns (packaged) or any JSONL file.
+
+Each line of a prompt file is a JSON object with either a ``prompt`` string or an
+MT-Bench ``turns`` list (the first turn is used). Optional fields: ``category`` and an
+id (``question_id`` or ``id``). Prompts are tokenized once, so every runner gets the
+same token ids.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from spaf_edge.errors import ConfigError
+
+DEFAULT_CATEGORY = "all"
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    id: str
+    category: str
+    text: str
+
+
+def mt_bench_path() -> Path:
+    """The packaged MT-Bench questions (Apache-2.0, see spaf_edge/data/README.md)."""
+    return Path(__file__).resolve().parents[1] / "data" / "mt_bench_question.jsonl"
+
+
+def load_prompts(
+    path: str | Path | None = None, limit: int | None = None, per_category: int | None = None
+) -> list[BenchPrompt]:
+    """Read prompts; keep the first ``per_category`` of each category, then the first ``limit``."""
+    path = Path(path) if path is not None else mt_bench_path()
+    for name, value in (("limit", limit), ("per_category", per_category)):
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}={value}: give a number >= 1 (or leave it out for all).")
+    if not path.is_file():
+        raise ConfigError(f"Prompt file {path} not found. Pass a JSONL file with a 'prompt' or 'turns' field per line.")
+    prompts = [_parse_line(line, path, number) for number, line in _lines(path)]
+    if per_category is not None:
+        seen: dict[str, int] = {}
+        kept = []
+        for prompt in prompts:
+            seen[prompt.category] = seen.get(prompt.category, 0) + 1
+            if seen[prompt.category] <= per_category:
+                kept.append(prompt)
+        prompts = kept
+    if limit is not None:
+        prompts = prompts[:limit]
+    if not prompts:
+        raise ConfigError(f"{path} holds no prompts. Add JSONL lines with a 'prompt' or 'turns' field.")
+    return prompts
+
+
+def encode_prompts(prompts: Sequence[BenchPrompt], encode: Callable[[str], list[int]]) -> list[list[int]]:
+    """Token ids of every prompt through one encoder (chat template applied by ``encode``)."""
+    return [list(encode(prompt.text)) for prompt in prompts]
+
+
+def _lines(path: Path):
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield number, line
+
+
+def _parse_line(line: str, path: Path, number: int) -> BenchPrompt:
+    where = f"{path}:{number}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where} is not valid JSON ({exc}). Each line must be one JSON object.") from exc
+    if not isinstance(row, dict):
+        raise ConfigError(f"{where}: expected a JSON object with a 'prompt' or 'turns' field.")
+    text = row.get("prompt")
+    if text is None and isinstance(row.get("turns"), list) and row["turns"]:
+        text = row["turns"][0]
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(
+            f"{where} has no prompt text. Give a non-empty 'prompt' string or an MT-Bench 'turns' list."
+        )
+    prompt_id = row.get("question_id", row.get("id", number))
+    category = row.get("category") or DEFAULT_CATEGORY
+    return BenchPrompt(id=str(prompt_id), category=str(category), text=text)

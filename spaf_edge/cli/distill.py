@@ -1,0 +1,44 @@
+"""``spaf-edge distill``: self-distillation data from the base model's own replies."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from spaf_edge.cli import options
+
+
+@click.command("distill")
+@click.option("--prompts", type=click.Path(dir_okay=False), required=True,
+              help="Prompt JSONL, one {'prompt': ..., 'source': ..., 'license': ...} per line (never MT-Bench).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="Output chat JSONL for `spaf-edge train`; appended to and resumed if it exists.")
+@options.base_model
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts generated together.")
+@click.option("--limit", type=int, default=None, help="Use only N prompts (the first N, or random with --shuffle).")
+@click.option("--shuffle", is_flag=True, help="Pick --limit prompts at random (seeded) instead of the first ones.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --shuffle and of sampling.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy replies.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--max-prompt-tokens", type=int, default=1024, show_default=True,
+              help="Skip prompts longer than this (in chat-template tokens).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def command(prompts, out, base_model, max_new_tokens, batch_size, limit, shuffle, seed, temperature, top_p,
+            max_prompt_tokens, progress):
+    """Generate the base model's replies to training prompts (resumable)."""
+    from spaf_edge.config import validate_sampling
+    from spaf_edge.training.distill import distill
+
+    validate_sampling(temperature, top_p, 0)
+    summary = distill(
+        prompts, out, base_model, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, seed=seed,
+        temperature=temperature, top_p=top_p, shuffle=shuffle, max_prompt_tokens=max_prompt_tokens,
+        progress=progress,
+    )
+    click.echo(json.dumps({
+        "out": str(summary.out), "written": summary.written, "already_done": summary.already_done,
+        "skipped_long": summary.skipped_long, "new_tokens": summary.new_tokens,
+        "seconds": round(summary.seconds, 1), "tokens_per_second": round(summary.tokens_per_second, 1),
+    }, indent=2))

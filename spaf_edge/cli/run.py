@@ -1,0 +1,84 @@
+"""``spaf-edge run``: stream text from an export folder with the onnxruntime engine (no torch)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from spaf_edge.cli import options
+
+
+@click.command("run")
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@options.prompt
+@click.option("--stdin", "from_stdin", is_flag=True, help="Read the prompt from standard input.")
+@click.option("--chat-loop", type=click.Choice(["interactive"]), default=None,
+              help="Multi-turn chat: one user turn per line of standard input, until an empty line or EOF.")
+@options.max_new_tokens
+@options.chat
+@options.sampling
+@options.drafting
+@click.option("--mode", type=click.Choice(["spaf", "greedy"]), default="spaf", show_default=True,
+              help="spaf: speculative decoding; greedy: plain decoding, one token per pass (the baseline).")
+@click.option("--provider", default="cpu", show_default=True,
+              help="onnxruntime execution provider: cpu, cuda, tensorrt, dml, coreml or qnn.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: all usable cores).")
+@click.option("--stats", is_flag=True, help="Print tau, acceptance and speed to stderr after each answer.")
+@click.option("--json-output", is_flag=True, help="Print one JSON object (tokens, text, stats) instead of streaming.")
+def command(export_dir, prompt, from_stdin, chat_loop, max_new_tokens, chat, temperature, top_p, top_k, seed,
+            num_draft_tokens, serial_parallel_transition, draft_stop_threshold, mode, provider, threads, stats,
+            json_output):
+    """Generate from an export folder (from `spaf-edge export`) with ONNX Runtime, streaming the text."""
+    from spaf_edge.runtime.engine import Engine
+
+    engine = Engine.from_folder(export_dir, provider=provider, threads=threads)
+    settings = dict(
+        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, num_draft_tokens=num_draft_tokens,
+        serial_parallel_transition=serial_parallel_transition, draft_stop_threshold=draft_stop_threshold, mode=mode,
+    )
+    if chat_loop:
+        chat_session(engine, max_new_tokens, settings, stats)
+        return
+    if prompt is not None and from_stdin:
+        raise click.UsageError("Give either --prompt or --stdin, not both.")
+    text = prompt if prompt is not None else sys.stdin.read()
+    if json_output:
+        result = engine.generate(text, max_new_tokens=max_new_tokens, chat=chat, **settings)
+        click.echo(json.dumps({"tokens": result.tokens, "text": result.text, "stop_reason": result.stop_reason,
+                               "stats": result.stats.to_dict()}))
+        return
+    answer(engine, text, max_new_tokens, dict(settings, chat=chat), stats)
+
+
+def answer(engine, prompt, max_new_tokens: int, settings: dict, stats: bool) -> str:
+    """Stream one answer to stdout; return its text."""
+    stream = engine.stream(prompt, max_new_tokens=max_new_tokens, **settings)
+    for piece in stream:
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    if stats:
+        click.echo(f"[spaf-edge run] {stream.result.stats.summary()}, stop: {stream.result.stop_reason}", err=True)
+    return stream.result.text
+
+
+def chat_session(engine, max_new_tokens: int, settings: dict, stats: bool) -> None:
+    """Read user turns from stdin; the KV rows of the conversation so far are reused each turn."""
+    from spaf_edge.errors import ConfigError
+
+    if engine.tokenizer is None or not engine.tokenizer.has_chat_template:
+        raise ConfigError("--chat-loop needs a model with a chat template; use --prompt with --raw instead.")
+    interactive = sys.stdin.isatty()
+    messages: list[dict[str, str]] = []
+    while True:
+        if interactive:
+            click.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids = engine.tokenizer.encode_chat(messages)
+        reply = answer(engine, ids, max_new_tokens, dict(settings, reuse_cache=True), stats)
+        messages.append({"role": "assistant", "content": reply})

@@ -1,0 +1,66 @@
+"""``spaf-edge train``: train SpAF adapters and AlignmentHeads on a frozen base."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from spaf_edge.cli import options
+
+
+@click.command("train")
+@options.base_model
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Training JSONL: {'text': ...} or {'messages': [...]} rows (e.g. from `spaf-edge distill`). "
+                   "Optional with --resume (the saved path is used).")
+@click.option("--out", "run_dir", type=click.Path(file_okay=False), required=True,
+              help="Run folder: checkpoint/ (latest), final/ (SpAF components), train_log.jsonl.")
+@click.option("--config", "config_path", type=click.Path(exists=True), default=None,
+              help="spaf_config.json with the SpAF settings (defaults otherwise).")
+@click.option("--cutoff-layer", type=int, default=None, help="Cutoff k (default: the config's, else L//2).")
+@click.option("--draft-vocab-size", type=int, default=None,
+              help="Restrict drafts to the V_d most frequent tokens of the training data.")
+@click.option("--rollout-steps", type=int, default=None, help="AlignmentHead steps rolled on its own outputs.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps [300].")
+@click.option("--batch-size", type=int, default=None, help="Sequences per step and process [4].")
+@click.option("--seq-len", type=int, default=None, help="Tokens per sequence [256].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [1e-3].")
+@click.option("--weight-decay", type=float, default=None, help="AdamW weight decay [0].")
+@click.option("--warmup", type=int, default=None, help="Linear warmup steps [20].")
+@click.option("--grad-clip", type=float, default=None, help="Max gradient norm, 0 = off [1.0].")
+@click.option("--eval-every", type=int, default=None, help="Eval on the held-out split every N steps [50].")
+@click.option("--eval-fraction", type=float, default=None, help="Held-out share of the sequences [0.05].")
+@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps [100].")
+@click.option("--seed", type=int, default=None, help="Seed of the data split and order [0].")
+@click.option("--logit-chunk-rows", type=int, default=None, help="Positions whose vocabulary logits are held at once [512].")
+@click.option("--max-examples", type=int, default=None, help="Use only the first N rows of --data.")
+@click.option("--packing/--no-packing", default=None, help="Pack rows into full sequences [packing].")
+@click.option("--feature-cache", type=click.Path(file_okay=False), default=None,
+              help="Cache the frozen base's features (fp16) here and reuse them every epoch.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_size, rollout_steps, resume,
+            progress, **settings):
+    """Train SpAF components (only they train; the base stays frozen)."""
+    from spaf_edge.config import SpAFConfig
+    from spaf_edge.errors import ConfigError
+    from spaf_edge.training.trainer import train_run
+
+    overrides = {name: value for name, value in settings.items() if value is not None}
+    config = None
+    if resume:
+        if config_path or cutoff_layer is not None or draft_vocab_size is not None or rollout_steps is not None:
+            raise ConfigError("--resume keeps the saved SpAF config: drop --config/--cutoff-layer/"
+                              "--draft-vocab-size/--rollout-steps, or start a new run.")
+    else:
+        config = SpAFConfig.load(config_path) if config_path else SpAFConfig()
+        changes = {"cutoff_layer": cutoff_layer, "draft_vocab_size": draft_vocab_size,
+                   "alignment_rollout_steps": rollout_steps}
+        config = config.replace(**{k: v for k, v in changes.items() if v is not None})
+    result = train_run(base_model, data, run_dir, overrides, config, resume=resume, progress=progress)
+    click.echo(json.dumps({
+        "final": str(result.final), "steps": result.steps, "train_losses": result.train_losses,
+        "eval_losses": result.eval_losses, "tokens_per_second": round(result.tokens_per_second, 1),
+        "seconds": round(result.seconds, 1),
+    }, indent=2))

@@ -1,0 +1,190 @@
+"""The three graphs of an export folder (docs/export_format.md), built from a SpAFModel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto
+
+from spaf_edge import io_names
+from spaf_edge.exporters.drafters import ADAPTER_BUILDERS, ALIGNMENT_HEAD_BUILDERS, builder_for
+from spaf_edge.exporters.graph_builder import GraphBuilder
+from spaf_edge.exporters.layers import (
+    AttentionShape,
+    make_decoder_layers,
+    make_last_position,
+    make_lm_head,
+    make_rms_norm,
+    make_rotary_caches,
+    make_skip_rms_norm,
+    to_numpy,
+)
+from spaf_edge.model import SpAFModel
+
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+LM_HEAD_BIAS = "lm_head.bias"
+DRAFT_HEAD = "spaf.draft_head.weight"
+DRAFT_HEAD_BIAS = "spaf.draft_head.bias"
+FINAL_NORM = "model.norm"
+
+
+@dataclass
+class GraphPlan:
+    """What every graph builder needs to know about one export."""
+
+    model: SpAFModel
+    exit_layer: int  # k
+    dtype: np.dtype
+    max_length: int
+
+    def __post_init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def array(self, name: str, tensor) -> np.ndarray:
+        """A weight used by several graphs, converted once (and kept as one array)."""
+        if name not in self._arrays:
+            self._arrays[name] = to_numpy(tensor).astype(self.dtype, copy=False)
+        return self._arrays[name]
+
+    @property
+    def base(self):
+        return self.model.base
+
+    @property
+    def config(self):
+        return self.model.base.config
+
+    @property
+    def eps(self) -> float:
+        return float(self.config.rms_norm_eps)
+
+    @property
+    def shape(self) -> AttentionShape:
+        config = self.config
+        return AttentionShape(
+            config.num_attention_heads, config.num_key_value_heads, self.model.arch.head_dim(config), self.max_length
+        )
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return int(self.model.draft_vocab.numel()) or self.config.vocab_size
+
+    def new_builder(self, name: str) -> GraphBuilder:
+        return GraphBuilder(name=name, dtype=np.dtype(self.dtype))
+
+    def kv_inputs(self, b: GraphBuilder, layer_ids: range) -> None:
+        b.input(io_names.SEQLENS_K, TensorProto.INT32, [1])
+        b.input(io_names.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])
+        for past_k, past_v, _, _ in io_names.kv_names(layer_ids):
+            b.input(past_k, b.float_type, self.kv_shape)
+            b.input(past_v, b.float_type, self.kv_shape)
+
+    def kv_outputs(self, b: GraphBuilder, layer_ids: range) -> None:
+        for _, _, present_k, present_v in io_names.kv_names(layer_ids):
+            b.output(present_k, b.float_type, self.kv_shape)
+            b.output(present_v, b.float_type, self.kv_shape)
+
+    @property
+    def kv_shape(self) -> list[int]:
+        shape = self.shape
+        return [1, shape.kv_heads, shape.max_length, shape.head_dim]
+
+    # ---- shared pieces -------------------------------------------------
+    def embed(self, b: GraphBuilder, token_ids: str, path: str) -> str:
+        """Token ids [1, S] -> embeddings [1, S, H]."""
+        table = b.weight(EMBED, self.array(EMBED, self.model.arch.embed_tokens(self.base).weight))
+        (out,) = b.make_node("Gather", [table, token_ids], f"{path}/Gather")
+        return out
+
+    def lm_head_weight(self, b: GraphBuilder) -> tuple[str, str | None]:
+        """The full LM head; a tied head is the embedding table itself (one tensor, one name)."""
+        head = self.model.arch.lm_head(self.base)
+        embed = self.model.arch.embed_tokens(self.base)
+        if head.weight.data_ptr() == embed.weight.data_ptr():
+            name = b.weight(EMBED, self.array(EMBED, embed.weight))
+        else:
+            name = b.weight(LM_HEAD, self.array(LM_HEAD, head.weight))
+        bias = b.weight(LM_HEAD_BIAS, to_numpy(head.bias)) if head.bias is not None else None
+        return name, bias
+
+    def draft_head_weight(self, b: GraphBuilder) -> tuple[str, str | None]:
+        """LM-head rows of the draft vocabulary (the full head when there is none)."""
+        vocab = self.model.draft_vocab
+        if vocab.numel() == 0:
+            return self.lm_head_weight(b)
+        head = self.model.arch.lm_head(self.base)
+        ids = vocab.to(head.weight.device)
+        name = b.weight(DRAFT_HEAD, self.array(DRAFT_HEAD, head.weight[ids]))
+        bias = b.weight(DRAFT_HEAD_BIAS, to_numpy(head.bias[ids])) if head.bias is not None else None
+        return name, bias
+
+    def draft_logits(self, b: GraphBuilder, hidden: str, path: str) -> str:
+        """``head(a(h))`` over the draft vocabulary; hidden [1, 1, H] -> float32 [1, 1, V_d]."""
+        adapter = self.model.adapters[str(self.exit_layer)]
+        adapted = builder_for(ADAPTER_BUILDERS, adapter, "adapter")(
+            b, hidden, adapter, f"spaf.adapters.{self.exit_layer}"
+        )
+        normed = make_rms_norm(b, adapted, FINAL_NORM, self.model.arch.final_norm(self.base).weight, self.eps)
+        weight, bias = self.draft_head_weight(b)
+        return make_lm_head(b, normed, path, weight, bias, self.draft_vocab_size, io_names.DRAFT_LOGITS)
+
+
+def build_lower(plan: GraphPlan, on_layer: Callable[[], None] | None = None) -> GraphBuilder:
+    """Embedding + layers 0..k-1; cutoff states of every position, draft logits of the last."""
+    b = plan.new_builder("spaf_lower")
+    hidden_size = plan.config.hidden_size
+    ids = b.input(io_names.INPUT_IDS, TensorProto.INT64, [1, "sequence_length"])
+    layer_ids = range(0, plan.exit_layer)
+    plan.kv_inputs(b, layer_ids)
+    rotary = make_rotary_caches(b, plan.model.arch.rotary(plan.base), plan.shape.head_dim, plan.max_length)
+    hidden = plan.embed(b, ids, "/model/embed_tokens")
+    layers = plan.model.arch.layers(plan.base)
+    mlp_out, residual = make_decoder_layers(b, hidden, layers, layer_ids, plan.eps, plan.shape, rotary, on_layer)
+    b.make_node("Add", [mlp_out, residual], f"/model/layers.{plan.exit_layer - 1}/residual",
+                outputs=[io_names.CUTOFF_HIDDEN])
+    b.output(io_names.CUTOFF_HIDDEN, b.float_type, [1, "sequence_length", hidden_size])
+    last = make_last_position(b, io_names.CUTOFF_HIDDEN, "/spaf/last_position")
+    plan.draft_logits(b, last, "/spaf/draft_head")
+    b.output(io_names.DRAFT_LOGITS, TensorProto.FLOAT, [1, 1, plan.draft_vocab_size])
+    plan.kv_outputs(b, layer_ids)
+    return b
+
+
+def build_upper(plan: GraphPlan, on_layer: Callable[[], None] | None = None) -> GraphBuilder:
+    """Layers k..L-1 + final norm + LM head; logits of every position."""
+    b = plan.new_builder("spaf_upper")
+    config = plan.config
+    hidden = b.input(io_names.CUTOFF_HIDDEN, b.float_type, [1, "sequence_length", config.hidden_size])
+    layer_ids = range(plan.exit_layer, config.num_hidden_layers)
+    plan.kv_inputs(b, layer_ids)
+    rotary = make_rotary_caches(b, plan.model.arch.rotary(plan.base), plan.shape.head_dim, plan.max_length)
+    layers = plan.model.arch.layers(plan.base)
+    mlp_out, residual = make_decoder_layers(b, hidden, layers, layer_ids, plan.eps, plan.shape, rotary, on_layer)
+    normed, _ = make_skip_rms_norm(b, mlp_out, residual, FINAL_NORM, plan.model.arch.final_norm(plan.base).weight,
+                                   plan.eps)
+    weight, bias = plan.lm_head_weight(b)
+    make_lm_head(b, normed, "/lm_head", weight, bias, config.vocab_size, io_names.LOGITS)
+    b.output(io_names.LOGITS, TensorProto.FLOAT, [1, "sequence_length", config.vocab_size])
+    plan.kv_outputs(b, layer_ids)
+    return b
+
+
+def build_drafter(plan: GraphPlan) -> GraphBuilder:
+    """One aligned-draft step: ``ĥ = AH(e(d), h̄)`` and ``head(a(ĥ))``."""
+    b = plan.new_builder("spaf_drafter")
+    hidden_size = plan.config.hidden_size
+    token_ids = b.input(io_names.TOKEN_IDS, TensorProto.INT64, [1, 1])
+    prev_hidden = b.input(io_names.PREV_HIDDEN, b.float_type, [1, 1, hidden_size])
+    embeds = plan.embed(b, token_ids, "/spaf/drafter/embed_tokens")
+    head = plan.model.alignment_heads[str(plan.exit_layer)]
+    pseudo = builder_for(ALIGNMENT_HEAD_BUILDERS, head, "alignment head")(
+        b, embeds, prev_hidden, head, f"spaf.alignment_heads.{plan.exit_layer}"
+    )
+    b.make_node("Identity", [pseudo], "/spaf/drafter/pseudo_hidden", outputs=[io_names.PSEUDO_HIDDEN])
+    b.output(io_names.PSEUDO_HIDDEN, b.float_type, [1, 1, hidden_size])
+    plan.draft_logits(b, io_names.PSEUDO_HIDDEN, "/spaf/draft_head")
+    b.output(io_names.DRAFT_LOGITS, TensorProto.FLOAT, [1, 1, plan.draft_vocab_size])
+    return b

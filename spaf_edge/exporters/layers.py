@@ -1,0 +1,197 @@
+"""Graph pieces of a Llama-shaped decoder, built from the PyTorch modules' weights.
+
+Each ``make_*`` appends nodes to a :class:`GraphBuilder` and returns the name of its
+output. Weights are named after the module they come from (HF names where one exists),
+so a tensor used by several graphs has one name and is stored once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from spaf_edge.exporters.graph_builder import MS_DOMAIN, GraphBuilder, node_path
+from spaf_edge.io_names import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, past_key, past_value, present_key, present_value
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    max_length: int  # rows of the KV buffers and of the rotary caches
+
+
+# ---- primitives ------------------------------------------------------------
+def make_linear(b: GraphBuilder, x: str, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
+    """``x @ weight.T (+ bias)`` as MatMul on a [in, out] initializer (what MatMulNBits quantizes)."""
+    w = b.weight(f"{name}.weight", to_numpy(weight).T)
+    path = node_path(name)
+    (y,) = b.make_node("MatMul", [x, w], f"{path}/MatMul")
+    if bias is not None:
+        (y,) = b.make_node("Add", [y, b.weight(f"{name}.bias", to_numpy(bias))], f"{path}/Add")
+    return y
+
+
+def make_module_linear(b: GraphBuilder, x: str, name: str, module: nn.Linear) -> str:
+    return make_linear(b, x, name, module.weight, module.bias)
+
+
+def make_rms_norm(b: GraphBuilder, x: str, name: str, weight: torch.Tensor, eps: float) -> str:
+    w = b.weight(f"{name}.weight", to_numpy(weight))
+    (y,) = b.make_node(
+        "SimplifiedLayerNormalization", [x, w], node_path(name) + "/SimplifiedLayerNorm",
+        axis=-1, epsilon=float(eps), stash_type=1,
+    )
+    return y
+
+
+def make_skip_rms_norm(
+    b: GraphBuilder, x: str, skip: str, name: str, weight: torch.Tensor, eps: float
+) -> tuple[str, str]:
+    """``(norm(x + skip), x + skip)`` in one fused op."""
+    w = b.weight(f"{name}.weight", to_numpy(weight))
+    path = node_path(name) + "/SkipSimplifiedLayerNorm"
+    b.make_node(
+        "SkipSimplifiedLayerNormalization", [x, skip, w], path, domain=MS_DOMAIN,
+        outputs=[f"{path}/output_0", "", "", f"{path}/output_3"], epsilon=float(eps),
+    )
+    return f"{path}/output_0", f"{path}/output_3"
+
+
+def make_silu(b: GraphBuilder, x: str, path: str) -> str:
+    (gate,) = b.make_node("Sigmoid", [x], f"{path}/Sigmoid")
+    (y,) = b.make_node("Mul", [x, gate], f"{path}/Mul")
+    return y
+
+
+# ---- decoder layers ----------------------------------------------------------
+def make_rotary_caches(b: GraphBuilder, rotary: nn.Module, head_dim: int, max_length: int) -> tuple[str, str]:
+    """cos/sin caches [max_length, head_dim/2] taken from the model's own rotary module."""
+    positions = torch.arange(max_length).unsqueeze(0)  # [1, max_length]
+    probe = torch.zeros(1, max_length, head_dim)
+    with torch.no_grad():
+        cos, sin = rotary(probe, positions)  # [1, max_length, head_dim] each (halves repeated)
+    half = head_dim // 2
+    return (
+        b.weight("model.rotary_emb.cos_cache", to_numpy(cos[0, :, :half])),
+        b.weight("model.rotary_emb.sin_cache", to_numpy(sin[0, :, :half])),
+    )
+
+
+def make_attention(
+    b: GraphBuilder, x: str, index: int, attn: nn.Module, shape: AttentionShape, rotary: tuple[str, str]
+) -> str:
+    """Packed QKV projection + GroupQueryAttention (rotary inside, KV buffer shared past/present)."""
+    name = f"model.layers.{index}.self_attn"
+    projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+    weight = torch.cat([p.weight for p in projections], dim=0)  # [(nh + 2 kvh) * hd, H]
+    biases = [p.bias for p in projections]
+    bias = torch.cat(biases, dim=0) if all(t is not None for t in biases) else None
+    if bias is None and any(t is not None for t in biases):
+        raise ValueError(f"{name}: q/k/v biases must be all present or all absent")
+    qkv = make_linear(b, x, f"{name}.qkv_proj", weight, bias)  # [1, S, (nh + 2 kvh) * hd]
+    scale = float(getattr(attn, "scaling", shape.head_dim**-0.5))
+    path = f"/model/layers.{index}/attn/GroupQueryAttention"
+    context, _, _ = b.make_node(
+        "GroupQueryAttention",
+        [qkv, "", "", past_key(index), past_value(index), SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *rotary],
+        path, domain=MS_DOMAIN,
+        outputs=[f"{path}/output_0", present_key(index), present_value(index)],
+        num_heads=shape.num_heads, kv_num_heads=shape.kv_heads, scale=scale,
+        do_rotary=1, rotary_interleaved=0,
+    )
+    return make_module_linear(b, context, f"{name}.o_proj", attn.o_proj)
+
+
+def make_mlp(b: GraphBuilder, x: str, index: int, mlp: nn.Module) -> str:
+    """SiLU-gated MLP with gate and up fused into one MatMul."""
+    name = f"model.layers.{index}.mlp"
+    inner = mlp.gate_proj.out_features
+    weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)  # [2I, H]
+    bias = None
+    if mlp.gate_proj.bias is not None:
+        bias = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias], dim=0)
+    gate_up = make_linear(b, x, f"{name}.gate_up_proj", weight, bias)
+    path = f"/model/layers.{index}/mlp"
+    gate, up = b.make_node("Split", [gate_up, b.int64s(f"{path}/split_sizes", [inner, inner])], f"{path}/Split",
+                           num_outputs=2, axis=-1)
+    (act,) = b.make_node("Mul", [make_silu(b, gate, f"{path}/act"), up], f"{path}/gate_mul")
+    return make_module_linear(b, act, f"{name}.down_proj", mlp.down_proj)
+
+
+def make_decoder_layers(
+    b: GraphBuilder,
+    hidden: str,
+    layers: Any,
+    layer_ids: Iterable[int],
+    eps: float,
+    shape: AttentionShape,
+    rotary: tuple[str, str],
+    on_layer: Callable[[], None] | None = None,
+) -> tuple[str, str]:
+    """Run ``layer_ids`` on ``hidden`` [1, S, H]. Returns ``(mlp_out, residual)`` of the last layer.
+
+    The last residual add is left to the caller, which fuses it into the next norm
+    (upper) or emits it as the cutoff state (lower).
+    """
+    pending: tuple[str, str] | None = None
+    for index in layer_ids:
+        layer = layers[index]
+        norm_name = f"model.layers.{index}.input_layernorm"
+        if pending is None:
+            normed, residual = make_rms_norm(b, hidden, norm_name, layer.input_layernorm.weight, eps), hidden
+        else:
+            normed, residual = make_skip_rms_norm(b, *pending, norm_name, layer.input_layernorm.weight, eps)
+        attn = make_attention(b, normed, index, layer.self_attn, shape, rotary)
+        normed, residual = make_skip_rms_norm(
+            b, attn, residual, f"model.layers.{index}.post_attention_layernorm",
+            layer.post_attention_layernorm.weight, eps,
+        )
+        pending = (make_mlp(b, normed, index, layer.mlp), residual)
+        if on_layer is not None:
+            on_layer()
+    assert pending is not None, "a stack needs at least one layer"
+    return pending
+
+
+# ---- head ------------------------------------------------------------------
+def make_lm_head(
+    b: GraphBuilder, normed: str, path: str, weight: str, bias: str | None, vocab: int, output: str
+) -> str:
+    """Logits float32 [1, S, V] from normed states [1, S, H] and a [V, H] weight.
+
+    Gemm(transB=1) reads the [V, H] table in place: a tied embedding serves as LM head
+    without a transposed copy.
+    """
+    hidden = b.weights[weight].shape[1]
+    (flat,) = b.make_node("Reshape", [normed, b.int64s(f"{path}/flat_shape", [-1, hidden])], f"{path}/Reshape")
+    (logits,) = b.make_node("Gemm", [flat, weight] + ([bias] if bias else []), f"{path}/Gemm", transB=1)
+    shape = b.int64s(f"{path}/logits_shape", [1, -1, vocab])
+    if b.dtype == np.float32:
+        b.make_node("Reshape", [logits, shape], f"{path}/Reshape_1", outputs=[output])
+    else:
+        (logits,) = b.make_node("Reshape", [logits, shape], f"{path}/Reshape_1")
+        b.make_node("Cast", [logits], f"{path}/Cast", outputs=[output], to=1)  # float32
+    return output
+
+
+def make_last_position(b: GraphBuilder, hidden: str, path: str) -> str:
+    """[1, S, H] -> [1, 1, H] (the last position)."""
+    (last,) = b.make_node(
+        "Slice",
+        [hidden, b.int64s(f"{path}/starts", [-1]), b.int64s(f"{path}/ends", [INT64_MAX]), b.int64s(f"{path}/axes", [1])],
+        f"{path}/Slice",
+    )
+    return last

@@ -1,0 +1,122 @@
+"""The three export graphs behind persistent IOBindings (docs/export_format.md, "Graph IO").
+
+Each wrapper owns one session and one IOBinding. KV buffers and fixed-size outputs are
+bound once; per call only the few small inputs and the row views of host buffers that
+change with the chunk size are rebound, from cached OrtValues. On the CPU provider every
+host buffer is shared with ONNX Runtime without copies; on device providers ORT copies
+the small inputs in and the outputs out (hidden states and logits: a few KB per step),
+while the KV caches never leave the device. Torch-free.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from spaf_edge.io_names import (
+    CUTOFF_HIDDEN,
+    DRAFT_LOGITS,
+    INPUT_IDS,
+    LOGITS,
+    PREV_HIDDEN,
+    PSEUDO_HIDDEN,
+    SEQLENS_K,
+    TOKEN_IDS,
+    TOTAL_SEQUENCE_LENGTH,
+)
+from spaf_edge.runtime.kv import KVCache
+
+
+class HostBuffer:
+    """A host array ``[1, rows, ...]`` with cached OrtValues viewing its row ranges (no copies)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: type) -> None:
+        self.array = np.zeros(shape, dtype=dtype)
+        self._views: dict[tuple[int, int], ort.OrtValue] = {}
+
+    @property
+    def rows(self) -> int:
+        return self.array.shape[1]
+
+    def view(self, start: int, stop: int) -> ort.OrtValue:
+        """OrtValue over ``array[:, start:stop]`` (contiguous: the leading axis has size 1)."""
+        value = self._views.get((start, stop))
+        if value is None:
+            value = ort.OrtValue.ortvalue_from_numpy(self.array[:, start:stop])
+            self._views[(start, stop)] = value
+        return value
+
+
+class _Positions:
+    """The GroupQueryAttention length inputs of a call: ``seqlens_k = P+S-1``, ``total = P+S``."""
+
+    def __init__(self) -> None:
+        self.seqlens = np.zeros(1, dtype=np.int32)  # [1]
+        self.total = np.zeros((), dtype=np.int32)  # []
+        self.seqlens_value = ort.OrtValue.ortvalue_from_numpy(self.seqlens)
+        self.total_value = ort.OrtValue.ortvalue_from_numpy(self.total)
+
+    def bind(self, binding: ort.IOBinding, past: int, new: int) -> None:
+        self.seqlens[0] = past + new - 1
+        self.total[()] = past + new
+        # Rebinding is free on CPU and makes device providers copy the fresh values.
+        binding.bind_ortvalue_input(SEQLENS_K, self.seqlens_value)
+        binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self.total_value)
+
+
+class StackGraph:
+    """A decoder stack with its own KV cache: ``lower.onnx`` or ``upper.onnx``."""
+
+    def __init__(self, session: ort.InferenceSession, kv: KVCache) -> None:
+        self.session = session
+        self.kv = kv
+        self.binding = session.io_binding()
+        kv.bind(self.binding)
+        self.positions = _Positions()
+
+    def _run(self, new: int) -> None:
+        self.positions.bind(self.binding, self.kv.length, new)
+        self.session.run_with_iobinding(self.binding)
+        self.kv.advance(new)
+
+
+class LowerGraph(StackGraph):
+    """Embedding + layers ``0..k-1``; the adapter's draft logits of the call's last position."""
+
+    def __init__(self, session: ort.InferenceSession, kv: KVCache, draft_logits: ort.OrtValue) -> None:
+        super().__init__(session, kv)
+        self.binding.bind_ortvalue_output(DRAFT_LOGITS, draft_logits)  # [1, 1, V_d]
+
+    def run(self, input_ids: ort.OrtValue, new: int, cutoff_hidden: ort.OrtValue) -> None:
+        # input_ids: [1, S] int64 -> cutoff_hidden: [1, S, H]; draft logits land in the bound buffer.
+        self.binding.bind_ortvalue_input(INPUT_IDS, input_ids)
+        self.binding.bind_ortvalue_output(CUTOFF_HIDDEN, cutoff_hidden)
+        self._run(new)
+
+
+class UpperGraph(StackGraph):
+    """Layers ``k..L-1`` + final norm + LM head."""
+
+    def run(self, cutoff_hidden: ort.OrtValue, new: int, logits: ort.OrtValue) -> None:
+        # cutoff_hidden: [1, S, H] -> logits: [1, S, V] float32
+        self.binding.bind_ortvalue_input(CUTOFF_HIDDEN, cutoff_hidden)
+        self.binding.bind_ortvalue_output(LOGITS, logits)
+        self._run(new)
+
+
+class DrafterGraph:
+    """One aligned-draft step: ``ĥ = AH(e(d), h̄)`` and its draft logits. No KV cache."""
+
+    def __init__(self, session: ort.InferenceSession, token: np.ndarray, draft_logits: ort.OrtValue) -> None:
+        self.session = session
+        self.binding = session.io_binding()
+        self.token = token  # [1, 1] int64, written by the caller before run()
+        self.token_value = ort.OrtValue.ortvalue_from_numpy(token)
+        self.binding.bind_ortvalue_output(DRAFT_LOGITS, draft_logits)  # [1, 1, V_d]
+
+    def run(self, prev_hidden: ort.OrtValue, pseudo_hidden: ort.OrtValue) -> None:
+        # token: [1, 1], prev_hidden: [1, 1, H] -> pseudo_hidden: [1, 1, H]
+        self.binding.bind_ortvalue_input(TOKEN_IDS, self.token_value)
+        self.binding.bind_ortvalue_input(PREV_HIDDEN, prev_hidden)
+        self.binding.bind_ortvalue_output(PSEUDO_HIDDEN, pseudo_hidden)
+        self.session.run_with_iobinding(self.binding)

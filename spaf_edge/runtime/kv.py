@@ -1,0 +1,63 @@
+"""Preallocated KV caches on the execution provider's device, bound in place.
+
+Each layer gets one key and one value buffer of ``[1, kv_heads, max_length, head_dim]``,
+allocated once. The same OrtValue is bound as the graph's past input AND its present
+output, so GroupQueryAttention writes a step's rows into it in place: a decode step
+copies no cache. The valid length lives here, in Python; rollback is ``rewind_to(n)``
+and the next call simply passes the shorter length (stale rows are never read and get
+overwritten). Torch-free.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from spaf_edge.io_names import kv_names
+
+
+class KVCache:
+    def __init__(
+        self, layers: range, num_kv_heads: int, head_dim: int, max_length: int, dtype: type, device: str = "cpu"
+    ) -> None:
+        self.layers = layers
+        self.shape = [1, num_kv_heads, max_length, head_dim]  # [B=1, kv_heads, max_length, head_dim]
+        self.max_length = max_length
+        self.dtype = np.dtype(dtype)
+        # Uninitialised on purpose: rows past the valid length are never read, and untouched
+        # pages of a long context cost no resident memory.
+        self.keys = [ort.OrtValue.ortvalue_from_shape_and_type(self.shape, dtype, device, 0) for _ in layers]
+        self.values = [ort.OrtValue.ortvalue_from_shape_and_type(self.shape, dtype, device, 0) for _ in layers]
+        self.length = 0  # valid rows: positions 0 .. length-1
+
+    def bind(self, binding: ort.IOBinding) -> None:
+        """Bind every layer's buffer as both past input and present output of ``binding``."""
+        names = kv_names(self.layers)
+        for (past_k, past_v, present_k, present_v), key, value in zip(names, self.keys, self.values):
+            binding.bind_ortvalue_input(past_k, key)
+            binding.bind_ortvalue_input(past_v, value)
+            binding.bind_ortvalue_output(present_k, key)
+            binding.bind_ortvalue_output(present_v, value)
+
+    def advance(self, n: int) -> None:
+        if self.length + n > self.max_length:
+            raise RuntimeError(f"KV cache overflow: {self.length + n} > {self.max_length} positions")
+        self.length += n
+
+    def rewind_to(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind a cache of length {self.length} to {length}")
+        self.length = length
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def rows(self, layer: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of one layer's valid key and value rows: [1, kv_heads, length, head_dim] each."""
+        index = self.layers.index(layer)
+        length = self.length if length is None else length
+        return self.keys[index].numpy()[:, :, :length].copy(), self.values[index].numpy()[:, :, :length].copy()
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * len(self.layers) * int(np.prod(self.shape)) * self.dtype.itemsize

@@ -1,0 +1,139 @@
+"""ONNX Runtime sessions: execution providers, thread settings, and load-time graph checks.
+
+Torch-free. The engine opens three sessions (lower, upper, drafter) that run one after
+another, never at the same time, so their thread pools must not compete for cores: see
+:func:`configure_threads` and docs/runtime.md for the measured choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+from spaf_edge.errors import ConfigError, ExportFormatError, ProviderUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str  # the --provider value
+    ort_name: str  # onnxruntime's execution provider name
+    device: str  # where KV buffers live: an OrtValue device type
+    fallbacks: tuple[str, ...] = ()  # providers registered after it (CPU is always last)
+
+
+PROVIDERS = {
+    p.name: p
+    for p in (
+        Provider("cpu", "CPUExecutionProvider", "cpu"),
+        Provider("cuda", "CUDAExecutionProvider", "cuda"),
+        Provider("tensorrt", "TensorrtExecutionProvider", "cuda", ("CUDAExecutionProvider",)),
+        Provider("dml", "DmlExecutionProvider", "dml"),
+        Provider("coreml", "CoreMLExecutionProvider", "cpu"),
+        Provider("qnn", "QNNExecutionProvider", "cpu"),
+    )
+}
+
+# What onnxruntime raises for unreadable or invalid graphs (its own types, not RuntimeError).
+ORT_ERRORS = (
+    _ort_state.Fail, _ort_state.InvalidArgument, _ort_state.NoSuchFile, _ort_state.InvalidProtobuf,
+    _ort_state.InvalidGraph, _ort_state.RuntimeException, _ort_state.NotImplemented, RuntimeError, ValueError,
+)
+
+
+def resolve_provider(name: str) -> Provider:
+    """The provider called ``name``; raise if it is unknown or not in this onnxruntime build."""
+    key = name.lower()
+    if key not in PROVIDERS:
+        raise ConfigError(f"Unknown provider {name!r}; choose one of {', '.join(PROVIDERS)}.")
+    provider = PROVIDERS[key]
+    available = ort.get_available_providers()
+    if provider.ort_name not in available:
+        raise ProviderUnavailableError(
+            f"Execution provider {provider.ort_name} ('--provider {key}') is not available in this "
+            f"onnxruntime build; available: {', '.join(available)}. Install the onnxruntime package "
+            "built for it (e.g. onnxruntime-gpu for cuda/tensorrt, onnxruntime-directml for dml, "
+            "onnxruntime-qnn for qnn) or use --provider cpu."
+        )
+    return provider
+
+
+def provider_list(provider: Provider) -> list[str]:
+    names = [provider.ort_name, *provider.fallbacks, "CPUExecutionProvider"]
+    return list(dict.fromkeys(names))
+
+
+# ---- threads -------------------------------------------------------------
+_GLOBAL_POOL: int | None = None  # intra-op size of the process-wide pool, once created
+
+
+def default_threads() -> int:
+    """Physical-ish core count this process may use (affinity-aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_threads(threads: int | None) -> int | None:
+    """Create ORT's process-wide intra-op thread pool once; return its size (None: unavailable).
+
+    The engine's sessions run strictly one after another. Per-session pools would leave
+    one session's workers spinning on the cores the next session needs; one shared
+    pool avoids that (measured in docs/runtime.md). ORT reads the global pool sizes when
+    it creates its environment, i.e. with the process's first session: if another
+    session came first, sessions fall back to per-session pools without spinning.
+    """
+    global _GLOBAL_POOL
+    if _GLOBAL_POOL is not None:
+        if threads is not None and threads != _GLOBAL_POOL:
+            log.warning(
+                "ONNX Runtime's shared thread pool already has %d threads; threads=%d is ignored "
+                "(the pool is created once per process).", _GLOBAL_POOL, threads,
+            )
+        return _GLOBAL_POOL
+    size = threads or default_threads()
+    try:
+        _ort_state.set_global_thread_pool_sizes(size, 1)
+    except (AttributeError, RuntimeError) as exc:  # an onnxruntime without the hook
+        log.info("No shared ONNX Runtime thread pool (%s); using per-session pools.", exc)
+        return None
+    _GLOBAL_POOL = size
+    return size
+
+
+def session_options(threads: int | None, shared_pool: bool) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Errors only: shared weights are overridable initializers by design, which ORT warns about.
+    options.log_severity_level = 3
+    if shared_pool:
+        options.use_per_session_threads = False
+    else:
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1
+        # Idle workers would otherwise spin on cores the next session needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def open_session(path: Path, options: ort.SessionOptions, provider: Provider) -> ort.InferenceSession:
+    """An InferenceSession for ``path``; a missing or corrupt file raises ExportFormatError."""
+    if not path.is_file():
+        raise ExportFormatError(f"{path} is missing. The export is incomplete: re-run `spaf-edge export`.")
+    if provider.name == "dml":  # DirectML supports neither memory patterns nor parallel execution
+        options.enable_mem_pattern = False
+    try:
+        return ort.InferenceSession(str(path), options, providers=provider_list(provider))
+    except ORT_ERRORS as exc:
+        raise ExportFormatError(
+            f"onnxruntime cannot load {path} ({type(exc).__name__}: {str(exc).strip()[:300]}). The file is "
+            "truncated, corrupt or from an incompatible exporter: re-run `spaf-edge export`."
+        ) from exc

@@ -1,0 +1,119 @@
+"""Load-time check: every graph input/output the engine binds exists with the manifest's sizes.
+
+A graph and a manifest from different exports (or a hand-edited manifest) then fail at
+load with a message naming the mismatch, instead of a shape error deep inside a run.
+Symbolic (dynamic) axes in a graph are accepted. Torch-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from spaf_edge.errors import ExportFormatError
+from spaf_edge.io_names import (
+    CUTOFF_HIDDEN,
+    DRAFT_LOGITS,
+    DRAFTER_GRAPH,
+    INPUT_IDS,
+    LOGITS,
+    LOWER_GRAPH,
+    PREV_HIDDEN,
+    PSEUDO_HIDDEN,
+    SEQLENS_K,
+    TOKEN_IDS,
+    TOTAL_SEQUENCE_LENGTH,
+    UPPER_GRAPH,
+    kv_names,
+)
+from spaf_edge.manifest import Manifest
+
+# ORT type strings of graph IO -> numpy dtypes.
+ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+@dataclass(frozen=True)
+class Expected:
+    """One graph input or output the engine binds: its dtype and sizes (None: any size)."""
+
+    name: str
+    dtype: type
+    shape: Sequence[int | None]
+
+
+def expected_io(manifest: Manifest, dtype: type) -> dict[str, tuple[list[Expected], list[Expected]]]:
+    """(inputs, outputs) the engine binds, per graph file, with the sizes the manifest implies."""
+    sizes = manifest.sizes
+    k, hidden = manifest.cutoff_layer, sizes.hidden_size
+    positions = [Expected(SEQLENS_K, np.int32, [1]), Expected(TOTAL_SEQUENCE_LENGTH, np.int32, [])]
+
+    def kv(layers: range) -> tuple[list[Expected], list[Expected]]:
+        shape = [1, sizes.num_kv_heads, sizes.max_length, sizes.head_dim]
+        names = kv_names(layers)
+        past = [Expected(name, dtype, shape) for pk, pv, _, _ in names for name in (pk, pv)]
+        present = [Expected(name, dtype, shape) for _, _, ck, cv in names for name in (ck, cv)]
+        return past, present
+
+    lower_past, lower_present = kv(range(0, k))
+    upper_past, upper_present = kv(range(k, sizes.num_layers))
+    draft_logits = Expected(DRAFT_LOGITS, np.float32, [1, 1, sizes.draft_vocab_size])
+    return {
+        LOWER_GRAPH: (
+            [Expected(INPUT_IDS, np.int64, [1, None]), *positions, *lower_past],
+            [Expected(CUTOFF_HIDDEN, dtype, [1, None, hidden]), draft_logits, *lower_present],
+        ),
+        UPPER_GRAPH: (
+            [Expected(CUTOFF_HIDDEN, dtype, [1, None, hidden]), *positions, *upper_past],
+            [Expected(LOGITS, np.float32, [1, None, sizes.vocab_size]), *upper_present],
+        ),
+        DRAFTER_GRAPH: (
+            [Expected(TOKEN_IDS, np.int64, [1, 1]), Expected(PREV_HIDDEN, dtype, [1, 1, hidden])],
+            [Expected(PSEUDO_HIDDEN, dtype, [1, 1, hidden]), draft_logits],
+        ),
+    }
+
+
+def check_graphs(folder: Path, manifest: Manifest, dtype: type, sessions: dict[str, ort.InferenceSession]) -> None:
+    """Check each graph file's session (keyed by file name) against :func:`expected_io`."""
+    for name, (inputs, outputs) in expected_io(manifest, dtype).items():
+        check_io(sessions[name], folder / name, inputs, outputs)
+
+
+def check_io(session: ort.InferenceSession, path: Path, inputs: list[Expected], outputs: list[Expected]) -> None:
+    """Raise ExportFormatError when the graph's IO disagrees with ``inputs``/``outputs``."""
+    problems = []
+    for kind, expected_list, args in (("input", inputs, session.get_inputs()), ("output", outputs, session.get_outputs())):
+        actual = {arg.name: arg for arg in args}
+        for expected in expected_list:
+            arg = actual.get(expected.name)
+            if arg is None:
+                problems.append(f"{kind} {expected.name!r} is missing")
+                continue
+            if ORT_DTYPES.get(arg.type) is not expected.dtype:
+                problems.append(f"{kind} {expected.name!r} is {arg.type}, expected {np.dtype(expected.dtype).name}")
+            problems.extend(_shape_problems(kind, expected, arg.shape))
+    if problems:
+        more = f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""
+        raise ExportFormatError(
+            f"{path} does not match its manifest: {'; '.join(problems[:4])}{more}. The graph and the manifest "
+            "come from different exports (or the manifest was edited): re-run `spaf-edge export`."
+        )
+
+
+def _shape_problems(kind: str, expected: Expected, shape: Sequence[int | str | None]) -> list[str]:
+    if len(shape) != len(expected.shape):
+        return [f"{kind} {expected.name!r} has rank {len(shape)}, expected {len(expected.shape)}"]
+    return [
+        f"{kind} {expected.name!r} has size {dim} on axis {axis} where the manifest implies {want}"
+        for axis, (dim, want) in enumerate(zip(shape, expected.shape))
+        if want is not None and isinstance(dim, int) and dim != want
+    ]

@@ -1,0 +1,228 @@
+"""Training data: JSONL rows -> token sequences with a loss mask (DESIGN §3).
+
+Rows are either plain text, ``{"text": ...}``, or chat turns,
+``{"messages": [{"role": ..., "content": ...}, ...]}`` rendered with the tokenizer's
+chat template.
+
+Loss mask. ``loss_mask[t] = 1`` when position ``t``'s prediction (of token ``t+1``)
+is trained. Text rows train every token; chat rows train only the assistant turns
+(their content and end-of-turn tokens), because at inference SpAF drafts only the
+model's own replies, never the user's. The last position of a sequence has no next
+token in the sequence and is never trained. Every position-level loss (adapter KL/CE,
+alignment state and token losses at the predicted position) uses this mask.
+
+Sequences. With packing (default) the token streams of all rows are concatenated and
+cut into ``seq_len`` windows, so no compute goes to padding; attention runs across
+row boundaries inside a window, which is harmless for self-distillation because the
+teacher and the drafters see exactly the same context. Without packing each row is
+truncated to ``seq_len`` and right-padded (padding is masked everywhere).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spaf_edge.errors import ConfigError
+
+EVALUATION_NAME = re.compile(r"mt[-_ ]?bench", re.IGNORECASE)
+
+
+@dataclass
+class Example:
+    """One rendered row: token ids and which tokens are trained targets."""
+
+    input_ids: list[int]
+    trained: list[bool]
+
+
+def refuse_evaluation_data(path: str | os.PathLike) -> None:
+    """Evaluation sets (MT-Bench) must never be trained on: refuse them by name."""
+    if EVALUATION_NAME.search(str(path)):
+        raise ConfigError(
+            f"{path} looks like MT-Bench evaluation data; training on it would contaminate "
+            "every benchmark. Use training prompts instead (e.g. /work/shared/data/train_prompts.jsonl)."
+        )
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, row)`` for each non-empty line; a clear error for bad JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Data file not found: {path}. Pass an existing JSONL file.")
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{number} is not valid JSON ({exc}); fix or remove that line.") from exc
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}:{number} must be a JSON object, got {type(row).__name__}.")
+            yield number, row
+
+
+def render_row(row: dict[str, Any], tokenizer: Any, where: str = "row") -> Example:
+    """Tokenize a text or chat row and mark its trained tokens."""
+    if "messages" in row:
+        return render_chat(row["messages"], tokenizer, where)
+    if isinstance(row.get("text"), str):
+        ids = list(tokenizer(row["text"], add_special_tokens=True)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)  # documents end like the model's own outputs
+        return Example(ids, [True] * len(ids))
+    raise ConfigError(
+        f"{where} has neither a 'text' string nor a 'messages' list. Each JSONL row must be "
+        '{"text": ...} or {"messages": [{"role": ..., "content": ...}, ...]}.'
+    )
+
+
+def render_chat(messages: Sequence[dict[str, str]], tokenizer: Any, where: str = "row") -> Example:
+    """Render chat turns with the template; train only the assistant turns.
+
+    An assistant turn's character span is found by rendering the conversation up to
+    it (with the generation prompt) and through it; tokens starting inside a span are
+    trained. This needs a template whose renderings are prefixes of one another, which
+    holds for the common ChatML/Llama templates and is checked.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"{where} is a chat row but the tokenizer has no chat template. Use "
+            '{"text": ...} rows, or a base model whose tokenizer has a chat template.'
+        )
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        raise ConfigError(f"{where}: 'messages' must be a list of {{'role': str, 'content': str}} objects.")
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise ConfigError(
+                f"{where}: the chat template does not render turns as prefixes of each other, so the "
+                "assistant tokens cannot be located. Convert the rows to {\"text\": ...}."
+            )
+        spans.append((len(before), len(through)))
+    if not spans:
+        raise ConfigError(f"{where} has no assistant turn: nothing to train on. Add the assistant's reply.")
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    trained = [any(start <= begin < end for start, end in spans) for begin, _ in encoded["offset_mapping"]]
+    return Example(list(encoded["input_ids"]), trained)
+
+
+def load_examples(path: str | os.PathLike, tokenizer: Any, limit: int | None = None) -> list[Example]:
+    refuse_evaluation_data(path)
+    examples = []
+    for number, row in read_jsonl(path):
+        examples.append(render_row(row, tokenizer, where=f"{path}:{number}"))
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise ConfigError(f"{path} has no rows. Pass a JSONL file with at least one text or chat row.")
+    return examples
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Fixed-length sequences: ``input_ids``, ``attention_mask``, ``loss_mask``, each [N, S]."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> None:
+        self.input_ids = input_ids
+        self.attention_mask = attention_mask
+        self.loss_mask = loss_mask
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {
+            "index": torch.tensor(index),
+            "input_ids": self.input_ids[index],
+            "attention_mask": self.attention_mask[index],
+            "loss_mask": self.loss_mask[index],
+        }
+
+    def subset(self, indices: Sequence[int]) -> TokenDataset:
+        rows = torch.as_tensor(list(indices), dtype=torch.long)
+        return TokenDataset(self.input_ids[rows], self.attention_mask[rows], self.loss_mask[rows])
+
+    @property
+    def num_trained_positions(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def build_sequences(examples: Sequence[Example], seq_len: int, pad_id: int, packing: bool = True) -> TokenDataset:
+    """Pack (or truncate and pad) examples into ``seq_len`` windows with loss masks."""
+    if seq_len < 2:
+        raise ConfigError(f"seq_len={seq_len}: need at least 2 tokens per sequence.")
+    if packing:
+        ids = [t for example in examples for t in example.input_ids]
+        trained = [t for example in examples for t in example.trained]
+        count = len(ids) // seq_len
+        if count == 0:
+            raise ConfigError(
+                f"The data has {len(ids)} tokens, fewer than one sequence of seq_len={seq_len}. "
+                "Add data or lower --seq-len."
+            )
+        input_ids = torch.tensor(ids[: count * seq_len]).view(count, seq_len)
+        target = torch.tensor(trained[: count * seq_len]).view(count, seq_len)
+        attention = torch.ones_like(input_ids)
+    else:
+        input_ids = torch.full((len(examples), seq_len), pad_id, dtype=torch.long)
+        target = torch.zeros((len(examples), seq_len), dtype=torch.bool)
+        attention = torch.zeros((len(examples), seq_len), dtype=torch.long)
+        for row, example in enumerate(examples):
+            length = min(seq_len, len(example.input_ids))
+            input_ids[row, :length] = torch.tensor(example.input_ids[:length])
+            target[row, :length] = torch.tensor(example.trained[:length])
+            attention[row, :length] = 1
+    loss_mask = torch.zeros(input_ids.shape, dtype=torch.float32)
+    loss_mask[:, :-1] = (target[:, 1:] & attention[:, 1:].bool()).float()  # position t predicts token t+1
+    return TokenDataset(input_ids, attention, loss_mask)
+
+
+def split_holdout(dataset: TokenDataset, fraction: float, seed: int) -> tuple[TokenDataset, TokenDataset | None]:
+    """A seeded held-out split of whole sequences; ``fraction`` 0 gives no eval set."""
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"eval_fraction={fraction}: expected a number in [0, 1).")
+    count = len(dataset)
+    held = round(count * fraction)
+    if fraction > 0:
+        held = max(1, held)
+    if held >= count:
+        raise ConfigError(
+            f"Only {count} sequences: too few for a held-out split of {fraction:.0%}. Add data, lower "
+            "--seq-len or set --eval-fraction 0."
+        )
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    train = dataset.subset(sorted(order[held:]))
+    return train, (dataset.subset(sorted(order[:held])) if held else None)
+
+
+def frequent_tokens(dataset: TokenDataset, size: int, vocab_size: int, always: Sequence[int] = ()) -> torch.Tensor:
+    """The draft vocabulary V_d: the ``size`` most frequent trained target tokens (+ ``always``).
+
+    ``always`` (the EOS ids) are included so drafts can end a reply. Ties break by
+    token id, so the result is deterministic. Returns sorted ids, [V_d].
+    """
+    if not 2 <= size <= vocab_size:
+        raise ConfigError(f"draft_vocab_size={size}: expected an integer in 2..{vocab_size} (the vocabulary).")
+    targets = dataset.input_ids[:, 1:][dataset.loss_mask[:, :-1] > 0]
+    counts = torch.bincount(targets, minlength=vocab_size).double()
+    counts -= torch.arange(vocab_size, dtype=torch.double) / (2 * vocab_size)  # tie-break: lower id first
+    forced = torch.tensor(sorted(set(always)), dtype=torch.long)
+    if forced.numel():
+        counts[forced] = float("inf")
+    return torch.sort(torch.topk(counts, size).indices).values

@@ -1,0 +1,127 @@
+"""Frozen-base features for training, computed per batch or cached on disk.
+
+Per batch the trainer needs the cutoff state ``h`` of every exit layer and the
+base's final (post-norm) hidden state, from which the teacher logits ``p`` follow
+through the shared LM head. One no-grad base forward gives both.
+
+Feature cache (optional). The base is frozen, so these features are the same every
+epoch. :func:`build_feature_cache` stores them once in fp16 (``.npy`` memory maps,
+[N, S, H] per exit plus the final state), keyed by the base fingerprint, the exits
+and a hash of the token data; :class:`CachedFeatureDataset` serves them with the
+token tensors. fp16 rounding changes the teacher logits by ~1e-3, far below what
+the drafters learn. Cost: ``N * S * H * 2 bytes`` per stored state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spaf_edge.atomic import atomic_directory
+from spaf_edge.errors import ConfigError
+from spaf_edge.model import SpAFModel
+from spaf_edge.training.data import TokenDataset
+
+CACHE_META = "feature_cache.json"
+FINAL = "final"
+
+
+@dataclass
+class BaseFeatures:
+    cutoff: dict[int, torch.Tensor]  # exit layer k -> h: [B, S, H]
+    final: torch.Tensor  # post-norm last hidden state: [B, S, H]; teacher logits = lm_head(final)
+
+
+def compute_base_features(
+    model: SpAFModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> BaseFeatures:
+    """One no-grad base forward. input_ids: [B, S] -> cutoff states and final state."""
+    hidden_states = model.base_features(input_ids, attention_mask)
+    # hidden_states[k] is the state after layer k-1; the last entry is after the final norm.
+    return BaseFeatures({k: hidden_states[k] for k in model.config.adapter_layers}, hidden_states[-1])
+
+
+def batch_features(model: SpAFModel, batch: dict[str, torch.Tensor]) -> BaseFeatures:
+    """Features from a cached batch when present, else from a base forward."""
+    if FINAL in batch:
+        dtype = next(model.base.parameters()).dtype
+        cutoff = {k: batch[f"cutoff_{k}"].to(dtype) for k in model.config.adapter_layers}
+        return BaseFeatures(cutoff, batch[FINAL].to(dtype))
+    return compute_base_features(model, batch["input_ids"], batch["attention_mask"])
+
+
+def cache_key(model: SpAFModel, dataset: TokenDataset) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([model.fingerprint, model.config.adapter_layers]).encode())
+    for tensor in (dataset.input_ids, dataset.attention_mask):
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_feature_cache(
+    model: SpAFModel, dataset: TokenDataset, folder: str | os.PathLike, batch_size: int = 8, progress: bool = True
+) -> Path:
+    """Write (or reuse) the fp16 features of ``dataset`` under ``folder/<key>``; return that folder."""
+    from tqdm.auto import tqdm
+
+    key = cache_key(model, dataset)
+    target = Path(folder) / key
+    if (target / CACHE_META).is_file():
+        return target
+    count, length = dataset.input_ids.shape
+    shape = (count, length, model.hidden_size)
+    with atomic_directory(target) as tmp:
+        arrays = {
+            name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float16, shape=shape)
+            for name in [f"cutoff_{k}" for k in model.config.adapter_layers] + [FINAL]
+        }
+        for start in tqdm(range(0, count, batch_size), desc="caching base features", disable=not progress):
+            rows = slice(start, min(count, start + batch_size))
+            features = compute_base_features(model, dataset.input_ids[rows], dataset.attention_mask[rows])
+            for k, hidden in features.cutoff.items():
+                arrays[f"cutoff_{k}"][rows] = _to_fp16(hidden)
+            arrays[FINAL][rows] = _to_fp16(features.final)
+        for array in arrays.values():
+            array.flush()
+        del arrays
+        meta = {"key": key, "fingerprint": model.fingerprint, "exits": model.config.adapter_layers, "shape": shape}
+        (tmp / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return target
+
+
+def _to_fp16(hidden: torch.Tensor) -> np.ndarray:
+    limit = torch.finfo(torch.float16).max
+    return hidden.float().clamp(-limit, limit).to(torch.float16).cpu().numpy()
+
+
+class CachedFeatureDataset(torch.utils.data.Dataset):
+    """A :class:`TokenDataset` plus its cached features (read lazily from memory maps)."""
+
+    def __init__(self, dataset: TokenDataset, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        meta_path = folder / CACHE_META
+        if not meta_path.is_file():
+            raise ConfigError(f"{folder} is not a feature cache (no {CACHE_META}); delete it and rebuild.")
+        meta = json.loads(meta_path.read_text())
+        if tuple(meta["shape"][:2]) != tuple(dataset.input_ids.shape):
+            raise ConfigError(f"Feature cache {folder} does not match the dataset; delete it and rebuild.")
+        self.dataset = dataset
+        self.arrays = {
+            name: np.load(folder / f"{name}.npy", mmap_mode="r")
+            for name in [f"cutoff_{k}" for k in meta["exits"]] + [FINAL]
+        }
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = self.dataset[index]
+        for name, array in self.arrays.items():
+            item[name] = torch.from_numpy(np.array(array[index]))  # [S, H] fp16
+        return item

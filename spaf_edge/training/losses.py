@@ -1,0 +1,221 @@
+"""SpAF training losses (DESIGN §3), with vocabulary-sized logits computed in chunks.
+
+Per exit ``k``, on the base's cutoff states ``h`` [B, S, H]:
+
+- adapter KL: ``KL(p_t ‖ q_t)``, ``q_t = softmax(head(a(h(t))))``, plus optional CE of
+  ``q_t`` on the data token ``x_{t+1}`` (``loss_weights.adapter_ce``);
+- alignment state loss (``mse`` or ``cosine``) between ``ĥ(t+1) = AH(e(x_{t+1}), h̄(t))``
+  and ``h(t+1)``;
+- alignment token KL: ``KL(p_{t+1} ‖ softmax(head(a(ĥ(t+1)))))``.
+
+Rollout: step 1 feeds the exact ``h(t)``; step ``r > 1`` feeds the AH its own
+prediction of step ``r-1`` (as at inference, where aligned drafts chain), giving
+``ĥ_r`` for positions ``r .. S-1``. Alignment losses are averaged over the
+``alignment_rollout_steps`` steps. Every position-level term uses the data's loss mask.
+
+Memory. Full-vocabulary logits of a batch are ``B*S*V`` floats (4096 x 49152 fp32 is
+800 MB, and softmax/KL/grad need several such). :class:`ChunkedDistillLoss` never
+holds more than ``chunk_rows`` rows of them: its forward walks the positions in
+chunks, computes teacher log-probs once per chunk (shared by every student variant:
+the adapter's and each rollout step's), the KL/CE values and, right there, their
+analytic gradient w.r.t. the student's post-norm state (``(q - p) W`` for KL,
+``(q - onehot) W`` for CE). Only those [M, N, H] gradients are kept; backward just
+scales them. So there is a single ordinary ``backward()`` (it works unchanged under
+accelerate / DDP / DeepSpeed), peak memory is ``O(chunk_rows * V)``, and no logit is
+recomputed.
+
+Draft vocabulary. With ``model.draft_vocab`` (V_d ids) set, the student distribution
+is the softmax over the V_d rows of the LM head (what drafting samples from), and
+the teacher is ``p`` renormalised on V_d, which equals the softmax of the teacher's
+logits restricted to V_d. The KL over V_d is then finite and zero exactly when the
+drafts match the base's distribution within V_d. CE ignores targets outside V_d.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from spaf_edge.config import SpAFConfig
+from spaf_edge.model import SpAFModel
+from spaf_edge.training.features import BaseFeatures
+
+DEFAULT_CHUNK_ROWS = 512
+
+
+class ChunkedDistillLoss(torch.autograd.Function):
+    """Weighted KL(p ‖ q) and CE sums of M student variants against one teacher, chunked.
+
+    students: [M, N, H] post-norm states (grad flows); teacher: [N, H] post-norm states;
+    weight: [V, H] and bias: [V] or None, the frozen LM head rows; kl_weights, ce_weights:
+    [M, N] per-row weights (e.g. mask / count); targets: [N] index into V, -1 = none.
+    Returns (kl [M], ce [M]).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, students, teacher, weight, bias, kl_weights, ce_weights, targets, chunk_rows):
+        num_variants, num_rows, _ = students.shape
+        need_grad = ctx.needs_input_grad[0]
+        with_ce = ce_weights is not None and bool((ce_weights > 0).any())
+        work = torch.promote_types(students.dtype, torch.float32)  # softmax/KL precision: >= fp32
+        kl = torch.zeros(num_variants, dtype=work, device=students.device)
+        ce = torch.zeros_like(kl)
+        grad_kl = torch.zeros_like(students) if need_grad else None
+        grad_ce = torch.zeros_like(students) if need_grad and with_ce else None
+        for start in range(0, num_rows, chunk_rows):
+            rows = slice(start, min(num_rows, start + chunk_rows))
+            kl_w = kl_weights[:, rows].to(work)  # [M, C]
+            ce_w = ce_weights[:, rows].to(work) if with_ce else None
+            active = (kl_w > 0).any(1)
+            if with_ce:
+                active |= (ce_w > 0).any(1)
+            if not bool(active.any()):
+                continue
+            teacher_logp = F.log_softmax(F.linear(teacher[rows], weight, bias).to(work), dim=-1)  # [C, V]
+            teacher_p = teacher_logp.exp()
+            if with_ce:
+                chunk_targets = targets[rows]
+                valid = chunk_targets >= 0
+                target_index = chunk_targets.clamp(min=0).unsqueeze(1)  # [C, 1]
+            for m in torch.nonzero(active).flatten().tolist():
+                student_logq = F.log_softmax(F.linear(students[m, rows], weight, bias).to(work), dim=-1)  # [C, V]
+                kl_rows = (teacher_p * (teacher_logp - student_logq)).sum(-1)  # [C]
+                kl[m] += (kl_w[m] * kl_rows).sum()
+                if with_ce:
+                    row_w = ce_w[m] * valid
+                    ce[m] += (row_w * -student_logq.gather(1, target_index).squeeze(1)).sum()
+                student_q = student_logq.exp_()  # in place: the log-probs are not needed after this
+                if not need_grad:
+                    continue
+                # d KL / d logits = q - p (p and q sum to 1 over V).
+                grad_logits = (student_q - teacher_p).mul_(kl_w[m].unsqueeze(1))
+                grad_kl[m, rows] = (grad_logits.to(weight.dtype) @ weight).to(students.dtype)
+                if with_ce:
+                    # d CE / d logits = q - onehot(target).
+                    grad_logits = student_q.mul_(row_w.unsqueeze(1))
+                    grad_logits.scatter_add_(1, target_index, -row_w.unsqueeze(1))
+                    grad_ce[m, rows] = (grad_logits.to(weight.dtype) @ weight).to(students.dtype)
+        ctx.save_for_backward(grad_kl, grad_ce)
+        return kl, ce
+
+    @staticmethod
+    def backward(ctx: Any, grad_kl_out, grad_ce_out):
+        grad_kl, grad_ce = ctx.saved_tensors
+        grad_students = None
+        if ctx.needs_input_grad[0]:
+            grad_students = grad_kl * grad_kl_out.to(grad_kl.dtype).view(-1, 1, 1)
+            if grad_ce is not None:
+                grad_students = grad_students + grad_ce * grad_ce_out.to(grad_ce.dtype).view(-1, 1, 1)
+        return grad_students, None, None, None, None, None, None, None
+
+
+def chunked_distill_loss(
+    students: torch.Tensor,
+    teacher: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kl_weights: torch.Tensor,
+    ce_weights: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :class:`ChunkedDistillLoss`. students: [M, N, H] -> (kl [M], ce [M])."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows}: expected an integer >= 1.")
+    if ce_weights is not None and targets is None:
+        raise ValueError("ce_weights needs targets.")
+    return ChunkedDistillLoss.apply(students, teacher, weight, bias, kl_weights, ce_weights, targets, chunk_rows)
+
+
+def alignment_state_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """Masked mean over positions. pred, target: [B, S, H]; mask: [B, S].
+
+    ``mse``: mean squared error per element (on the raw cutoff states); ``cosine``: 1 - cos.
+    """
+    if kind == "mse":
+        per_position = (pred - target).pow(2).mean(-1)
+    else:
+        per_position = 1 - F.cosine_similarity(pred, target, dim=-1, eps=1e-6)
+    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+
+
+def spaf_losses(
+    model: SpAFModel, batch: dict[str, torch.Tensor], features: BaseFeatures, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> dict[str, torch.Tensor]:
+    """All loss components for one batch, and their weighted sum under ``"total"``.
+
+    Keys: ``adapter_kl/{k}``, ``adapter_ce/{k}`` (when its weight > 0), ``align_state/{k}``
+    and ``align_token_kl/{k}`` (when the alignment weights are > 0), ``total``.
+    """
+    config: SpAFConfig = model.config
+    weights = config.loss_weights
+    input_ids = batch["input_ids"]  # [B, S]
+    mask = batch["loss_mask"].to(features.final.dtype)  # [B, S]
+    batch_size, seq_len = input_ids.shape
+    num_rows = batch_size * seq_len
+    head_weight, head_bias, targets = draft_head(model, input_ids)
+    norm = model.arch.final_norm(model.base)
+    teacher = features.final.reshape(num_rows, -1)  # [N, H]
+    with_ce = weights.adapter_ce > 0
+    with_alignment = weights.alignment > 0 or weights.alignment_token > 0
+    losses: dict[str, torch.Tensor] = {}
+    total = features.final.new_zeros(())
+    for k in config.adapter_layers:
+        hidden = features.cutoff[k]  # [B, S, H]
+        states = [model.adapt(hidden, k)]  # variant 0: the adapter on exact states
+        kl_masks = [mask if weights.adapter_base > 0 else torch.zeros_like(mask)]
+        state_losses = []
+        previous = hidden
+        for step in range(1, config.alignment_rollout_steps + 1 if with_alignment else 1):
+            if step >= seq_len:
+                break
+            predicted = model.align(input_ids[:, step:], previous[:, :-1], k)  # ĥ for positions step..S-1
+            step_mask = mask[:, step:]
+            state_losses.append(alignment_state_loss(predicted, hidden[:, step:], step_mask, config.alignment_loss_type))
+            if weights.alignment_token > 0:
+                states.append(F.pad(model.adapt(predicted, k), (0, 0, step, 0)))  # [B, S, H]
+                kl_masks.append(F.pad(step_mask, (step, 0)))
+            previous = predicted
+        students = norm(torch.stack(states)).reshape(len(states), num_rows, -1)  # [M, N, H]
+        kl_weights = torch.stack([m / m.sum().clamp(min=1) for m in kl_masks]).reshape(len(states), num_rows)
+        ce_weights = None
+        if with_ce:
+            ce_mask = mask * (targets >= 0).view(batch_size, seq_len)
+            ce_weights = torch.zeros_like(kl_weights)
+            ce_weights[0] = (ce_mask / ce_mask.sum().clamp(min=1)).reshape(num_rows)
+        kl, ce = chunked_distill_loss(students, teacher, head_weight, head_bias, kl_weights, ce_weights, targets,
+                                      chunk_rows)
+        if weights.adapter_base > 0:
+            losses[f"adapter_kl/{k}"] = kl[0]
+            total = total + weights.adapter_base * kl[0]
+        if with_ce:
+            losses[f"adapter_ce/{k}"] = ce[0]
+            total = total + weights.adapter_ce * ce[0]
+        if state_losses and weights.alignment > 0:
+            losses[f"align_state/{k}"] = torch.stack(state_losses).mean()
+            total = total + weights.alignment * losses[f"align_state/{k}"]
+        if len(states) > 1:
+            losses[f"align_token_kl/{k}"] = kl[1:].mean()
+            total = total + weights.alignment_token * losses[f"align_token_kl/{k}"]
+    losses["total"] = total
+    return losses
+
+
+def draft_head(model: SpAFModel, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """LM-head rows of the draft vocabulary and next-token targets indexed into it.
+
+    Returns weight [V_d, H], bias [V_d] or None, targets [B*S] (-1: no next token in
+    the sequence, or a token outside V_d).
+    """
+    lm_head = model.arch.lm_head(model.base)
+    vocab = model.draft_vocab
+    next_tokens = F.pad(input_ids[:, 1:], (0, 1), value=-1).reshape(-1)  # [B*S]
+    if vocab.numel() == 0:
+        return lm_head.weight, lm_head.bias, next_tokens
+    lookup = torch.full((lm_head.weight.shape[0] + 1,), -1, dtype=torch.long, device=input_ids.device)
+    lookup[vocab] = torch.arange(vocab.numel(), device=input_ids.device)
+    targets = lookup[next_tokens]  # -1 maps to the last slot, which stays -1
+    bias = lm_head.bias[vocab] if lm_head.bias is not None else None
+    return lm_head.weight[vocab], bias, targets

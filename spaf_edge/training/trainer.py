@@ -1,0 +1,451 @@
+"""The SpAF trainer (DESIGN §3): frozen base, AdamW on the SpAF modules only.
+
+Warmup + cosine learning rate, gradient clipping, periodic eval on a held-out split,
+atomic checkpoints every ``save_every`` steps and exact ``resume``; every loss
+component goes to the progress bar and to ``RUN_DIR/train_log.jsonl``.
+
+Distribution goes through :class:`accelerate.Accelerator` (one CPU process works
+too): it places tensors, wraps the loss module for gradient sync, shards the batches
+per rank; only the main process logs and writes, and ranks meet at a barrier after
+each checkpoint. The learning-rate scheduler is stepped once per optimizer step by
+hand (not prepared), so its schedule counts optimizer steps on any number of ranks.
+The batch order is a permutation seeded by ``(seed, epoch)``, so a resumed run sees
+exactly the batches the uninterrupted run would have.
+
+Run folder: ``settings.json``, ``train_log.jsonl``, ``checkpoint/`` (latest, atomic;
+see :mod:`spaf_edge.training.checkpoint`) and ``final/`` (SpAF components, loadable
+with ``SpAFModel.load_spaf_components`` or ``--components``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from spaf_edge.atomic import atomic_write_text
+from spaf_edge.config import SpAFConfig
+from spaf_edge.errors import ConfigError
+from spaf_edge.model import SpAFModel
+from spaf_edge.training import checkpoint as ckpt
+from spaf_edge.training.data import (
+    TokenDataset,
+    build_sequences,
+    frequent_tokens,
+    load_examples,
+    split_holdout,
+)
+from spaf_edge.training.features import CachedFeatureDataset, batch_features, build_feature_cache
+from spaf_edge.training.losses import DEFAULT_CHUNK_ROWS, spaf_losses
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "train_log.jsonl"
+FINAL = "final"
+# Settings that may differ when resuming (they do not change the optimisation path
+# up to the resumed step; a changed ``steps`` reshapes the rest of the cosine schedule).
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "eval_batches")
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 300
+    batch_size: int = 4  # sequences per process and step
+    seq_len: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 20  # linear warmup steps
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at ``steps``
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    eval_every: int = 50  # 0 = eval only after the last step
+    eval_fraction: float = 0.05  # held-out share of the sequences
+    eval_batches: int = 8  # at most this many eval batches per eval
+    save_every: int = 100  # 0 = only the final components
+    seed: int = 0
+    logit_chunk_rows: int = DEFAULT_CHUNK_ROWS  # rows of vocabulary logits held at once
+    packing: bool = True
+    max_examples: int | None = None  # use only the first rows of the data file
+    feature_cache: str | None = None  # folder for cached fp16 base features
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown training setting(s): {', '.join(unknown)}. Valid: {', '.join(sorted(known))}.")
+        settings = cls(**data)
+        settings.validate()
+        return settings
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        positive = ("steps", "batch_size", "logit_chunk_rows")
+        non_negative = ("warmup", "eval_every", "save_every", "eval_batches")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"Invalid {name}={getattr(self, name)!r}: expected an integer >= 1.")
+        for name in non_negative:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"Invalid {name}={getattr(self, name)!r}: expected an integer >= 0.")
+        if self.seq_len < 2:
+            raise ConfigError(f"Invalid seq_len={self.seq_len}: expected an integer >= 2.")
+        if not self.lr > 0:
+            raise ConfigError(f"Invalid lr={self.lr}: expected a number > 0.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"Invalid min_lr_ratio={self.min_lr_ratio}: expected a number in [0, 1].")
+        if self.grad_clip < 0:
+            raise ConfigError(f"Invalid grad_clip={self.grad_clip}: expected a number >= 0 (0 = off).")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final: Path
+    steps: int
+    train_losses: dict[str, float]  # mean over the last logged steps
+    eval_losses: dict[str, float] | None
+    tokens_per_second: float
+    seconds: float
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation of ``range(size)`` fixed by ``(seed, epoch)``: identical on every rank."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        order = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=order).tolist())
+
+
+class LossModule(nn.Module):
+    """What the accelerator wraps: batch -> loss components (the base forward included)."""
+
+    def __init__(self, model: SpAFModel, chunk_rows: int) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_rows = chunk_rows
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return spaf_losses(self.model, batch, batch_features(self.model, batch), self.chunk_rows)
+
+
+def lr_factor(step: int, settings: TrainSettings) -> float:
+    """Linear warmup to 1, then cosine to ``min_lr_ratio`` at ``settings.steps``."""
+    if step < settings.warmup:
+        return (step + 1) / settings.warmup
+    span = max(1, settings.steps - settings.warmup)
+    progress = min(1.0, (step - settings.warmup) / span)
+    return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def prepare_data(
+    model: SpAFModel, data_path: str | os.PathLike, settings: TrainSettings
+) -> tuple[TokenDataset, TokenDataset | None]:
+    """Read, render, pack and split the data file."""
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ConfigError("The model has no tokenizer; load the base with SpAFModel.from_pretrained.")
+    examples = load_examples(data_path, tokenizer, settings.max_examples)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    dataset = build_sequences(examples, settings.seq_len, pad_id, settings.packing)
+    train_set, eval_set = split_holdout(dataset, settings.eval_fraction, settings.seed)
+    if len(train_set) < settings.batch_size:
+        raise ConfigError(
+            f"The training split has {len(train_set)} sequences, fewer than --batch-size "
+            f"{settings.batch_size}. Add data, lower --seq-len or --batch-size."
+        )
+    return train_set, eval_set
+
+
+def choose_draft_vocab(model: SpAFModel, train_set: TokenDataset) -> None:
+    """Set V_d from the training data when the config asks for one and none is loaded."""
+    size = model.config.draft_vocab_size
+    vocab_size = model.base.config.vocab_size
+    if size is None or size >= vocab_size or model.draft_vocab.numel():
+        return
+    eos = model.base.generation_config.eos_token_id if model.base.generation_config else None
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
+        eos_ids.append(model.tokenizer.eos_token_id)
+    model.set_draft_vocab(frequent_tokens(train_set, size, vocab_size, always=eos_ids))
+
+
+def train(
+    model: SpAFModel,
+    data_path: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    settings: TrainSettings,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model``'s SpAF modules on ``data_path``; write the run folder; return a summary.
+
+    With ``resume``, the SpAF weights, optimizer, scheduler, step and RNG state come
+    from ``run_dir``'s checkpoint and training continues from its step.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from tqdm.auto import tqdm
+
+    settings.validate()
+    run_dir = Path(run_dir)
+    weights = model.config.loss_weights
+    unused = (weights.adapter_base == 0 and weights.adapter_ce == 0) or (
+        weights.alignment == 0 and weights.alignment_token == 0
+    )
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+    set_seed(settings.seed)
+    checkpoint = ckpt.find_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        raise ConfigError(f"No checkpoint in {run_dir} to resume from. Run without --resume to start training.")
+    state = None
+    if checkpoint is not None:
+        model.load_spaf_components(checkpoint / ckpt.COMPONENTS)
+        state = ckpt.load_trainer_state(checkpoint)
+
+    train_set, eval_set = prepare_data(model, data_path, settings)
+    choose_draft_vocab(model, train_set)
+    train_data, eval_data = attach_feature_cache(model, train_set, eval_set, settings, accelerator, progress)
+
+    sampler = EpochSampler(len(train_data), settings.seed)
+    train_loader = torch.utils.data.DataLoader(
+        train_data, batch_size=settings.batch_size, sampler=sampler, drop_last=True
+    )
+    eval_loader = (
+        torch.utils.data.DataLoader(eval_data, batch_size=settings.batch_size) if eval_data is not None else None
+    )
+    module = LossModule(model, settings.logit_chunk_rows)
+    parameters = model.spaf_parameters()
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, settings))
+    module, optimizer, train_loader = accelerator.prepare(module, optimizer, train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+
+    step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.restore_rng_state(state["rng"])
+        step = state["step"]
+    run_settings = {"train": settings.to_dict(), "data": str(data_path), "spaf": model.config.to_dict()}
+    logger = RunLog(run_dir, accelerator.is_main_process, keep_until=step if resume else None)
+    if accelerator.is_main_process and not resume:
+        atomic_write_text(run_dir / ckpt.SETTINGS, json.dumps(run_settings, indent=2) + "\n")
+    if accelerator.is_main_process:
+        log.info("SpAF parameters: %d (%.2f%% of the base); %d train / %d eval sequences of %d tokens",
+                 model.num_trainable_parameters(), 100 * model.trainable_fraction(), len(train_set),
+                 len(eval_set) if eval_set is not None else 0, settings.seq_len)
+
+    def evaluate() -> dict[str, float] | None:
+        if eval_loader is None:
+            return None
+        module.eval()
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        with torch.no_grad():
+            for index, batch in enumerate(eval_loader):
+                if index >= settings.eval_batches:
+                    break
+                for name, value in module(batch).items():
+                    sums[name] = sums.get(name, 0) + value.detach()
+                count += 1
+        module.train()
+        result = {name: float(accelerator.reduce(value / count, "mean")) for name, value in sums.items()}
+        logger.write({"split": "eval", "step": step, **result})
+        return result
+
+    eval_losses = evaluate() if settings.eval_every and step == 0 else None
+    batches_per_epoch = len(train_loader)
+    epoch, skip = divmod(step, batches_per_epoch)
+    bar = tqdm(total=settings.steps, initial=step, desc="train", disable=not (progress and accelerator.is_main_process))
+    recent: list[dict[str, float]] = []
+    tokens = 0
+    started = time.perf_counter()
+    module.train()
+    while step < settings.steps:
+        train_loader.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        for index, batch in enumerate(train_loader):
+            if index < skip:
+                continue
+            losses = module(batch)
+            accelerator.backward(losses["total"])
+            grad_norm = accelerator.clip_grad_norm_(parameters, settings.grad_clip) if settings.grad_clip else None
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += batch["input_ids"].numel() * accelerator.num_processes
+            values = reduce_losses(accelerator, losses)
+            rate = tokens / (time.perf_counter() - started)
+            row = {"split": "train", "step": step, "lr": lr, **values, "tokens_per_s": rate}
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
+            logger.write(row)
+            recent = (recent + [values])[-20:]
+            bar.set_postfix({short_name(k): f"{v:.3f}" for k, v in values.items()} | {"tok/s": f"{rate:.0f}"})
+            bar.update(1)
+            if settings.eval_every and step % settings.eval_every == 0 or step == settings.steps:
+                eval_losses = evaluate() or eval_losses
+            if settings.save_every and (step % settings.save_every == 0 or step == settings.steps):
+                save_training_checkpoint(run_dir, accelerator, model, optimizer, scheduler, step, run_settings)
+            if step >= settings.steps:
+                break
+        epoch, skip = epoch + 1, 0
+    bar.close()
+    seconds = time.perf_counter() - started
+    train_losses = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
+    final = run_dir / FINAL
+    if accelerator.is_main_process:
+        model.save_spaf_components(final, extra_meta={"step": step, "train_losses": train_losses,
+                                                      "eval_losses": eval_losses})
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, final, step, train_losses, eval_losses, tokens / seconds if seconds else 0.0, seconds)
+
+
+def attach_feature_cache(model, train_set, eval_set, settings, accelerator, progress):
+    """Wrap the datasets with cached base features when ``settings.feature_cache`` is set."""
+    if not settings.feature_cache:
+        return train_set, eval_set
+    wrapped = []
+    for dataset in (train_set, eval_set):
+        if dataset is None:
+            wrapped.append(None)
+            continue
+        with accelerator.main_process_first():
+            folder = build_feature_cache(model, dataset, settings.feature_cache, settings.batch_size,
+                                         progress and accelerator.is_main_process)
+        wrapped.append(CachedFeatureDataset(dataset, folder))
+    return wrapped[0], wrapped[1]
+
+
+def save_training_checkpoint(run_dir, accelerator, model, optimizer, scheduler, step, run_settings) -> None:
+    if accelerator.is_main_process:
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+        }
+        ckpt.save_checkpoint(run_dir, model, state, run_settings)
+    accelerator.wait_for_everyone()
+
+
+def reduce_losses(accelerator, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    names = sorted(losses)
+    stacked = torch.stack([losses[name].detach().float() for name in names])
+    reduced = accelerator.reduce(stacked, "mean") if accelerator.num_processes > 1 else stacked
+    return dict(zip(names, reduced.tolist()))
+
+
+def short_name(name: str) -> str:
+    """Progress-bar label: ``align_token_kl/15`` -> ``atk15``."""
+    prefix, _, exit_layer = name.partition("/")
+    labels = {"total": "loss", "adapter_kl": "akl", "adapter_ce": "ace", "align_state": "ast", "align_token_kl": "atk"}
+    return labels.get(prefix, prefix) + exit_layer
+
+
+class RunLog:
+    """Appends one JSON object per line to ``train_log.jsonl`` (main process only).
+
+    On resume, rows past the checkpoint's step (written before the interruption and
+    about to be redone) are dropped first.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, keep_until: int | None = None) -> None:
+        self.path = run_dir / LOG_FILE
+        self.enabled = enabled
+        if enabled and keep_until is not None and self.path.is_file():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= keep_until:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue
+            atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def train_run(
+    base_model: str | None,
+    data_path: str | os.PathLike | None,
+    run_dir: str | os.PathLike,
+    overrides: dict[str, Any] | None = None,
+    config: SpAFConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    dtype: torch.dtype | None = None,
+) -> TrainResult:
+    """What ``spaf-edge train`` does: load the base, build or restore SpAF modules, train.
+
+    ``overrides`` are :class:`TrainSettings` values given by the user (the rest default).
+    A fresh run refuses a run folder that already holds a checkpoint. A resumed run takes
+    its SpAF config, settings and (unless given) data path from the checkpoint; overrides
+    must then match the saved settings except for :data:`RESUMABLE_CHANGES`.
+    """
+    run_dir = Path(run_dir)
+    overrides = dict(overrides or {})
+    checkpoint = ckpt.find_checkpoint(run_dir)
+    if resume:
+        if checkpoint is None:
+            raise ConfigError(f"No checkpoint in {run_dir} to resume from. Run without --resume to start training.")
+        saved = ckpt.load_checkpoint_settings(checkpoint)
+        settings = resumed_settings(TrainSettings.from_dict(saved["train"]), overrides)
+        data_path = data_path or saved["data"]
+        model = SpAFModel.from_pretrained(base_model, components=checkpoint / ckpt.COMPONENTS, dtype=dtype)
+    else:
+        if checkpoint is not None:
+            raise ConfigError(
+                f"{run_dir} already holds a training checkpoint. Pass --resume to continue it, "
+                "or choose a new --out folder."
+            )
+        if data_path is None:
+            raise ConfigError("No training data: pass --data FILE.jsonl.")
+        settings = TrainSettings.from_dict(overrides)
+        model = SpAFModel.from_pretrained(base_model, config or SpAFConfig(), dtype=dtype)
+    return train(model, data_path, run_dir, settings, resume=resume, progress=progress)
+
+
+def resumed_settings(saved: TrainSettings, overrides: dict[str, Any]) -> TrainSettings:
+    changed = [
+        name for name, value in overrides.items()
+        if name not in RESUMABLE_CHANGES and value != getattr(saved, name, None)
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume continues the saved run, but these settings differ from it: {', '.join(changed)}. "
+            f"Drop them (only {', '.join(RESUMABLE_CHANGES)} may change), or start a new run."
+        )
+    settings = dataclasses.replace(saved, **overrides)
+    settings.validate()
+    return settings

@@ -1,0 +1,1 @@
+"""Validation of exports: graph parity against PyTorch (here) and end-to-end token equality."""

@@ -1,0 +1,240 @@
+"""Graph parity (DESIGN §7): each exported graph against the PyTorch modules it came from.
+
+The graphs run in ONNX Runtime exactly as the engine runs them: shared weights handed
+in once (:class:`spaf_edge.shared_weights.SharedWeights`), KV caches preallocated and
+bound as past *and* present of one OrtValue. The scenario walks the cache through every
+state the engine uses: a prefill chunk, a decode step, a multi-token verify chunk on a
+past, and a chunk after a rollback (the valid length lowered, stale rows overwritten).
+Every graph gets the same inputs as its PyTorch counterpart: the upper stack and the
+drafter are fed the PyTorch cutoff states, so each error is the graph's own.
+
+Error metrics per output: ``max_abs = max |onnx - torch|`` and ``max_rel = max_abs /
+max |torch|`` (relative to the output's scale; elementwise ratios blow up near zero).
+Thresholds apply to ``max_rel`` of the logits outputs; hidden states are reported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spaf_edge import io_names
+from spaf_edge.errors import ConfigError
+from spaf_edge.manifest import Manifest
+from spaf_edge.model import SpAFModel
+from spaf_edge.shared_weights import SharedWeights
+
+# Bounds on max_rel of the logits; a quantized export is compared with the float model,
+# so its error is quantization error (the bound only catches a broken graph).
+THRESHOLDS = {"float32": 1e-4, "float16": 1e-2, "int8": 0.1, "int4": 0.5}
+LOGIT_OUTPUTS = (io_names.LOGITS, io_names.DRAFT_LOGITS)
+
+# (step name, new tokens, rewind before the step by this many rows)
+DEFAULT_STEPS = (("prefill", 7, 0), ("decode", 1, 0), ("verify", 4, 0), ("rollback", 3, 2))
+
+
+@dataclass
+class OutputError:
+    graph: str
+    output: str
+    step: str
+    max_abs: float
+    max_rel: float
+    top1_agreement: float | None = None  # logits only: share of positions with the same argmax
+
+
+@dataclass
+class GraphParityReport:
+    export_dir: str
+    dtype: str
+    quantization: str | None
+    threshold: float
+    errors: list[OutputError] = field(default_factory=list)
+
+    def worst(self, graph: str | None = None, output: str | None = None) -> dict[str, float]:
+        """Largest max_abs / max_rel over the matching errors."""
+        rows = [e for e in self.errors if (graph is None or e.graph == graph) and (output is None or e.output == output)]
+        return {"max_abs": max((e.max_abs for e in rows), default=0.0),
+                "max_rel": max((e.max_rel for e in rows), default=0.0)}
+
+    @property
+    def per_graph(self) -> dict[str, dict[str, dict[str, float]]]:
+        outputs = sorted({(e.graph, e.output) for e in self.errors})
+        summary: dict[str, dict[str, dict[str, float]]] = {}
+        for graph, output in outputs:
+            summary.setdefault(graph, {})[output] = self.worst(graph, output)
+        return summary
+
+    @property
+    def failures(self) -> list[OutputError]:
+        return [e for e in self.errors if e.output in LOGIT_OUTPUTS and not e.max_rel <= self.threshold]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.errors) and not self.failures
+
+    def add(self, graph: str, step: str, actual: dict[str, np.ndarray], expected: dict[str, torch.Tensor]) -> None:
+        for output, reference in expected.items():
+            self.errors.append(compare(graph, output, step, actual[output], reference))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"export_dir": self.export_dir, "dtype": self.dtype, "quantization": self.quantization,
+                "threshold": self.threshold, "passed": self.passed, "per_graph": self.per_graph,
+                "errors": [asdict(e) for e in self.errors]}
+
+    def summary(self) -> str:
+        lines = [f"graph parity ({self.dtype}{', ' + self.quantization if self.quantization else ''}; "
+                 f"logits max_rel <= {self.threshold:g}): {'PASS' if self.passed else 'FAIL'}"]
+        for graph, outputs in self.per_graph.items():
+            for output, worst in outputs.items():
+                lines.append(f"  {graph:13s} {output:14s} max_abs {worst['max_abs']:.3g}  max_rel {worst['max_rel']:.3g}")
+        return "\n".join(lines)
+
+
+def check_graphs(
+    model: SpAFModel,
+    export_dir: str | os.PathLike,
+    steps: Sequence[tuple[str, int, int]] = DEFAULT_STEPS,
+    seed: int = 0,
+    threshold: float | None = None,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    token_ids: Sequence[int] | None = None,
+) -> GraphParityReport:
+    """Run lower/upper/drafter with ORT and ``model``'s PyTorch modules on the same inputs.
+
+    ``token_ids`` (e.g. a tokenized real prompt, at least ``sum(step lengths) + len(steps)``
+    long) replaces the default seeded random tokens; ``threshold`` overrides the bound
+    on the logits' max_rel (default by dtype / quantization: :data:`THRESHOLDS`).
+    """
+    export_dir = Path(export_dir)
+    manifest = Manifest.load(export_dir)
+    if threshold is None:
+        threshold = THRESHOLDS[manifest.quantization or manifest.dtype]
+    report = GraphParityReport(str(export_dir), manifest.dtype, manifest.quantization, threshold)
+    graphs = GraphSessions(export_dir, manifest, providers)
+    exit_layer = manifest.cutoff_layer
+    total = sum(length for _, length, _ in steps)
+    if token_ids is None:
+        tokens = np.random.default_rng(seed).integers(0, manifest.sizes.vocab_size, size=total + len(steps))
+    else:
+        tokens = np.asarray(token_ids, dtype=np.int64)
+        if tokens.size < total + len(steps):
+            raise ConfigError(f"check_graphs needs at least {total + len(steps)} token ids, got {tokens.size}.")
+    with torch.no_grad():
+        lower_cache = model.new_cache(model.lower_layer_ids(exit_layer), manifest.sizes.max_length)
+        upper_cache = model.new_cache(model.upper_layer_ids(exit_layer), manifest.sizes.max_length)
+        cursor = 0
+        for index, (step, length, rewind) in enumerate(steps):
+            if rewind:
+                for stack in (lower_cache, upper_cache, graphs):
+                    stack.rewind_to(stack.length - rewind)
+            ids = tokens[cursor : cursor + length][None]  # [1, S]
+            cursor += length
+            ids_t = torch.as_tensor(ids, device=model.base_device)
+            hidden = model.run_layers(model.embed(ids_t), lower_cache)  # [1, S, H]
+            draft = model.draft_logits(hidden[:, -1:], exit_layer)  # [1, 1, V_d]
+            logits = model.head(model.run_layers(hidden, upper_cache))  # [1, S, V]
+            lower = graphs.run_lower(ids)
+            upper = graphs.run_upper(_numpy(hidden, manifest.dtype))
+            graphs.advance(length)
+            report.add("lower", step, lower, {io_names.CUTOFF_HIDDEN: hidden, io_names.DRAFT_LOGITS: draft})
+            report.add("upper", step, upper, {io_names.LOGITS: logits})
+            # drafter: one aligned step from the exact state of the chunk's last position
+            token = tokens[total + index]
+            pseudo = model.align(torch.tensor([[int(token)]], device=model.base_device), hidden[:, -1:], exit_layer)
+            drafter = graphs.run_drafter(np.array([[token]], dtype=np.int64), _numpy(hidden[:, -1:], manifest.dtype))
+            report.add("drafter", step, drafter, {
+                io_names.PSEUDO_HIDDEN: pseudo, io_names.DRAFT_LOGITS: model.draft_logits(pseudo, exit_layer)})
+    return report
+
+
+class GraphSessions:
+    """The three graphs of an export with preallocated, in-place KV caches (batch 1)."""
+
+    def __init__(self, folder: Path, manifest: Manifest, providers: Sequence[str]) -> None:
+        import onnxruntime as ort
+
+        self.shared = SharedWeights(folder)
+        self.dtype = np.dtype(manifest.dtype)
+        sizes = manifest.sizes
+        kv_shape = (1, sizes.num_kv_heads, sizes.max_length, sizes.head_dim)
+        self.length = 0  # valid cache rows (P), the same in both stacks
+
+        def session(graph: str):
+            options = ort.SessionOptions()
+            options.log_severity_level = 3  # shared weights are overridable initializers: ORT warns, by design
+            self.shared.add_to(options, graph)
+            return ort.InferenceSession(str(folder / graph), options, providers=list(providers))
+
+        def caches(layers: range) -> dict[str, Any]:
+            values = {}
+            for past_k, past_v, present_k, present_v in io_names.kv_names(layers):
+                for past, present in ((past_k, present_k), (past_v, present_v)):
+                    values[(past, present)] = ort.OrtValue.ortvalue_from_numpy(np.zeros(kv_shape, self.dtype))
+            return values
+
+        k = manifest.cutoff_layer
+        self.lower, self.upper, self.drafter = (session(g) for g in
+                                                (io_names.LOWER_GRAPH, io_names.UPPER_GRAPH, io_names.DRAFTER_GRAPH))
+        self.lower_kv = caches(range(0, k))
+        self.upper_kv = caches(range(k, sizes.num_layers))
+
+    def rewind_to(self, length: int) -> None:
+        self.length = length
+
+    def advance(self, rows: int) -> None:
+        self.length += rows
+
+    def run_lower(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        return self._run_stack(self.lower, self.lower_kv, {io_names.INPUT_IDS: ids},
+                               [io_names.CUTOFF_HIDDEN, io_names.DRAFT_LOGITS])
+
+    def run_upper(self, hidden: np.ndarray) -> dict[str, np.ndarray]:
+        return self._run_stack(self.upper, self.upper_kv, {io_names.CUTOFF_HIDDEN: hidden}, [io_names.LOGITS])
+
+    def run_drafter(self, token_ids: np.ndarray, prev_hidden: np.ndarray) -> dict[str, np.ndarray]:
+        names = [io_names.PSEUDO_HIDDEN, io_names.DRAFT_LOGITS]
+        values = self.drafter.run(names, {io_names.TOKEN_IDS: token_ids, io_names.PREV_HIDDEN: prev_hidden})
+        return dict(zip(names, values))
+
+    def _run_stack(self, session, kv, feeds, outputs) -> dict[str, np.ndarray]:
+        """Positions ``length .. length+S-1``; the caller advances ``length`` once both stacks ran."""
+        length = next(iter(feeds.values())).shape[1]  # S new positions
+        binding = session.io_binding()
+        feeds = dict(feeds)
+        feeds[io_names.SEQLENS_K] = np.array([self.length + length - 1], dtype=np.int32)
+        feeds[io_names.TOTAL_SEQUENCE_LENGTH] = np.array(self.length + length, dtype=np.int32)
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for (past, present), value in kv.items():  # one buffer: GQA writes the new rows in place
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        for name in outputs:
+            binding.bind_output(name)
+        session.run_with_iobinding(binding)
+        results = binding.get_outputs()
+        return {name: results[len(kv) + i].numpy() for i, name in enumerate(outputs)}
+
+
+def compare(graph: str, output: str, step: str, actual: np.ndarray, expected: torch.Tensor) -> OutputError:
+    reference = expected.detach().to(torch.float32).cpu().numpy()
+    actual = actual.astype(np.float32)
+    if actual.shape != reference.shape:
+        raise AssertionError(f"{graph}.{output} at {step}: shape {actual.shape} != PyTorch {reference.shape}")
+    diff = np.abs(actual - reference)
+    max_abs = float(diff.max())
+    scale = float(np.abs(reference).max()) or 1.0
+    top1 = None
+    if output in LOGIT_OUTPUTS:
+        top1 = float(np.mean(actual.argmax(-1) == reference.argmax(-1)))
+    return OutputError(graph, output, step, max_abs, max_abs / scale, top1)
+
+
+def _numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    return tensor.detach().to(torch.float32).cpu().numpy().astype(dtype)

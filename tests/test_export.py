@@ -1,0 +1,281 @@
+"""ONNX export: graph parity per architecture and precision, manifest, atomicity, shared weights, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_tiny_spaf
+
+from spaf_edge import io_names
+from spaf_edge.errors import ConfigError, ExportFormatError, UnsupportedArchitectureError
+from spaf_edge.exporters import export_model
+from spaf_edge.manifest import Manifest
+from spaf_edge.shared_weights import SharedWeights, read_index
+from spaf_edge.validation.graph_parity import check_graphs
+
+# GroupQueryAttention needs head_dim % 16 == 0: tiny models get hidden 64 / 4 heads.
+EXPORTABLE = dict(hidden_size=64)
+MAX_LENGTH = 64
+
+
+def tiny_tokenizer(vocab_size: int = 96):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return make_tiny_spaf("llama", **EXPORTABLE)
+
+
+@pytest.fixture(scope="module")
+def llama_export(tiny_llama, tmp_path_factory):
+    tiny_llama.tokenizer = tiny_tokenizer()
+    return export_model(tiny_llama, tmp_path_factory.mktemp("export") / "llama", max_length=MAX_LENGTH,
+                        progress=False)
+
+
+# ---- parity ---------------------------------------------------------------------
+def test_fp32_graph_parity_per_architecture(model_type, tmp_path):
+    model = make_tiny_spaf(model_type, **EXPORTABLE)
+    folder = export_model(model, tmp_path / "out", max_length=MAX_LENGTH, progress=False)
+    report = check_graphs(model, folder)
+    assert report.passed, report.summary()
+    assert {e.graph for e in report.errors} == {"lower", "upper", "drafter"}
+    assert {e.step for e in report.errors} == {"prefill", "decode", "verify", "rollback"}
+    assert report.worst(output=io_names.LOGITS)["max_rel"] <= 1e-4
+
+
+def test_parity_check_catches_a_wrong_graph(tiny_llama, llama_export):
+    weight = tiny_llama.base.model.layers[3].mlp.down_proj.weight
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(1.05)  # the PyTorch model now differs from the export
+        try:
+            report = check_graphs(tiny_llama, llama_export)
+        finally:
+            weight.copy_(original)
+    assert not report.passed
+    assert {e.graph for e in report.failures} == {"upper"}
+
+
+def test_fp16_graph_parity(tmp_path):
+    import onnxruntime as ort
+
+    model = make_tiny_spaf("qwen2", **EXPORTABLE)
+    folder = export_model(model, tmp_path / "out", dtype="float16", max_length=MAX_LENGTH, progress=False)
+    report = check_graphs(model, folder)
+    assert report.passed, report.summary()
+    assert report.worst(output=io_names.LOGITS)["max_rel"] <= 1e-2
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(folder / io_names.UPPER_GRAPH), options, providers=["CPUExecutionProvider"])
+    types = {arg.name: arg.type for arg in session.get_inputs() + session.get_outputs()}
+    assert types[io_names.CUTOFF_HIDDEN] == "tensor(float16)"
+    assert types[io_names.past_key(2)] == "tensor(float16)"
+    assert types[io_names.LOGITS] == "tensor(float)"
+
+
+@pytest.mark.parametrize("quantization, bound", [("int8", 0.05), ("int4", 0.25)])
+def test_quantized_export_runs_close_to_float(quantization, bound, tmp_path):
+    import onnx
+
+    model = make_tiny_spaf("llama", **EXPORTABLE)
+    folder = export_model(model, tmp_path / "out", quantization=quantization, max_length=MAX_LENGTH, progress=False)
+    graph = onnx.load(str(folder / io_names.UPPER_GRAPH), load_external_data=False).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("MatMulNBits") == 2 * 4  # qkv/o/gate_up/down of layers 2 and 3
+    assert "MatMul" not in ops
+    report = check_graphs(model, folder, threshold=bound)
+    assert report.passed, report.summary()
+    # quantization really changed the numbers (the check compares with the float model)
+    assert report.worst("upper", io_names.LOGITS)["max_abs"] > 1e-5
+
+
+def test_draft_vocabulary_export(tmp_path):
+    model = make_tiny_spaf("llama", **EXPORTABLE)
+    model.set_draft_vocab(torch.arange(3, 96, 3))
+    folder = export_model(model, tmp_path / "out", max_length=MAX_LENGTH, progress=False)
+    manifest = Manifest.load(folder)
+    assert manifest.sizes.draft_vocab_size == 31
+    assert np.array_equal(np.load(folder / io_names.DRAFT_VOCAB), np.arange(3, 96, 3))
+    report = check_graphs(model, folder)
+    assert report.passed, report.summary()
+    shared = {t.name: t for t in read_index(folder)}
+    assert set(shared["spaf.draft_head.weight"].graphs) == {io_names.LOWER_GRAPH, io_names.DRAFTER_GRAPH}
+
+
+# ---- folder, manifest, shared weights -------------------------------------------
+def test_manifest_describes_the_folder(tiny_llama, llama_export):
+    manifest = Manifest.load(llama_export)  # verifies every sha256
+    on_disk = {p.name for p in llama_export.iterdir()} - {io_names.MANIFEST}
+    assert set(manifest.files) == on_disk
+    assert {io_names.LOWER_GRAPH, io_names.UPPER_GRAPH, io_names.DRAFTER_GRAPH, io_names.SHARED_WEIGHTS,
+            io_names.TOKENIZER, io_names.TOKENIZER_CONFIG} <= on_disk
+    assert manifest.base_fingerprint == tiny_llama.fingerprint
+    assert (manifest.cutoff_layer, manifest.exits, manifest.dtype, manifest.quantization) == (2, [2], "float32", None)
+    assert manifest.sizes.max_length == MAX_LENGTH and manifest.sizes.head_dim == 16
+    assert manifest.eos_token_ids and manifest.bos_token_id == 1
+    assert "messages" in manifest.chat_template
+    assert json.loads((llama_export / io_names.TOKENIZER_CONFIG).read_text())
+    with open(llama_export / f"{io_names.UPPER_GRAPH}.data", "r+b") as handle:
+        byte = handle.read(1)
+        handle.seek(0)
+        handle.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(ExportFormatError, match="sha256"):
+        Manifest.load(llama_export)
+    with open(llama_export / f"{io_names.UPPER_GRAPH}.data", "r+b") as handle:
+        handle.write(byte)
+
+
+def test_export_is_deterministic(tiny_llama, llama_export, tmp_path):
+    again = export_model(tiny_llama, tmp_path / "again", max_length=MAX_LENGTH, progress=False)
+    assert Manifest.load(again).files == Manifest.load(llama_export).files
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_shared_weights_are_stored_once(tied, tmp_path):
+    model = make_tiny_spaf("llama", tie_word_embeddings=tied, **EXPORTABLE)
+    folder = export_model(model, tmp_path / "out", max_length=MAX_LENGTH, progress=False)
+    tables = {"model.embed_tokens.weight": model.base.model.embed_tokens.weight}
+    if not tied:
+        tables["lm_head.weight"] = model.base.lm_head.weight
+    for table in tables.values():
+        data = table.detach().numpy().tobytes()
+        assert [p.name for p in folder.iterdir() if data in p.read_bytes()] == [io_names.SHARED_WEIGHTS]
+    graphs = {t.name: set(t.graphs) for t in read_index(folder)}
+    everywhere = {io_names.LOWER_GRAPH, io_names.UPPER_GRAPH, io_names.DRAFTER_GRAPH}
+    assert graphs["model.norm.weight"] == everywhere
+    if tied:  # embedding, LM head of upper and draft head of lower/drafter: one tensor
+        assert graphs["model.embed_tokens.weight"] == everywhere and "lm_head.weight" not in graphs
+    else:
+        assert graphs["model.embed_tokens.weight"] == {io_names.LOWER_GRAPH, io_names.DRAFTER_GRAPH}
+        assert graphs["lm_head.weight"] == everywhere
+    assert not any(name.startswith("model.layers.") for name in graphs)
+
+
+def test_shared_weights_feed_every_session_the_same_buffer(llama_export):
+    import onnxruntime as ort
+
+    shared = SharedWeights(llama_export)
+    for graph in (io_names.LOWER_GRAPH, io_names.UPPER_GRAPH, io_names.DRAFTER_GRAPH):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        shared.add_to(options, graph)
+        session = ort.InferenceSession(str(llama_export / graph), options, providers=["CPUExecutionProvider"])
+        overridable = {arg.name for arg in session.get_overridable_initializers()}
+        assert set(shared.names_for(graph)) == overridable
+    table = shared.arrays["model.embed_tokens.weight"]
+    assert table.shape == (96, 64) and not table.flags.owndata  # a view of the one mapped file
+
+
+def test_failed_export_leaves_no_folder(tiny_llama, tmp_path, monkeypatch):
+    import spaf_edge.exporters.export as export
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "write_tokenizer", broken)  # after the graphs are written
+    with pytest.raises(OSError, match="disk full"):
+        export_model(tiny_llama, tmp_path / "out", max_length=MAX_LENGTH, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_the_old_export(tiny_llama, llama_export, tmp_path, monkeypatch):
+    import shutil
+
+    import spaf_edge.exporters.export as export
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    folder = tmp_path / "out"
+    shutil.copytree(llama_export, folder)
+    monkeypatch.setattr(export, "build_manifest", broken)  # the last step before the manifest
+    with pytest.raises(RuntimeError, match="boom"):
+        export_model(tiny_llama, folder, max_length=32, progress=False, overwrite=True)
+    assert Manifest.load(folder).sizes.max_length == MAX_LENGTH
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# ---- errors ------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(exit_layer=3), "no trained adapter"),
+    (dict(exit_layer=4), "outside 1..3"),
+    (dict(dtype="bfloat16"), "dtype"),
+    (dict(quantization="int3"), "quantization"),
+    (dict(max_length=129), "max_length"),
+])
+def test_bad_options_are_config_errors(tiny_llama, tmp_path, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        export_model(tiny_llama, tmp_path / "out", progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_rules(tiny_llama, llama_export, tmp_path):
+    with pytest.raises(ConfigError, match="--overwrite"):
+        export_model(tiny_llama, llama_export, progress=False)
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a SpAF export"):
+        export_model(tiny_llama, tmp_path, progress=False, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert Manifest.load(export_model(tiny_llama, empty, max_length=MAX_LENGTH, progress=False))
+
+
+def test_unexportable_head_dim(tmp_path):
+    model = make_tiny_spaf("llama")  # hidden 32 / 4 heads: head_dim 8
+    with pytest.raises(UnsupportedArchitectureError, match="multiple of 16"):
+        export_model(model, tmp_path / "out", progress=False)
+
+
+def test_cli_export(tmp_path):
+    from spaf_edge.cli import main
+
+    model = make_tiny_spaf("mistral", **EXPORTABLE)
+    base = tmp_path / "base"
+    model.base.save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", "--base-model", str(base), "--out", str(tmp_path / "out"),
+                                  "--cutoff-layer", "1", "--max-length", "32", "--check"])
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output
+    manifest = Manifest.load(tmp_path / "out")
+    assert (manifest.cutoff_layer, manifest.model_type) == (1, "mistral")
+    result = runner.invoke(main, ["export", "--base-model", str(base), "--out", str(tmp_path / "other"),
+                                  "--cutoff-layer", "4"])
+    assert result.exit_code != 0 and "cutoff_layer=4" in result.output
+    assert not (tmp_path / "other").exists()
+
+
+# ---- the real default model --------------------------------------------------------
+@pytest.mark.real_model
+def test_default_model_fp32_export_parity(default_base, tmp_path):
+    from spaf_edge.config import SpAFConfig
+    from spaf_edge.model import SpAFModel
+
+    base, tokenizer = default_base
+    model = SpAFModel(base, SpAFConfig(), tokenizer)
+    folder = export_model(model, tmp_path / "smol", max_length=128, progress=False)
+    report = check_graphs(model, folder)
+    assert report.passed, report.summary()
+    param_bytes = 4 * (model.num_base_parameters() + model.num_trainable_parameters())
+    folder_bytes = sum(p.stat().st_size for p in folder.iterdir())
+    assert folder_bytes < 1.05 * param_bytes + 8e6  # + tokenizer; a second embedding copy would add 113 MB
+    shared = {t.name: t for t in read_index(folder)}
+    assert len(shared["model.embed_tokens.weight"].graphs) == 3  # tied: embedding = LM head = draft head
+    manifest = Manifest.load(folder, verify_files=False)
+    assert manifest.chat_template and manifest.eos_token_ids

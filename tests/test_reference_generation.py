@@ -1,0 +1,231 @@
+"""The PyTorch reference decoder is lossless: greedy SpAF == HF greedy, token for token.
+
+SpAF modules are random (untrained) unless a test says otherwise: losslessness must not
+depend on draft quality.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_spaf
+from spaf_edge.config import SpAFConfig
+from spaf_edge.errors import ConfigError, ContextLengthError
+from spaf_edge.generation.reference import spaf_generate
+from spaf_edge.model import SpAFModel
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+PAIRS = [(1, 1), (3, 1), (4, 2), (5, 5), (6, 3)]  # (num_draft_tokens, serial_parallel_transition)
+PROMPTS = ([1, 7, 19, 42, 5], [3, 90, 11])
+NEW_TOKENS = 40
+
+
+def hf_greedy(base, prompt: list[int], max_new_tokens: int, eos: int | list[int] | None = None) -> list[int]:
+    """Transformers' own greedy decoding (fp32, KV cache); ``eos=None`` disables stopping."""
+    with torch.no_grad():
+        out = base.generate(
+            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=eos, pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )
+    return out[0, len(prompt):].tolist()
+
+
+def greedy(model, prompt, max_new_tokens=NEW_TOKENS, **kwargs):
+    kwargs.setdefault("eos_token_ids", [])
+    return spaf_generate(model, prompt, max_new_tokens=max_new_tokens, temperature=0.0, **kwargs)
+
+
+def make_upper_identity(model: SpAFModel) -> None:
+    """Zero the residual writes of layers k..L-1, so the full model equals early exit at k exactly."""
+    layers = model.arch.layers(model.base)
+    with torch.no_grad():
+        for index in model.upper_layer_ids():
+            layers[index].self_attn.o_proj.weight.zero_()
+            layers[index].mlp.down_proj.weight.zero_()
+
+
+def accepted_per_step(model, prompt, **kwargs):
+    """Greedy result and the number of drafts accepted at each verify step (from the stream)."""
+    steps: list[int] = []
+    result = greedy(model, prompt, on_tokens=lambda new: steps.append(len(new) - 1), **kwargs)
+    return result, steps
+
+
+@pytest.mark.parametrize("num_drafts,transition", PAIRS)
+def test_greedy_equals_hf_generate(model_type, num_drafts, transition):
+    model = make_tiny_spaf(model_type)
+    for prompt in PROMPTS:
+        expected = hf_greedy(model.base, prompt, NEW_TOKENS)
+        assert len(expected) == NEW_TOKENS
+        result = greedy(model, prompt, num_draft_tokens=num_drafts, serial_parallel_transition=transition)
+        assert result.tokens == expected
+        assert result.stats.new_tokens == NEW_TOKENS
+        assert result.stats.verify_steps <= NEW_TOKENS
+
+
+@pytest.mark.parametrize("num_drafts,transition", [(5, 5), (4, 2), (6, 3)])
+def test_mostly_accepted_drafts_stay_lossless(num_drafts, transition):
+    """Upper layers made identity: serial drafts equal the target, so long runs are accepted."""
+    exact = make_tiny_spaf("llama", randomize=False)  # untrained adapter = plain early exit
+    make_upper_identity(exact)
+    prompt = PROMPTS[0]
+    expected = hf_greedy(exact.base, prompt, NEW_TOKENS)
+    result, steps = accepted_per_step(exact, prompt, num_draft_tokens=num_drafts,
+                                      serial_parallel_transition=transition)
+    assert result.tokens == expected
+    assert result.stats.acceptance_by_position[:transition] == [1.0] * transition
+    assert all(accepted >= transition for accepted in steps[:-1])  # the last step may be cut by the budget
+    assert result.stats.tau > transition
+
+    # Random adapters on the same identity-upper base: mixed runs, some fully accepted, some cut.
+    mixed = make_tiny_spaf("llama", seed=4)
+    make_upper_identity(mixed)
+    expected = hf_greedy(mixed.base, prompt, 60)
+    result, steps = accepted_per_step(mixed, prompt, max_new_tokens=60, num_draft_tokens=num_drafts,
+                                      serial_parallel_transition=transition)
+    assert result.tokens == expected
+    assert len(set(steps)) >= 3, steps  # runs cut at several different positions
+    assert max(steps) >= 2
+
+
+def test_all_serial_drafts_fully_accepted_give_n_plus_one_tokens_per_step():
+    model = make_tiny_spaf("qwen2", randomize=False)
+    make_upper_identity(model)
+    result = greedy(model, PROMPTS[1], max_new_tokens=36, num_draft_tokens=5, serial_parallel_transition=5)
+    assert result.tokens == hf_greedy(model.base, PROMPTS[1], 36)
+    assert result.stats.acceptance_rate == 1.0
+    assert result.stats.verify_steps == 6  # 36 tokens = 6 steps of 5 drafts + 1 bonus
+
+
+@pytest.mark.parametrize("threshold", [0.15, 0.3, 0.999])
+def test_draft_stop_threshold_stays_lossless(threshold):
+    model = make_tiny_spaf("llama", seed=2, initializer_range=0.3)  # peaked: top draft probs ~0.1-0.4
+    make_upper_identity(model)
+    prompt = PROMPTS[0]
+    result = greedy(model, prompt, num_draft_tokens=5, serial_parallel_transition=2, draft_stop_threshold=threshold)
+    assert result.tokens == hf_greedy(model.base, prompt, NEW_TOKENS)
+    drafted = sum(result.stats.drafted)
+    assert drafted < 5 * result.stats.verify_steps  # drafting stopped early at least once
+    if threshold == 0.999:
+        assert result.stats.tau == 1.0  # no confident draft: plain decoding, one token per pass
+    else:
+        assert drafted > 0
+
+
+def test_eos_stops_at_first_eos_inclusive_like_hf(model_type):
+    model = make_tiny_spaf(model_type)
+    prompt = PROMPTS[0]
+    free = hf_greedy(model.base, prompt, NEW_TOKENS)
+    eos = free[12]
+    first = free.index(eos)
+    expected = hf_greedy(model.base, prompt, NEW_TOKENS, eos=eos)
+    assert expected == free[: first + 1]
+    for num_drafts, transition in [(1, 1), (5, 2), (6, 6)]:
+        result = greedy(model, prompt, num_draft_tokens=num_drafts, serial_parallel_transition=transition,
+                        eos_token_ids=[eos])
+        assert result.tokens == expected
+    other = free[first + 1] if free[first + 1] != eos else free[0]
+    result = greedy(model, prompt, eos_token_ids=[other, eos])
+    assert result.tokens == hf_greedy(model.base, prompt, NEW_TOKENS, eos=[other, eos])
+
+
+def test_eos_inside_an_accepted_run_cuts_the_run():
+    model = make_tiny_spaf("llama", randomize=False)
+    make_upper_identity(model)
+    prompt = PROMPTS[0]
+    free = hf_greedy(model.base, prompt, NEW_TOKENS)
+    eos = free[9]
+    result = greedy(model, prompt, num_draft_tokens=5, serial_parallel_transition=5, eos_token_ids=[eos])
+    assert result.tokens == free[: free.index(eos) + 1]
+    assert result.stats.new_tokens == len(result.tokens)
+
+
+def test_default_eos_comes_from_the_model():
+    model = make_tiny_spaf("llama")
+    prompt = PROMPTS[0]
+    free = hf_greedy(model.base, prompt, NEW_TOKENS)
+    model.base.generation_config.eos_token_id = free[7]
+    result = spaf_generate(model, prompt, max_new_tokens=NEW_TOKENS)
+    assert result.tokens == free[: free.index(free[7]) + 1]
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 5, 6, 7, 13])
+def test_max_new_tokens_is_respected_exactly(max_new_tokens):
+    model = make_tiny_spaf("llama", randomize=False)
+    make_upper_identity(model)  # every draft accepted: the budget, not a rejection, ends each step
+    prompt = PROMPTS[0]
+    expected = hf_greedy(model.base, prompt, max_new_tokens)
+    result = greedy(model, prompt, max_new_tokens=max_new_tokens, num_draft_tokens=5, serial_parallel_transition=5)
+    assert result.tokens == expected
+    assert len(result.tokens) == max_new_tokens == result.stats.new_tokens
+
+
+def test_draft_vocabulary_stays_lossless(model_type):
+    model = make_tiny_spaf(model_type, seed=5)
+    make_upper_identity(model)
+    prompt = PROMPTS[0]
+    expected = hf_greedy(model.base, prompt, NEW_TOKENS)
+    assert greedy(model, prompt, num_draft_tokens=4, serial_parallel_transition=2).stats.acceptance_rate > 0
+    needed = sorted(set(expected))
+    # No token the output needs can be drafted: every draft is rejected, the output is unchanged.
+    model.set_draft_vocab(torch.tensor([t for t in range(96) if t not in needed]))
+    disjoint = greedy(model, prompt, num_draft_tokens=4, serial_parallel_transition=2)
+    assert disjoint.tokens == expected
+    assert disjoint.stats.acceptance_rate == 0.0
+    for vocab in (needed, needed[::2] + list(range(60, 96))):
+        model.set_draft_vocab(torch.tensor(vocab))
+        assert greedy(model, prompt, num_draft_tokens=4, serial_parallel_transition=2).tokens == expected
+
+
+def test_streaming_and_tensor_prompt():
+    model = make_tiny_spaf("llama")
+    streamed: list[int] = []
+    result = greedy(model, torch.tensor([PROMPTS[0]]), on_tokens=streamed.extend)
+    assert streamed == result.tokens == hf_greedy(model.base, PROMPTS[0], NEW_TOKENS)
+    assert result.stats.prompt_tokens == len(PROMPTS[0])
+
+
+def test_context_overflow_is_refused():
+    model = make_tiny_spaf("llama")  # max_position_embeddings = 128
+    with pytest.raises(ContextLengthError, match="exceeds the context of 128"):
+        greedy(model, list(range(1, 101)), max_new_tokens=29)
+    with pytest.raises(ContextLengthError, match="exceeds the context of 64"):
+        greedy(model, [1, 2, 3], max_new_tokens=62, max_context=64)
+    with pytest.raises(ContextLengthError, match="empty"):
+        greedy(model, [], max_new_tokens=4)
+    with pytest.raises(ContextLengthError, match="at least 1"):
+        greedy(model, [1, 2], max_new_tokens=0)
+    prompt = [(7 * i) % 90 + 1 for i in range(100)]
+    result = greedy(model, prompt, max_new_tokens=28)  # exactly fills the context
+    assert result.tokens == hf_greedy(model.base, prompt, 28)
+
+
+def test_bad_drafting_arguments_are_refused():
+    model = make_tiny_spaf("llama")
+    with pytest.raises(ConfigError, match="num_draft_tokens"):
+        greedy(model, [1, 2], num_draft_tokens=0)
+    with pytest.raises(ConfigError, match="serial_parallel_transition"):
+        greedy(model, [1, 2], num_draft_tokens=2, serial_parallel_transition=3)
+    with pytest.raises(ConfigError, match="top_p"):
+        spaf_generate(model, [1, 2], temperature=1.0, top_p=0.0)
+
+
+@pytest.mark.real_model
+def test_default_model_greedy_equals_hf_generate(default_base):
+    base, tokenizer = default_base
+    from spaf_edge.prompts import encode_prompt
+
+    model = SpAFModel(base, SpAFConfig(), tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.spaf_parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    prompt = encode_prompt(tokenizer, "Give three tips for staying healthy.")
+    expected = hf_greedy(base, prompt, 48)
+    assert len(expected) == 48
+    for num_drafts, transition in [(5, 2), (2, 2)]:
+        result = greedy(model, prompt, max_new_tokens=48, num_draft_tokens=num_drafts,
+                        serial_parallel_transition=transition)
+        assert result.tokens == expected, (num_drafts, transition)

@@ -1,0 +1,458 @@
+"""The onnxruntime engine: lossless greedy, exact sampling, in-place KV caches, streaming, errors.
+
+Tiny random models are exported with the real exporter (``export_model``); SpAF modules
+are random unless a test says otherwise, so drafts are often rejected and every rollback
+path runs. Hidden size 64 gives head_dim 16, which ORT's GroupQueryAttention requires.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_spaf, make_tiny_tokenizer
+from spaf_edge.errors import ConfigError, ContextLengthError, ExportFormatError, ProviderUnavailableError
+from spaf_edge.exporters import export_model
+from spaf_edge.generation.reference import spaf_generate
+from spaf_edge.io_names import LOWER_GRAPH, MANIFEST, UPPER_GRAPH
+from spaf_edge.runtime.engine import Engine
+from spaf_edge.runtime.stream import IncrementalDecoder
+from spaf_edge.runtime.tokenizer import TextTokenizer
+from spaf_edge.sampling import SamplingParams, logits_to_probs
+from spaf_edge.validation.end_to_end import base_greedy
+from test_reference_generation import make_upper_identity
+
+EXPORTABLE = dict(hidden_size=64)  # head_dim 16
+PROMPTS = ([1, 7, 19, 42, 5], [3, 90, 11])
+PAIRS = [(1, 1), (3, 1), (5, 2), (4, 4)]  # (num_draft_tokens, serial_parallel_transition)
+
+
+def export(model, folder: Path, **kwargs) -> Path:
+    return export_model(model, folder, progress=False, **kwargs)
+
+
+def torch_greedy(model, prompt, max_new_tokens, eos, **drafting):
+    return spaf_generate(model, prompt, max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=eos, **drafting)
+
+
+def edit_manifest(folder: Path, change) -> None:
+    data = json.loads((folder / MANIFEST).read_text())
+    change(data)
+    (folder / MANIFEST).write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model, export folder): random SpAF modules on a tiny Llama."""
+    model = make_tiny_spaf("llama", **EXPORTABLE)
+    return model, export(model, tmp_path_factory.mktemp("rt") / "export")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    return Engine.from_folder(tiny[1])
+
+
+@pytest.fixture
+def export_copy(tiny, tmp_path):
+    """A private copy of the tiny export, for tests that damage it."""
+    return Path(shutil.copytree(tiny[1], tmp_path / "export"))
+
+
+# ---- lossless greedy ------------------------------------------------------
+@pytest.mark.parametrize("num_drafts,transition", PAIRS)
+def test_greedy_equals_pytorch_reference_and_base(tiny, engine, num_drafts, transition):
+    model, _ = tiny
+    eos = sorted(engine.eos)
+    for prompt in PROMPTS:
+        result = engine.generate(prompt, max_new_tokens=30, num_draft_tokens=num_drafts,
+                                 serial_parallel_transition=transition)
+        reference = torch_greedy(model, prompt, 30, eos, num_draft_tokens=num_drafts,
+                                 serial_parallel_transition=transition)
+        assert result.tokens == reference.tokens == base_greedy(model.base, prompt, 30, eos)
+        assert result.stats.verify_steps == reference.stats.verify_steps  # same drafts accepted
+        assert result.stats.accepted == reference.stats.accepted
+
+
+def test_plain_greedy_mode_equals_spaf(engine):
+    for prompt in PROMPTS:
+        plain = engine.generate(prompt, max_new_tokens=25, mode="greedy")
+        assert plain.tokens == engine.generate(prompt, max_new_tokens=25).tokens
+        assert plain.stats.verify_steps == len(plain.tokens)  # one full pass per token, no drafts
+        assert sum(plain.stats.drafted) == 0
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
+def test_greedy_lossless_on_other_architectures(model_type, tmp_path):
+    model = make_tiny_spaf(model_type, **EXPORTABLE)
+    engine = Engine.from_folder(export(model, tmp_path / "export"))
+    eos = sorted(engine.eos)
+    result = engine.generate(PROMPTS[0], max_new_tokens=24, num_draft_tokens=4, serial_parallel_transition=2)
+    assert result.tokens == base_greedy(model.base, PROMPTS[0], 24, eos)
+
+
+def test_high_acceptance_when_the_upper_layers_are_identity(tmp_path):
+    """Untrained adapter (identity) + identity upper layers: serial drafts are the target's argmax."""
+    model = make_tiny_spaf("llama", randomize=False, **EXPORTABLE)
+    make_upper_identity(model)
+    engine = Engine.from_folder(export(model, tmp_path / "export"))
+    eos = sorted(engine.eos)
+    prompt = PROMPTS[0]
+    expected = base_greedy(model.base, prompt, 30, eos)
+    all_serial = engine.generate(prompt, max_new_tokens=30, num_draft_tokens=4, serial_parallel_transition=4)
+    assert all_serial.tokens == expected
+    assert all_serial.stats.acceptance_rate == 1.0
+    assert all_serial.stats.tau > 4.0
+    mixed = engine.generate(prompt, max_new_tokens=30, num_draft_tokens=5, serial_parallel_transition=2)
+    assert mixed.tokens == expected
+    assert mixed.stats.acceptance_by_position[:2] == [1.0, 1.0]
+    reference = torch_greedy(model, prompt, 30, eos, num_draft_tokens=5, serial_parallel_transition=2)
+    assert mixed.stats.accepted == reference.stats.accepted
+
+
+def test_draft_vocabulary_export_is_lossless(tmp_path):
+    model = make_tiny_spaf("llama", **EXPORTABLE)
+    model.set_draft_vocab(torch.arange(0, 96, 3))
+    engine = Engine.from_folder(export(model, tmp_path / "export"))
+    assert engine.draft_vocab is not None and len(engine.draft_vocab) == 32
+    eos = sorted(engine.eos)
+    result = engine.generate(PROMPTS[1], max_new_tokens=24, num_draft_tokens=3, serial_parallel_transition=1)
+    reference = torch_greedy(model, PROMPTS[1], 24, eos, num_draft_tokens=3, serial_parallel_transition=1)
+    assert result.tokens == reference.tokens == base_greedy(model.base, PROMPTS[1], 24, eos)
+    assert result.stats.accepted == reference.stats.accepted
+    sampled = engine.generate(PROMPTS[1], max_new_tokens=12, temperature=1.0, seed=3)
+    assert len(sampled.tokens) >= 1
+
+
+# ---- the KV caches --------------------------------------------------------
+def test_cache_rows_after_rejections_equal_a_fresh_prefill(tiny):
+    engine = Engine.from_folder(tiny[1])
+    result = engine.generate(PROMPTS[0], max_new_tokens=20, num_draft_tokens=4, serial_parallel_transition=2)
+    assert 0 < result.stats.acceptance_rate < 1  # drafts were rejected, so caches were rolled back
+    valid = engine.position
+    assert engine.lower.kv.length == engine.upper.kv.length == valid
+    caches = (engine.lower.kv, engine.upper.kv)
+    after = {(id(kv), layer): kv.rows(layer) for kv in caches for layer in kv.layers}
+    engine.prefill(list(engine.tokens))  # recompute every committed position from scratch
+    assert engine.position == valid
+    for kv in caches:
+        for layer in kv.layers:
+            for got, fresh in zip(after[(id(kv), layer)], kv.rows(layer)):
+                assert got.shape == fresh.shape == (1, 2, valid, 16)
+                np.testing.assert_allclose(got, fresh, rtol=1e-4, atol=1e-5)
+
+
+def test_kv_buffers_are_bound_in_place(engine):
+    before = [value.data_ptr() for value in engine.lower.kv.keys + engine.upper.kv.values]
+    engine.generate(PROMPTS[1], max_new_tokens=10)
+    assert [value.data_ptr() for value in engine.lower.kv.keys + engine.upper.kv.values] == before
+    outputs = engine.upper.binding.get_outputs()  # present buffers of the last run are the cache itself
+    assert {value.data_ptr() for value in outputs} >= {value.data_ptr() for value in engine.upper.kv.keys}
+
+
+def test_reuse_cache_gives_the_same_tokens(engine):
+    first = engine.generate(PROMPTS[0], max_new_tokens=12)
+    follow_up = PROMPTS[0] + first.tokens + [8, 9]
+    reused = engine.generate(follow_up, max_new_tokens=12, reuse_cache=True)
+    assert reused.tokens == engine.generate(follow_up, max_new_tokens=12).tokens
+
+
+# ---- stopping -------------------------------------------------------------
+def test_stops_at_eos(export_copy, engine):
+    tokens = engine.generate(PROMPTS[0], max_new_tokens=30).tokens
+    stop = next(t for t in tokens[4:] if t not in tokens[:4])  # first occurrence at index >= 4
+    edit_manifest(export_copy, lambda data: data.update(eos_token_ids=[stop]))
+    result = Engine.from_folder(export_copy).generate(PROMPTS[0], max_new_tokens=30)
+    assert result.stop_reason == "eos"
+    assert result.tokens == tokens[: tokens.index(stop) + 1]
+
+
+def test_stops_at_the_context_limit(tiny, tmp_path):
+    model = tiny[0]
+    engine = Engine.from_folder(export(model, tmp_path / "export", max_length=16))
+    result = engine.generate(PROMPTS[0], max_new_tokens=50)
+    assert result.stop_reason == "context"
+    assert len(PROMPTS[0]) + len(result.tokens) == 16 + 1  # every position 0..15 was processed
+    assert result.tokens == base_greedy(model.base, PROMPTS[0], len(result.tokens), sorted(engine.eos))
+    with pytest.raises(ContextLengthError, match="17 tokens.*context is 16"):
+        engine.generate(list(range(1, 18)), max_new_tokens=1)
+
+
+# ---- sampling -------------------------------------------------------------
+def chi_square_fits(counts: np.ndarray, probs: np.ndarray, alpha_z: float = 3.09) -> bool:
+    """Pearson chi-square goodness of fit at alpha = 0.001 (z = 3.09), cells with < 5 expected pooled.
+
+    A sample outside the support is a misfit. The critical value is the Wilson-Hilferty
+    approximation of the chi-square quantile.
+    """
+    if counts[probs == 0].sum() > 0:
+        return False
+    expected = probs * counts.sum()
+    small = expected < 5
+    observed = np.append(counts[~small], counts[small].sum())
+    expected = np.append(expected[~small], expected[small].sum())
+    keep = expected > 0
+    statistic = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    df = int(keep.sum()) - 1
+    critical = df * (1 - 2 / (9 * df) + alpha_z * np.sqrt(2 / (9 * df))) ** 3
+    return statistic < critical
+
+
+@torch.no_grad()
+def test_sampled_tokens_follow_the_base_distribution(tiny, export_copy):
+    """First and second new tokens vs the base model's exact (processed) distributions."""
+    model, _ = tiny
+    edit_manifest(export_copy, lambda data: data.update(eos_token_ids=[]))
+    engine = Engine.from_folder(export_copy)
+    params = SamplingParams(temperature=0.9, top_k=12, top_p=0.95)
+    prompt, samples = [5, 17, 33], 1200
+
+    def target(ids):  # processed p of the next token, float64 [V]
+        return logits_to_probs(model.base(torch.tensor([ids])).logits[0, -1].numpy(), params)
+
+    p1 = target(prompt)
+    p2 = sum(p1[x] * target(prompt + [x]) for x in np.flatnonzero(p1))
+    counts = np.zeros((2, p1.size))
+    drafted = accepted = 0
+    for seed in range(samples):
+        result = engine.generate(prompt, max_new_tokens=4, temperature=0.9, top_k=12, top_p=0.95, seed=seed,
+                                 num_draft_tokens=3, serial_parallel_transition=1)
+        counts[0, result.tokens[0]] += 1
+        counts[1, result.tokens[1]] += 1
+        drafted, accepted = drafted + sum(result.stats.drafted), accepted + sum(result.stats.accepted)
+    assert 0.05 < accepted / drafted < 0.95  # both the accept and the residual paths ran
+    assert chi_square_fits(counts[0], p1)
+    assert chi_square_fits(counts[1], p2)
+    # The test has power: the drafter's own distribution q of the first token is rejected.
+    hidden = model.base_features(torch.tensor([prompt]))[model.cutoff][:, -1:]
+    q1 = logits_to_probs(model.draft_logits(hidden)[0, -1].numpy(), params)
+    assert not chi_square_fits(counts[0], q1)
+
+
+def test_sampling_is_reproducible_with_a_seed(engine):
+    options = dict(max_new_tokens=16, temperature=1.0, top_p=0.9)
+    first = engine.generate(PROMPTS[0], seed=11, **options).tokens
+    assert engine.generate(PROMPTS[0], seed=11, **options).tokens == first
+    assert any(engine.generate(PROMPTS[0], seed=s, **options).tokens != first for s in (12, 13, 14))
+
+
+def test_sampling_matches_the_pytorch_reference_draw_for_draw(tiny, engine):
+    """Same seed, same rng calls in the same order: the engine reproduces the reference's samples."""
+    model, _ = tiny
+    options = dict(temperature=0.8, top_k=20, seed=5, num_draft_tokens=3, serial_parallel_transition=2)
+    result = engine.generate(PROMPTS[1], max_new_tokens=20, **options)
+    reference = spaf_generate(model, PROMPTS[1], max_new_tokens=20, eos_token_ids=sorted(engine.eos), **options)
+    assert result.tokens == reference.tokens
+
+
+# ---- text, chat template and streaming -----------------------------------
+def byte_tokenizer():
+    """A byte-level BPE without merges (one token per UTF-8 byte): multi-byte characters span tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "</s>", "<|user|>", "<|assistant|>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        additional_special_tokens=specials[2:])
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] | trim }}{{ eos_token }}\n"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def byte_engine(tmp_path_factory):
+    model = make_tiny_spaf("llama", vocab_size=260, **EXPORTABLE)
+    model.tokenizer = byte_tokenizer()
+    return Engine.from_folder(export(model, tmp_path_factory.mktemp("rt") / "byte_export")), model.tokenizer
+
+
+def test_incremental_decoder_holds_back_partial_characters():
+    tokenizer = TextTokenizer(byte_tokenizer().backend_tokenizer)
+    text = "naïve café 👋 世界!"
+    ids = tokenizer.encode(text)
+    assert len(ids) == len(text.encode())
+    decoder = IncrementalDecoder(tokenizer.decode)
+    pieces = [decoder.add([token]) for token in ids] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "👋" in pieces  # emitted whole, once its 4th byte arrived
+
+
+def test_stream_joins_to_the_generated_text(byte_engine):
+    engine, _ = byte_engine
+    for seed in range(3):
+        options = dict(max_new_tokens=40, temperature=1.0, seed=seed, chat=False)
+        stream = engine.stream("héllo wörld", **options)
+        pieces = list(stream)
+        full = engine.generate("héllo wörld", **options)
+        assert stream.result.tokens == full.tokens
+        assert "".join(pieces) == full.text == stream.result.text
+
+
+@pytest.mark.parametrize("make_tokenizer", [byte_tokenizer, make_tiny_tokenizer])
+def test_chat_template_matches_transformers(make_tokenizer, tmp_path):
+    reference = make_tokenizer()
+    reference.save_pretrained(tmp_path)
+    ours = TextTokenizer.from_folder(tmp_path, reference.chat_template)
+    conversations = [
+        [{"role": "user", "content": "Hi there"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"},
+         {"role": "assistant", "content": "Because."}, {"role": "user", "content": "Ok!"}],
+    ]
+    for messages in conversations:
+        for generation_prompt in (True, False):
+            expected = reference.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
+                                                     return_dict=True)["input_ids"]
+            assert ours.encode_chat(messages, generation_prompt) == list(expected)
+    assert ours.encode_prompt("Hello", chat=False) == reference("Hello")["input_ids"]
+
+
+def test_export_tokenizer_applies_the_chat_template(byte_engine):
+    engine, reference = byte_engine
+    expected = reference.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=True)["input_ids"]
+    assert engine.encode("Hi") == list(expected)
+    assert engine.encode("Hi", chat=False) == reference("Hi")["input_ids"]
+
+
+# ---- bad input ------------------------------------------------------------
+def test_missing_graph(export_copy):
+    (export_copy / UPPER_GRAPH).unlink()
+    with pytest.raises(ExportFormatError, match="upper.onnx is listed in the manifest but missing"):
+        Engine.from_folder(export_copy)
+    with pytest.raises(ExportFormatError, match="upper.onnx is missing"):
+        Engine.from_folder(export_copy, verify=False)
+
+
+def test_truncated_graph(export_copy):
+    path = export_copy / LOWER_GRAPH
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ExportFormatError, match="lower.onnx is corrupt or was modified"):
+        Engine.from_folder(export_copy)
+    with pytest.raises(ExportFormatError, match="cannot load .*lower.onnx.*truncated, corrupt"):
+        Engine.from_folder(export_copy, verify=False)
+
+
+def test_modified_file_fails_the_checksum(export_copy):
+    data = export_copy / f"{UPPER_GRAPH}.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ExportFormatError, match="sha256 .* differs from the manifest"):
+        Engine.from_folder(export_copy)
+
+
+def test_unknown_manifest_version(export_copy):
+    edit_manifest(export_copy, lambda data: data.update(format_version=99))
+    with pytest.raises(ExportFormatError, match="unknown manifest format version 99"):
+        Engine.from_folder(export_copy)
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("hidden_size", 128, "cutoff_hidden"),
+    ("max_length", 64, "past_key_values.0.key"),
+    ("num_kv_heads", 1, "past_key_values.0.key"),
+    ("vocab_size", 100, "logits"),
+    ("num_layers", 5, "past_key_values.4.key"),
+])
+def test_graphs_that_disagree_with_the_manifest(export_copy, field, value, named):
+    edit_manifest(export_copy, lambda data: data["sizes"].update({field: value}))
+    with pytest.raises(ExportFormatError, match=f"does not match its manifest.*{named}"):
+        Engine.from_folder(export_copy)
+
+
+@pytest.mark.parametrize("cutoff", [0, 4])
+def test_cutoff_outside_the_layers(export_copy, cutoff):
+    edit_manifest(export_copy, lambda data: data.update(cutoff_layer=cutoff))
+    with pytest.raises(ExportFormatError, match=f"cutoff_layer {cutoff} outside 1..3"):
+        Engine.from_folder(export_copy)
+
+
+def test_prompt_longer_than_the_context(engine):
+    with pytest.raises(ContextLengthError, match="129 tokens but the export's context is 128"):
+        engine.generate([1] * 129, max_new_tokens=4)
+    with pytest.raises(ContextLengthError, match="empty"):
+        engine.generate([], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("options,named", [
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(num_draft_tokens=0), "num_draft_tokens"),
+    (dict(num_draft_tokens=2, serial_parallel_transition=3), "serial_parallel_transition"),
+    (dict(draft_stop_threshold=1.5), "draft_stop_threshold"),
+    (dict(mode="beam"), "mode"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+])
+def test_invalid_settings(byte_engine, options, named):
+    engine, _ = byte_engine
+    with pytest.raises(ConfigError, match=f"Invalid {named}"):
+        engine.generate(PROMPTS[0], **{"max_new_tokens": 4, **options})
+    with pytest.raises(ConfigError, match=f"Invalid {named}"):
+        engine.stream("hello", **{"max_new_tokens": 4, **options})
+
+
+def test_bad_prompts(engine):
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        engine.generate([5, 96], max_new_tokens=2)
+    with pytest.raises(ConfigError, match="has no tokenizer.json"):
+        engine.generate("text needs a tokenizer", max_new_tokens=2)
+
+
+def test_unavailable_provider_names_the_available_ones(tiny):
+    with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider.*available: .*CPUExecutionProvider"):
+        Engine.from_folder(tiny[1], provider="cuda")
+    with pytest.raises(ConfigError, match="Unknown provider 'gpu'; choose one of cpu, cuda"):
+        Engine.from_folder(tiny[1], provider="gpu")
+
+
+# ---- the real default model -----------------------------------------------
+@pytest.fixture(scope="module")
+def default_export(default_base, tmp_path_factory):
+    from spaf_edge.config import SpAFConfig
+    from spaf_edge.model import SpAFModel
+
+    base, tokenizer = default_base
+    model = SpAFModel(base, SpAFConfig(), tokenizer)
+    return model, export(model, tmp_path_factory.mktemp("rt") / "default", max_length=256)
+
+
+@pytest.mark.real_model
+def test_default_model_greedy_is_lossless(default_export):
+    model, folder = default_export
+    engine = Engine.from_folder(folder)
+    eos = sorted(engine.eos)
+    ids = engine.encode("What is 7 times 8?")
+    result = engine.generate(ids, max_new_tokens=12)
+    reference = torch_greedy(model, ids, 12, eos)
+    assert result.tokens == reference.tokens == base_greedy(model.base, ids, 12, eos)
+    assert result.text == model.tokenizer.decode(result.tokens, skip_special_tokens=True)
+
+
+@pytest.mark.real_model
+def test_default_model_text_matches_transformers(default_export):
+    model, folder = default_export
+    engine = Engine.from_folder(folder)
+    conversation = [{"role": "user", "content": "Name three colors."}]
+    expected = model.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)
+    assert engine.encode("Name three colors.") == list(expected["input_ids"])
+    conversation += [{"role": "assistant", "content": "Red, green, blue."}, {"role": "user", "content": "Más? 🎨"}]
+    expected = model.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)
+    assert engine.tokenizer.encode_chat(conversation) == list(expected["input_ids"])
+    stream = engine.stream("Write one sentence about the sea.", max_new_tokens=24)
+    text = "".join(stream)
+    assert text == stream.result.text == model.tokenizer.decode(stream.result.tokens, skip_special_tokens=True)
+    assert stream.result.tokens == engine.generate("Write one sentence about the sea.", max_new_tokens=24).tokens

@@ -1,0 +1,301 @@
+"""Training: data rendering and masks, chunked losses, the trainer, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import make_tiny_base, make_tiny_tokenizer
+from torch.nn import functional as F
+
+from spaf_edge.config import LossWeights, SpAFConfig
+from spaf_edge.errors import ConfigError
+from spaf_edge.model import SpAFModel
+from spaf_edge.training import checkpoint as ckpt
+from spaf_edge.training.data import build_sequences, frequent_tokens, load_examples, render_chat, render_row
+from spaf_edge.training.features import (
+    CachedFeatureDataset,
+    batch_features,
+    build_feature_cache,
+    compute_base_features,
+)
+from spaf_edge.training.losses import chunked_distill_loss, spaf_losses
+from spaf_edge.training.trainer import TrainSettings, train
+
+WORDS = ["the cat", "a dog", "runs", "sleeps", "on the mat", "quickly", "and", "then", "big", "red"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two spin-waiting threads crawl on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "text.jsonl"
+    with path.open("w") as handle:
+        for _ in range(80):
+            handle.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(8)) + "."}) + "\n")
+    return path
+
+
+def tiny_spaf(tokenizer, config=None, seed=0):
+    # A larger init gives the random base peaked next-token distributions, so KL terms are not ~0.
+    base = make_tiny_base("llama", seed=seed, initializer_range=0.2, eos_token_id=tokenizer.eos_token_id)
+    return SpAFModel(base, config or SpAFConfig(cutoff_layer=2, alignment_rollout_steps=2), tokenizer)
+
+
+def small_settings(**changes):
+    values = dict(steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup=3, eval_every=0, save_every=0,
+                  eval_fraction=0.1, logit_chunk_rows=40)
+    values.update(changes)
+    return TrainSettings(**values)
+
+
+# ---- data -------------------------------------------------------------------
+def test_chat_rows_train_only_assistant_tokens(tokenizer):
+    messages = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "See you"},
+    ]
+    example = render_chat(messages, tokenizer)
+    trained = tokenizer.decode([t for t, keep in zip(example.input_ids, example.trained) if keep])
+    assert trained == "Hello!<|im_end|>\nSee you<|im_end|>\n"
+    assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(messages, tokenize=False)
+
+    dataset = build_sequences([example], seq_len=len(example.input_ids), pad_id=0, packing=False)
+    mask = dataset.loss_mask[0]
+    # Position t is trained when token t+1 is; the last position never is.
+    assert mask[:-1].bool().tolist() == example.trained[1:]
+    assert mask[-1] == 0
+
+
+def test_rows_need_text_or_messages(tokenizer):
+    with pytest.raises(ConfigError, match="'text'"):
+        render_row({"prompt": "x"}, tokenizer)
+    with pytest.raises(ConfigError, match="no assistant"):
+        render_chat([{"role": "user", "content": "x"}], tokenizer)
+
+
+def test_mt_bench_data_is_refused(tmp_path, tokenizer):
+    path = tmp_path / "mt_bench_question.jsonl"
+    path.write_text(json.dumps({"text": "abc"}) + "\n")
+    with pytest.raises(ConfigError, match="MT-Bench"):
+        load_examples(path, tokenizer)
+
+
+def test_packing_and_padding(tokenizer):
+    examples = [render_row({"text": text}, tokenizer) for text in ["ab cd", "efg", "hijk lm no"]]
+    total = sum(len(e.input_ids) for e in examples)
+    packed = build_sequences(examples, seq_len=5, pad_id=1)
+    assert packed.input_ids.shape == (total // 5, 5)
+    assert packed.attention_mask.all()
+    assert packed.input_ids.flatten().tolist() == [t for e in examples for t in e.input_ids][: total // 5 * 5]
+
+    padded = build_sequences(examples, seq_len=6, pad_id=1, packing=False)
+    assert padded.input_ids.shape == (3, 6)
+    lengths = [min(6, len(e.input_ids)) for e in examples]
+    assert padded.attention_mask.sum(1).tolist() == lengths
+    for row, length in enumerate(lengths):
+        assert padded.loss_mask[row, length - 1:].sum() == 0  # nothing predicts padding
+        assert padded.loss_mask[row, : length - 1].all()
+
+
+def test_draft_vocab_is_most_frequent_targets_plus_eos(tokenizer):
+    example = render_row({"text": "aaaa bb c"}, tokenizer)  # targets: a x3, space x2, b x2, c, eos
+    dataset = build_sequences([example], seq_len=len(example.input_ids), pad_id=1, packing=False)
+    vocab = frequent_tokens(dataset, 3, 96, always=[tokenizer.eos_token_id])
+    expected = {tokenizer.convert_tokens_to_ids(t) for t in ["a", " "]} | {tokenizer.eos_token_id}
+    assert set(vocab.tolist()) == expected
+    assert vocab.tolist() == sorted(vocab.tolist())
+
+
+# ---- losses -----------------------------------------------------------------
+def reference_losses(students, teacher, weight, bias, kl_weights, ce_weights, targets):
+    """Unchunked KL/CE with plain autograd."""
+    teacher_logp = F.log_softmax(F.linear(teacher, weight, bias), -1)  # [N, V]
+    student_logq = F.log_softmax(F.linear(students, weight, bias), -1)  # [M, N, V]
+    kl = (teacher_logp.exp() * (teacher_logp - student_logq)).sum(-1)  # [M, N]
+    valid = targets >= 0
+    ce = -student_logq.gather(-1, targets.clamp(min=0).expand(students.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+    return (kl * kl_weights).sum(1), (ce * ce_weights * valid).sum(1)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_loss_equals_unchunked(with_bias):
+    gen = torch.Generator().manual_seed(0)
+    num_variants, rows, hidden, vocab = 3, 37, 8, 50
+    students = torch.randn(num_variants, rows, hidden, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(rows, hidden, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64)
+    bias = torch.randn(vocab, generator=gen, dtype=torch.float64) if with_bias else None
+    kl_weights = torch.rand(num_variants, rows, generator=gen, dtype=torch.float64)
+    kl_weights[1, 5:20] = 0
+    ce_weights = torch.rand(num_variants, rows, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    targets[3] = -1
+    mix = torch.randn(2, num_variants, generator=gen, dtype=torch.float64)  # arbitrary upstream gradients
+
+    def run(fn):
+        x = students.clone().requires_grad_()
+        kl, ce = fn(x)
+        ((mix[0] * kl).sum() + (mix[1] * ce).sum()).backward()
+        return kl.detach(), ce.detach(), x.grad
+
+    expected = run(lambda x: reference_losses(x, teacher, weight, bias, kl_weights, ce_weights, targets))
+    for chunk_rows in (1, 7, 64):
+        got = run(lambda x: chunked_distill_loss(x, teacher, weight, bias, kl_weights, ce_weights, targets, chunk_rows))
+        for value, reference in zip(got, expected):
+            torch.testing.assert_close(value.double(), reference, rtol=1e-6, atol=1e-9)
+
+
+def test_teacher_features_reproduce_base_logits(tokenizer):
+    model = tiny_spaf(tokenizer)
+    ids = torch.randint(0, 80, (2, 9))
+    features = compute_base_features(model, ids)
+    with torch.no_grad():
+        logits = model.base(ids).logits
+    torch.testing.assert_close(model.arch.lm_head(model.base)(features.final), logits)
+
+
+def test_draft_vocab_kl_uses_teacher_renormalised_on_vd(tokenizer):
+    weights = LossWeights(adapter_base=1.0, adapter_ce=0.0, alignment=0.0, alignment_token=0.0)
+    model = tiny_spaf(tokenizer, SpAFConfig(cutoff_layer=2, loss_weights=weights))
+    vocab = torch.tensor([3, 5, 8, 13, 21, 40])
+    model.set_draft_vocab(vocab)
+    ids = torch.randint(0, 80, (2, 7))
+    batch = {"input_ids": ids, "loss_mask": torch.ones(2, 7)}
+    features = compute_base_features(model, ids)
+    got = spaf_losses(model, batch, features, chunk_rows=5)["adapter_kl/2"]
+    with torch.no_grad():
+        p = torch.softmax(model.base(ids).logits, -1)[..., vocab]
+        p = p / p.sum(-1, keepdim=True)
+        log_q = torch.log_softmax(model.draft_logits(features.cutoff[2]), -1)
+        expected = (p * (p.log() - log_q)).sum(-1).mean()
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_feature_cache_gives_the_same_losses(tokenizer, tmp_path):
+    model = tiny_spaf(tokenizer)
+    examples = [render_row({"text": " ".join(WORDS)}, tokenizer)] * 3
+    dataset = build_sequences(examples, seq_len=24, pad_id=1)
+    folder = build_feature_cache(model, dataset, tmp_path, batch_size=2, progress=False)
+    assert build_feature_cache(model, dataset, tmp_path, progress=False) == folder  # reused, not rebuilt
+    cached = torch.utils.data.default_collate([CachedFeatureDataset(dataset, folder)[i] for i in range(2)])
+    live = torch.utils.data.default_collate([dataset[i] for i in range(2)])
+    with torch.no_grad():
+        from_cache = spaf_losses(model, cached, batch_features(model, cached))
+        from_base = spaf_losses(model, live, batch_features(model, live))
+    for name in from_base:
+        torch.testing.assert_close(from_cache[name], from_base[name], rtol=2e-2, atol=1e-3)
+
+
+# ---- trainer ----------------------------------------------------------------
+def read_log(run_dir):
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_every_loss_component(tokenizer, text_data, tmp_path):
+    config = SpAFConfig(cutoff_layer=2, alignment_rollout_steps=2, adapter_dim_ratio=1.0,
+                        loss_weights=LossWeights(adapter_base=1.0, adapter_ce=0.5, alignment=1.0, alignment_token=1.0))
+    model = tiny_spaf(tokenizer, config)
+    settings = small_settings(steps=40, eval_every=20, lr=1e-2, warmup=2)
+    result = train(model, text_data, tmp_path, settings, progress=False)
+    rows = [row for row in read_log(tmp_path) if row["split"] == "train"]
+    evals = [row for row in read_log(tmp_path) if row["split"] == "eval"]
+    names = {"total", "adapter_kl/2", "adapter_ce/2", "align_state/2", "align_token_kl/2"}
+    assert names <= set(rows[0])
+    assert [row["step"] for row in rows] == list(range(1, 41))
+    assert [row["step"] for row in evals] == [0, 20, 40]
+    for name in names:
+        start = sum(row[name] for row in rows[:5]) / 5
+        end = sum(row[name] for row in rows[-5:]) / 5
+        assert end < (0.8 if name == "total" else 0.95) * start, (name, start, end)
+        assert evals[-1][name] < evals[0][name], name
+    assert result.steps == 40
+    # The final components load into a fresh model and reproduce the trained drafts.
+    fresh = tiny_spaf(tokenizer, SpAFConfig(cutoff_layer=1))
+    fresh.load_spaf_components(result.final)
+    hidden = torch.randn(3, 32)
+    torch.testing.assert_close(fresh.draft_logits(hidden, 2), model.draft_logits(hidden, 2))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_matches_an_uninterrupted_run(tokenizer, text_data, tmp_path, monkeypatch):
+    settings = small_settings(steps=10, save_every=4)
+    full = tiny_spaf(tokenizer)
+    train(full, text_data, tmp_path / "full", settings, progress=False)
+
+    original = ckpt.save_checkpoint
+
+    def save_then_stop(run_dir, model, state, run_settings):
+        path = original(run_dir, model, state, run_settings)
+        if state["step"] == 8:
+            raise Interrupt()  # the process dies right after the step-8 checkpoint
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupt):
+        train(tiny_spaf(tokenizer), text_data, tmp_path / "split", settings, progress=False)
+    monkeypatch.setattr(ckpt, "save_checkpoint", original)
+    resumed = tiny_spaf(tokenizer, SpAFConfig(cutoff_layer=1))  # config and weights come from the checkpoint
+    result = train(resumed, text_data, tmp_path / "split", settings, resume=True, progress=False)
+
+    assert result.steps == 10
+    for name, value in full.spaf_state_dict().items():
+        torch.testing.assert_close(resumed.spaf_state_dict()[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    steps = [row["step"] for row in read_log(tmp_path / "split") if row["split"] == "train"]
+    assert steps == list(range(1, 11))  # no step logged twice
+    full_log = [r for r in read_log(tmp_path / "full") if r["split"] == "train"]
+    split_log = [r for r in read_log(tmp_path / "split") if r["split"] == "train"]
+    assert [r["total"] for r in split_log] == pytest.approx([r["total"] for r in full_log], rel=1e-5)
+
+
+def test_crash_during_checkpoint_keeps_the_previous_one(tokenizer, text_data, tmp_path, monkeypatch):
+    calls = []
+    original = ckpt.write_trainer_state
+
+    def write_then_crash(path, state):
+        calls.append(state["step"])
+        if state["step"] == 6:
+            path.write_bytes(b"half a file")
+            raise Interrupt()
+        original(path, state)
+
+    monkeypatch.setattr(ckpt, "write_trainer_state", write_then_crash)
+    with pytest.raises(Interrupt):
+        train(tiny_spaf(tokenizer), text_data, tmp_path, small_settings(steps=8, save_every=3), progress=False)
+    assert calls == [3, 6]
+    found = ckpt.find_checkpoint(tmp_path)
+    assert found == tmp_path / ckpt.CHECKPOINT
+    assert ckpt.load_trainer_state(found)["step"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial folder left
+    tiny_spaf(tokenizer).load_spaf_components(found / ckpt.COMPONENTS)
+
+
+def test_draft_vocab_is_built_from_data_and_saved(tokenizer, text_data, tmp_path):
+    config = SpAFConfig(cutoff_layer=2, draft_vocab_size=12)
+    model = tiny_spaf(tokenizer, config)
+    result = train(model, text_data, tmp_path, small_settings(steps=2), progress=False)
+    assert model.draft_vocab.numel() == 12
+    assert tokenizer.eos_token_id in model.draft_vocab.tolist()
+    fresh = tiny_spaf(tokenizer)
+    fresh.load_spaf_components(result.final)
+    assert fresh.draft_vocab.tolist() == model.draft_vocab.tolist()
