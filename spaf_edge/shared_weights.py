@@ -12,6 +12,7 @@ its own copy (measured: docs/exporter.md). Torch-free: numpy + onnxruntime only.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,12 +66,14 @@ def read_index(folder: str | Path) -> list[SharedTensor]:
 class SharedWeights:
     """The shared tensors of one export folder, mapped once, as OrtValues for every session.
 
-    Usage (one instance per engine, kept alive as long as its sessions)::
+    Usage (one instance per engine)::
 
         shared = SharedWeights(folder)
-        options = onnxruntime.SessionOptions()
-        shared.add_to(options, "upper.onnx")
-        session = onnxruntime.InferenceSession(str(folder / "upper.onnx"), options, providers=[...])
+        session = shared.open_session("upper.onnx", options, providers=[...])
+
+    ONNX Runtime does not own buffers given with ``add_initializer``: the instance must
+    outlive every session using them (a freed one crashes the process). ``open_session``
+    pins it to the session; with :meth:`add_to` that is the caller's job.
 
     ``mmap=True`` (default) maps the file read-only: pages load on first use and stay
     shared with the OS page cache. The OrtValues live in CPU memory; an execution
@@ -80,7 +83,7 @@ class SharedWeights:
     def __init__(self, folder: str | Path, mmap: bool = True) -> None:
         import onnxruntime as ort
 
-        folder = Path(folder)
+        self.folder = folder = Path(folder)
         self.tensors = {t.name: t for t in read_index(folder)}
         self.arrays: dict[str, np.ndarray] = {}
         self.values: dict[str, Any] = {}
@@ -107,6 +110,21 @@ class SharedWeights:
         for name in self.names_for(graph):
             options.add_initializer(name, self.values[name])
         return options
+
+    def open_session(
+        self, graph: str, options: Any = None, providers: Sequence[Any] = ("CPUExecutionProvider",),
+        **kwargs: Any,
+    ) -> Any:
+        """An ``onnxruntime.InferenceSession`` of ``folder/graph`` on the shared buffers (kept alive by it)."""
+        import onnxruntime as ort
+
+        if options is None:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3  # ORT warns about overridable initializers, which are by design here
+        self.add_to(options, graph)
+        session = ort.InferenceSession(str(self.folder / graph), options, providers=list(providers), **kwargs)
+        session.spaf_shared_weights = self  # ties the buffers' lifetime to the session's
+        return session
 
     @property
     def nbytes(self) -> int:

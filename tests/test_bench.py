@@ -45,7 +45,9 @@ def test_prompt_file_with_both_formats(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     prompts = load_prompts(path)
     assert prompts == [
-        BenchPrompt("1", "all", "plain one"), BenchPrompt("x", "code", "plain two"), BenchPrompt("7", "math", "first turn"),
+        BenchPrompt("1", "all", "plain one"),
+        BenchPrompt("x", "code", "plain two"),
+        BenchPrompt("7", "math", "first turn"),
     ]
 
 
@@ -102,7 +104,7 @@ class FakeRunner(Runner):
         return RunOutput(tokens, stats)
 
 
-PROMPTS = [BenchPrompt("p0", "a", "x"), BenchPrompt("p1", "b", "y"), BenchPrompt("p2", "a", "z"), BenchPrompt("p3", "b", "w")]
+PROMPTS = [BenchPrompt(f"p{i}", "ab"[i % 2], text) for i, text in enumerate("xyzw")]
 IDS = [[10, 1], [20, 2], [30, 3], [40, 4]]  # ids[0] // 10 - 1 = prompt index
 
 
@@ -123,7 +125,9 @@ def test_ratios_come_from_pairs_with_alternating_order():
     assert [p.speedup for p in measured.pairs] == pytest.approx([2.0, 3.0, 2.0, 3.0])
     assert [p.runner_first for p in measured.pairs] == [True, False, True, False]
     order = [(r.runner, r.prompt_index) for r in measured.runs]
-    assert order == [("spaf", 0), ("base", 0), ("base", 1), ("spaf", 1), ("spaf", 2), ("base", 2), ("base", 3), ("spaf", 3)]
+    assert order == [
+        ("spaf", 0), ("base", 0), ("base", 1), ("spaf", 1), ("spaf", 2), ("base", 2), ("base", 3), ("spaf", 3),
+    ]
     assert all(r.new_tokens == 5 and r.pair == "spaf/base" for r in measured.runs)
     summary = metrics.summarize_pairs(measured.pairs)[0]
     assert summary["speedup"] == pytest.approx(math.sqrt(6.0))
@@ -164,8 +168,9 @@ def test_pair_plan():
 
 def test_token_difference_is_flagged():
     clock = FakeClock()
+    honest = FakeRunner("honest", clock, None).tokens_for
     liar = FakeRunner("liar", clock, lambda ids: 100.0,
-                      tokens_for=lambda ids: [ids[0] % 7, 99, 2, 3, 4, 5] if ids[0] == 30 else [ids[0] % 7 + j for j in range(6)])
+                      tokens_for=lambda ids: [ids[0] % 7, 99, 2, 3, 4, 5] if ids[0] == 30 else honest(ids))
     runners = _fakes(clock, liar=liar)
     measured = measure(PROMPTS, IDS, runners, [("spaf", "base")], max_new_tokens=6, clock=clock)
     report = metrics.check_equality(measured.runs, "base", ["spaf", "liar"])
@@ -204,7 +209,8 @@ def test_report_files_are_written_and_well_formed(tmp_path, monkeypatch):
     skipped = {"missing": {"status": "skipped", "note": "not installed here"}}
     machine = {"cpu": "test cpu", "packages": {}, "provider": "cpu", "threads": 1}
     memory = {"base": {"peak_rss_mb": 100.0, "start_rss_mb": 20.0, "delta_mb": 80.0, "new_tokens": 5}}
-    monkeypatch.setitem(baselines._REGISTRY, "missing", type("Missing", (Runner,), {"name": "missing", "label": "absent"}))
+    missing = type("Missing", (Runner,), {"name": "missing", "label": "absent"})
+    monkeypatch.setitem(baselines._REGISTRY, "missing", missing)
     result = assemble_result(options, machine, BenchContext(), PROMPTS, IDS, runners, skipped, measured, memory)
     out = write_report(result, tmp_path / "fake")
     loaded = json.loads((out / RESULTS_JSON).read_text())

@@ -180,6 +180,17 @@ def test_shared_weights_feed_every_session_the_same_buffer(llama_export):
     assert table.shape == (96, 64) and not table.flags.owndata  # a view of the one mapped file
 
 
+def test_open_session_keeps_the_shared_buffers_alive(llama_export):
+    import gc
+
+    session = SharedWeights(llama_export).open_session(io_names.DRAFTER_GRAPH)
+    gc.collect()  # only the session refers to the SharedWeights now
+    feeds = {io_names.TOKEN_IDS: np.array([[5]]), io_names.PREV_HIDDEN: np.ones((1, 1, 64), np.float32)}
+    first = session.run([io_names.DRAFT_LOGITS], feeds)[0]
+    assert np.isfinite(first).all()
+    assert np.array_equal(session.run([io_names.DRAFT_LOGITS], feeds)[0], first)
+
+
 def test_failed_export_leaves_no_folder(tiny_llama, tmp_path, monkeypatch):
     import spaf_edge.exporters.export as export
 

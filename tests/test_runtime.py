@@ -20,6 +20,7 @@ from spaf_edge.errors import ConfigError, ContextLengthError, ExportFormatError,
 from spaf_edge.exporters import export_model
 from spaf_edge.generation.reference import spaf_generate
 from spaf_edge.io_names import LOWER_GRAPH, MANIFEST, UPPER_GRAPH
+from spaf_edge.runtime.decoder import TargetProbs
 from spaf_edge.runtime.engine import Engine
 from spaf_edge.runtime.stream import IncrementalDecoder
 from spaf_edge.runtime.tokenizer import TextTokenizer
@@ -119,7 +120,7 @@ def test_draft_vocabulary_export_is_lossless(tmp_path):
     model = make_tiny_spaf("llama", **EXPORTABLE)
     model.set_draft_vocab(torch.arange(0, 96, 3))
     engine = Engine.from_folder(export(model, tmp_path / "export"))
-    assert engine.draft_vocab is not None and len(engine.draft_vocab) == 32
+    assert engine.decoder.draft_vocab is not None and len(engine.decoder.draft_vocab) == 32
     eos = sorted(engine.eos)
     result = engine.generate(PROMPTS[1], max_new_tokens=24, num_draft_tokens=3, serial_parallel_transition=1)
     reference = torch_greedy(model, PROMPTS[1], 24, eos, num_draft_tokens=3, serial_parallel_transition=1)
@@ -134,12 +135,12 @@ def test_cache_rows_after_rejections_equal_a_fresh_prefill(tiny):
     engine = Engine.from_folder(tiny[1])
     result = engine.generate(PROMPTS[0], max_new_tokens=20, num_draft_tokens=4, serial_parallel_transition=2)
     assert 0 < result.stats.acceptance_rate < 1  # drafts were rejected, so caches were rolled back
-    valid = engine.position
-    assert engine.lower.kv.length == engine.upper.kv.length == valid
-    caches = (engine.lower.kv, engine.upper.kv)
+    valid = engine.decoder.position
+    assert engine.decoder.lower.kv.length == engine.decoder.upper.kv.length == valid
+    caches = (engine.decoder.lower.kv, engine.decoder.upper.kv)
     after = {(id(kv), layer): kv.rows(layer) for kv in caches for layer in kv.layers}
-    engine.prefill(list(engine.tokens))  # recompute every committed position from scratch
-    assert engine.position == valid
+    engine.decoder.prefill(list(engine.decoder.tokens))  # recompute every committed position from scratch
+    assert engine.decoder.position == valid
     for kv in caches:
         for layer in kv.layers:
             for got, fresh in zip(after[(id(kv), layer)], kv.rows(layer)):
@@ -148,11 +149,11 @@ def test_cache_rows_after_rejections_equal_a_fresh_prefill(tiny):
 
 
 def test_kv_buffers_are_bound_in_place(engine):
-    before = [value.data_ptr() for value in engine.lower.kv.keys + engine.upper.kv.values]
+    before = [value.data_ptr() for value in engine.decoder.lower.kv.keys + engine.decoder.upper.kv.values]
     engine.generate(PROMPTS[1], max_new_tokens=10)
-    assert [value.data_ptr() for value in engine.lower.kv.keys + engine.upper.kv.values] == before
-    outputs = engine.upper.binding.get_outputs()  # present buffers of the last run are the cache itself
-    assert {value.data_ptr() for value in outputs} >= {value.data_ptr() for value in engine.upper.kv.keys}
+    assert [value.data_ptr() for value in engine.decoder.lower.kv.keys + engine.decoder.upper.kv.values] == before
+    outputs = engine.decoder.upper.binding.get_outputs()  # present buffers of the last run are the cache itself
+    assert {value.data_ptr() for value in outputs} >= {value.data_ptr() for value in engine.decoder.upper.kv.keys}
 
 
 def test_reuse_cache_gives_the_same_tokens(engine):
@@ -232,6 +233,15 @@ def test_sampled_tokens_follow_the_base_distribution(tiny, export_copy):
     hidden = model.base_features(torch.tensor([prompt]))[model.cutoff][:, -1:]
     q1 = logits_to_probs(model.draft_logits(hidden)[0, -1].numpy(), params)
     assert not chi_square_fits(counts[0], q1)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7, top_k=9, top_p=0.8)])
+def test_target_rows_on_demand_equal_the_batched_computation(params):
+    logits = np.random.default_rng(0).standard_normal((4, 96)).astype(np.float32)
+    lazy, batched = TargetProbs(logits, params), logits_to_probs(logits, params)
+    assert len(lazy) == 4
+    for j in (2, 0, 3, 2):
+        assert np.array_equal(lazy[j], batched[j])
 
 
 def test_sampling_is_reproducible_with_a_seed(engine):

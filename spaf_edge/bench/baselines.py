@@ -218,7 +218,8 @@ class OptimumGreedy(Runner):
         versions = tool_versions("optimum-onnx", "transformers")
         folder = cached_folder("optimum", self.context.base_model, self.context.precision, export, **versions)
         self.model = ORTModelForCausalLM.from_pretrained(
-            folder, provider=_ort_provider_name(self.context.provider), session_options=_ort_session_options(self.context)
+            folder, provider=_ort_provider_name(self.context.provider),
+            session_options=_ort_session_options(self.context),
         )
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> RunOutput:
@@ -298,13 +299,13 @@ class GenaiGreedy(Runner):
 class EngineRunner(Runner):
     """The onnxruntime SpAF engine in one of its modes; rows of one process share one engine."""
 
-    requires = ("onnxruntime", "spaf_edge.runtime.engine")
+    requires = ("onnxruntime", "spaf_edge.runtime")
     install_hint = "the SpAF runtime is part of spaf-edge"
     needs_export = True
     mode: ClassVar[str] = "spaf"
 
     def load(self) -> None:
-        from spaf_edge.runtime.engine import Engine
+        from spaf_edge.runtime import Engine
 
         context = self.context
         self.engine = context.shared(

@@ -55,5 +55,6 @@ def cached_folder(
         return target
     with atomic_directory(target) as tmp:
         build(tmp)
-        (tmp / DONE_MARKER).write_text(json.dumps({"source": str(source), "precision": precision, **settings}, default=str))
+        record = {"source": str(source), "precision": precision, **settings}
+        (tmp / DONE_MARKER).write_text(json.dumps(record, default=str))
     return target

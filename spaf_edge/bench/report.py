@@ -25,7 +25,8 @@ def write_report(result: dict[str, Any], out_dir: str | Path, plot: bool = True)
     if plot:
         image = render_plot(result)
         if image is None:
-            result.setdefault("notes", []).append("plot.png not written: matplotlib is not installed (spaf-edge[plot]).")
+            note = "plot.png not written: matplotlib is not installed (spaf-edge[plot])."
+            result.setdefault("notes", []).append(note)
         else:
             atomic_write_bytes(out_dir / PLOT_PNG, image)
     atomic_write_text(out_dir / RESULTS_JSON, json.dumps(result, indent=2) + "\n")

@@ -17,7 +17,7 @@ COMMAND_MODULES = ("generate", "info", "train", "distill", "bench", "run", "vali
 
 
 class _Group(click.Group):
-    """Turns SpAFError into a one-line message and exit code 2 instead of a traceback."""
+    """Turns SpAFError into a one-line error message (exit code 1) instead of a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:

@@ -45,7 +45,8 @@ def _remote(ctx, param, values):
 @click.option("--memory/--no-memory", default=True, show_default=True,
               help="Measure each runner's peak RSS in a fresh process.")
 @click.option("--plot/--no-plot", default=True, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed of the first prompt (+1 per prompt).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Sampling seed of the first prompt (+1 per prompt).")
 def command(base_model, components, export_dir, prompts_file, limit, per_category, max_new_tokens, chat, provider,
             precision, threads, runners, remote_python, name, output_dir, memory, plot, seed):
     """Time SpAF against HF transformers, onnxruntime-genai, optimum and the engine's plain decoding."""

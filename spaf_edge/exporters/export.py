@@ -77,11 +77,11 @@ def export_model(
 class ExportResult:
     path: Path
     seconds: float
-    bytes: int  # total size of the folder
+    size_bytes: int  # total size of the folder
     parity: Any = None  # GraphParityReport when checked
 
     def summary(self) -> str:
-        lines = [f"exported {self.path} ({self.bytes / 1e6:.1f} MB) in {self.seconds:.1f} s"]
+        lines = [f"exported {self.path} ({self.size_bytes / 1e6:.1f} MB) in {self.seconds:.1f} s"]
         if self.parity is not None:
             lines.append(self.parity.summary())
         return "\n".join(lines)

@@ -56,7 +56,8 @@ class GraphBuilder:
         """Register a float weight (cast to the graph dtype). Returns its name."""
         array = np.ascontiguousarray(array, dtype=self.dtype)
         known = self.weights.get(name)
-        if known is not None and known is not array and (known.shape != array.shape or not np.array_equal(known, array)):
+        differs = known is not None and known is not array
+        if differs and (known.shape != array.shape or not np.array_equal(known, array)):
             raise ValueError(f"weight {name} registered twice with different values")
         self.weights[name] = array
         return name

@@ -79,8 +79,9 @@ def make_silu(b: GraphBuilder, x: str, path: str) -> str:
 # ---- decoder layers ----------------------------------------------------------
 def make_rotary_caches(b: GraphBuilder, rotary: nn.Module, head_dim: int, max_length: int) -> tuple[str, str]:
     """cos/sin caches [max_length, head_dim/2] taken from the model's own rotary module."""
-    positions = torch.arange(max_length).unsqueeze(0)  # [1, max_length]
-    probe = torch.zeros(1, max_length, head_dim)
+    device = next(rotary.buffers()).device
+    positions = torch.arange(max_length, device=device).unsqueeze(0)  # [1, max_length]
+    probe = torch.zeros(1, max_length, head_dim, device=device)  # float32: caches computed in fp32
     with torch.no_grad():
         cos, sin = rotary(probe, positions)  # [1, max_length, head_dim] each (halves repeated)
     half = head_dim // 2
@@ -191,7 +192,8 @@ def make_last_position(b: GraphBuilder, hidden: str, path: str) -> str:
     """[1, S, H] -> [1, 1, H] (the last position)."""
     (last,) = b.make_node(
         "Slice",
-        [hidden, b.int64s(f"{path}/starts", [-1]), b.int64s(f"{path}/ends", [INT64_MAX]), b.int64s(f"{path}/axes", [1])],
+        [hidden, b.int64s(f"{path}/starts", [-1]), b.int64s(f"{path}/ends", [INT64_MAX]),
+         b.int64s(f"{path}/axes", [1])],
         f"{path}/Slice",
     )
     return last

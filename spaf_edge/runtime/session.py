@@ -2,12 +2,11 @@
 
 Torch-free. The engine opens three sessions (lower, upper, drafter) that run one after
 another, never at the same time, so their thread pools must not compete for cores: see
-:func:`configure_threads` and docs/runtime.md for the measured choice.
+:func:`session_options` and docs/runtime.md for the measured choice.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,6 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from spaf_edge.errors import ConfigError, ExportFormatError, ProviderUnavailableError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,57 +67,33 @@ def provider_list(provider: Provider) -> list[str]:
 
 
 # ---- threads -------------------------------------------------------------
-_GLOBAL_POOL: int | None = None  # intra-op size of the process-wide pool, once created
-
-
 def default_threads() -> int:
-    """Physical-ish core count this process may use (affinity-aware)."""
+    """Cores this process may use (affinity-aware)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
 
 
-def configure_threads(threads: int | None) -> int | None:
-    """Create ORT's process-wide intra-op thread pool once; return its size (None: unavailable).
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Options for one of the engine's sessions.
 
-    The engine's sessions run strictly one after another. Per-session pools would leave
-    one session's workers spinning on the cores the next session needs; one shared
-    pool avoids that (measured in docs/runtime.md). ORT reads the global pool sizes when
-    it creates its environment, i.e. with the process's first session: if another
-    session came first, sessions fall back to per-session pools without spinning.
+    The sessions run strictly one after another, so each gets a pool of ``threads``
+    intra-op threads whose idle workers sleep instead of spinning: a spinning pool of
+    the session that just ran would steal the cores the next session needs. (ORT's
+    process-wide shared pool avoids that too, but forces every other session in the
+    process to use it, which breaks sessions the engine does not own; docs/runtime.md
+    has the measurements.)
     """
-    global _GLOBAL_POOL
-    if _GLOBAL_POOL is not None:
-        if threads is not None and threads != _GLOBAL_POOL:
-            log.warning(
-                "ONNX Runtime's shared thread pool already has %d threads; threads=%d is ignored "
-                "(the pool is created once per process).", _GLOBAL_POOL, threads,
-            )
-        return _GLOBAL_POOL
-    size = threads or default_threads()
-    try:
-        _ort_state.set_global_thread_pool_sizes(size, 1)
-    except (AttributeError, RuntimeError) as exc:  # an onnxruntime without the hook
-        log.info("No shared ONNX Runtime thread pool (%s); using per-session pools.", exc)
-        return None
-    _GLOBAL_POOL = size
-    return size
-
-
-def session_options(threads: int | None, shared_pool: bool) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or default_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     # Errors only: shared weights are overridable initializers by design, which ORT warns about.
     options.log_severity_level = 3
-    if shared_pool:
-        options.use_per_session_threads = False
-    else:
-        options.intra_op_num_threads = threads or default_threads()
-        options.inter_op_num_threads = 1
-        # Idle workers would otherwise spin on cores the next session needs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

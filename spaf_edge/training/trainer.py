@@ -115,7 +115,7 @@ class TrainResult:
     steps: int
     train_losses: dict[str, float]  # mean over the last logged steps
     eval_losses: dict[str, float] | None
-    tokens_per_second: float
+    tokens_per_second: float  # sequence tokens per second of optimizer steps (eval and saves excluded)
     seconds: float
 
 
@@ -283,6 +283,7 @@ def train(
     recent: list[dict[str, float]] = []
     tokens = 0
     started = time.perf_counter()
+    train_seconds = 0.0  # optimizer steps only: eval and checkpoint time excluded from tokens/s
     module.train()
     while step < settings.steps:
         train_loader.set_epoch(epoch)
@@ -290,6 +291,7 @@ def train(
         for index, batch in enumerate(train_loader):
             if index < skip:
                 continue
+            step_started = time.perf_counter()
             losses = module(batch)
             accelerator.backward(losses["total"])
             grad_norm = accelerator.clip_grad_norm_(parameters, settings.grad_clip) if settings.grad_clip else None
@@ -300,7 +302,8 @@ def train(
             step += 1
             tokens += batch["input_ids"].numel() * accelerator.num_processes
             values = reduce_losses(accelerator, losses)
-            rate = tokens / (time.perf_counter() - started)
+            train_seconds += time.perf_counter() - step_started
+            rate = tokens / train_seconds
             row = {"split": "train", "step": step, "lr": lr, **values, "tokens_per_s": rate}
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
@@ -323,7 +326,8 @@ def train(
         model.save_spaf_components(final, extra_meta={"step": step, "train_losses": train_losses,
                                                       "eval_losses": eval_losses})
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir, final, step, train_losses, eval_losses, tokens / seconds if seconds else 0.0, seconds)
+    rate = tokens / train_seconds if train_seconds else 0.0
+    return TrainResult(run_dir, final, step, train_losses, eval_losses, rate, seconds)
 
 
 def attach_feature_cache(model, train_set, eval_set, settings, accelerator, progress):

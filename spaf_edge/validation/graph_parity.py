@@ -59,7 +59,8 @@ class GraphParityReport:
 
     def worst(self, graph: str | None = None, output: str | None = None) -> dict[str, float]:
         """Largest max_abs / max_rel over the matching errors."""
-        rows = [e for e in self.errors if (graph is None or e.graph == graph) and (output is None or e.output == output)]
+        rows = [e for e in self.errors
+                if (graph is None or e.graph == graph) and (output is None or e.output == output)]
         return {"max_abs": max((e.max_abs for e in rows), default=0.0),
                 "max_rel": max((e.max_rel for e in rows), default=0.0)}
 
@@ -93,7 +94,8 @@ class GraphParityReport:
                  f"logits max_rel <= {self.threshold:g}): {'PASS' if self.passed else 'FAIL'}"]
         for graph, outputs in self.per_graph.items():
             for output, worst in outputs.items():
-                lines.append(f"  {graph:13s} {output:14s} max_abs {worst['max_abs']:.3g}  max_rel {worst['max_rel']:.3g}")
+                lines.append(f"  {graph:8s} {output:14s} max_abs {worst['max_abs']:.3g}  "
+                             f"max_rel {worst['max_rel']:.3g}")
         return "\n".join(lines)
 
 
@@ -166,12 +168,6 @@ class GraphSessions:
         kv_shape = (1, sizes.num_kv_heads, sizes.max_length, sizes.head_dim)
         self.length = 0  # valid cache rows (P), the same in both stacks
 
-        def session(graph: str):
-            options = ort.SessionOptions()
-            options.log_severity_level = 3  # shared weights are overridable initializers: ORT warns, by design
-            self.shared.add_to(options, graph)
-            return ort.InferenceSession(str(folder / graph), options, providers=list(providers))
-
         def caches(layers: range) -> dict[str, Any]:
             values = {}
             for past_k, past_v, present_k, present_v in io_names.kv_names(layers):
@@ -180,8 +176,10 @@ class GraphSessions:
             return values
 
         k = manifest.cutoff_layer
-        self.lower, self.upper, self.drafter = (session(g) for g in
-                                                (io_names.LOWER_GRAPH, io_names.UPPER_GRAPH, io_names.DRAFTER_GRAPH))
+        self.lower, self.upper, self.drafter = (
+            self.shared.open_session(graph, providers=providers)
+            for graph in (io_names.LOWER_GRAPH, io_names.UPPER_GRAPH, io_names.DRAFTER_GRAPH)
+        )
         self.lower_kv = caches(range(0, k))
         self.upper_kv = caches(range(k, sizes.num_layers))
 

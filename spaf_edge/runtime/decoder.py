@@ -1,0 +1,266 @@
+"""SpAF decoding on the three bound graphs: prefill, draft, verify, accept, commit (DESIGN §4).
+
+Phase for phase the PyTorch reference (:mod:`spaf_edge.generation.reference`), with the
+same acceptance code (:func:`spaf_edge.sampling.accept`) and the same random draws in the
+same order, so greedy output equals the reference's and the base model's and a seeded
+sample equals the reference's sample. State between steps: committed tokens
+``x_0 .. x_T``; both KV caches hold positions ``0 .. T-1``; ``x_T`` is pending.
+
+Cutoff states never leave host buffers that ONNX Runtime reads and writes in place:
+serial draft steps write ``h(T+j-1)`` into hidden row ``j-1``, the verify pass's lower
+stack writes the remaining rows, and the upper stack reads rows ``0 .. D``. Batch 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from spaf_edge.runtime.graphs import DrafterGraph, HostBuffer, LowerGraph, UpperGraph
+from spaf_edge.sampling import SamplingParams, accept, choose, logits_to_probs, softmax
+from spaf_edge.stats import GenerationStats
+
+MODES = ("spaf", "greedy")  # greedy: plain decoding, one token per full pass (the same-engine baseline)
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    params: SamplingParams
+    num_draft_tokens: int
+    serial_parallel_transition: int
+    draft_stop_threshold: float | None
+    mode: str  # one of MODES
+
+
+@dataclass
+class Draft:
+    tokens: list[int] = field(default_factory=list)  # d_1 .. d_D
+    probs: list[np.ndarray] = field(default_factory=list)  # q_j over the full vocabulary
+    exact: int = 0  # positions T .. T+exact-1 whose cutoff states the lower stack already computed
+
+
+@dataclass
+class EngineResult:
+    tokens: list[int]  # new tokens only
+    stats: GenerationStats
+    text: str | None = None  # None when the export has no tokenizer
+    stop_reason: str = ""  # "eos" | "max_new_tokens" | "context"
+    prompt_ids: list[int] = field(default_factory=list)
+
+
+class TargetProbs:
+    """Processed target distributions ``p_T .. p_{T+D}``, each computed when first read.
+
+    :func:`spaf_edge.sampling.accept` reads rows in order and stops at the first
+    rejection, so rows after it are never computed (each costs a float64 pass over the
+    vocabulary, a sort with top-p). Row ``j`` equals ``logits_to_probs(logits, params)[j]``.
+    """
+
+    def __init__(self, logits: np.ndarray, params: SamplingParams) -> None:
+        self.logits = logits  # [D+1, V], a view of the logits buffer: read before the next graph call
+        self.params = params
+        self._rows: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        row = self._rows.get(j)
+        if row is None:
+            row = self._rows[j] = logits_to_probs(self.logits[j], self.params)
+        return row
+
+
+class HostBuffers:
+    """Host arrays the graphs read and write in place (shared with ORT on CPU, no copies)."""
+
+    def __init__(self, rows: int, hidden_size: int, vocab_size: int, draft_vocab_size: int, dtype: type) -> None:
+        self.ids = HostBuffer((1, rows), np.int64)  # [1, R]
+        self.hidden = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: exact cutoff states of T ..
+        self.pseudo = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: AlignmentHead states
+        self.logits = HostBuffer((1, rows, vocab_size), np.float32)  # [1, R, V]
+        self.draft_logits = np.zeros((1, 1, draft_vocab_size), dtype=np.float32)  # [1, 1, V_d]
+        self.draft_logits_value = ort.OrtValue.ortvalue_from_numpy(self.draft_logits)  # bound once
+        self.token = np.zeros((1, 1), dtype=np.int64)  # the drafter's input d_{j-1}
+
+    @property
+    def rows(self) -> int:
+        return self.hidden.rows
+
+    def ensure_rows(self, rows: int) -> None:
+        """Grow the row buffers (between generations only: their contents are dropped)."""
+        if rows > self.rows:
+            for name in ("ids", "hidden", "pseudo", "logits"):
+                old: HostBuffer = getattr(self, name)
+                setattr(self, name, HostBuffer((1, rows, *old.array.shape[2:]), old.array.dtype))
+
+
+class Decoder:
+    def __init__(
+        self,
+        lower: LowerGraph,
+        upper: UpperGraph,
+        drafter: DrafterGraph,
+        buffers: HostBuffers,
+        vocab_size: int,
+        draft_vocab: np.ndarray | None,
+        eos: frozenset[int],
+        prefill_chunk: int,
+    ) -> None:
+        self.lower, self.upper, self.drafter = lower, upper, drafter
+        self.buffers = buffers
+        self.vocab_size = vocab_size
+        self.draft_vocab = draft_vocab  # int64 [V_d] token ids, None = every token
+        self.eos = eos
+        self.prefill_chunk = prefill_chunk
+        self.max_length = lower.kv.max_length
+        self.tokens: list[int] = []  # committed x_0 .. x_T of the current generation
+
+    @property
+    def position(self) -> int:
+        """T: position of the pending token (= valid length of both caches)."""
+        return len(self.tokens) - 1
+
+    # ---- the loop -------------------------------------------------------
+    def steps(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        settings: DecodeSettings,
+        rng: np.random.Generator,
+        result: EngineResult,
+        reuse_cache: bool = False,
+    ) -> Iterator[list[int]]:
+        """Generate into ``result``, yielding the tokens each verify step commits."""
+        stats, params = result.stats, settings.params
+        drafts = settings.num_draft_tokens if settings.mode == "spaf" else 0
+        self.buffers.ensure_rows(drafts + 1)
+        start = time.perf_counter()
+        self.prefill(prompt_ids, reuse_cache)
+        stats.prefill_seconds = time.perf_counter() - start
+        generated = result.tokens
+        result.stop_reason = "max_new_tokens"
+        while len(generated) < max_new_tokens:
+            if self.position >= self.max_length:
+                result.stop_reason = "context"
+                break
+            budget = min(drafts, max_new_tokens - len(generated) - 1, self.max_length - 1 - self.position)
+            draft = self.draft(budget, settings.serial_parallel_transition, params, rng, settings.draft_stop_threshold)
+            target_probs = TargetProbs(self.verify(draft), params)  # p_T .. p_{T+D}, rows on demand
+            num_accepted, bonus = accept(draft.tokens, draft.probs, target_probs, params, rng)
+            new = self.commit(draft, num_accepted, bonus)
+            stats.record(len(draft.tokens), num_accepted)
+            new, finished = cut_at_eos(new, self.eos)
+            generated.extend(new)
+            stats.new_tokens = len(generated)
+            stats.wall_seconds = time.perf_counter() - start
+            stats.first_token_seconds = stats.first_token_seconds or stats.wall_seconds
+            yield new
+            if finished:
+                result.stop_reason = "eos"
+                break
+        stats.wall_seconds = time.perf_counter() - start
+
+    # ---- phases ---------------------------------------------------------
+    def prefill(self, prompt_ids: Sequence[int], reuse_cache: bool = False) -> None:
+        """Run both stacks on ``prompt[:-1]`` in chunks; the last prompt token becomes pending.
+
+        With ``reuse_cache``, cached rows of the previous tokens that the prompt starts with are kept.
+        """
+        keep = common_prefix(self.tokens[: self.position], prompt_ids[:-1]) if reuse_cache else 0
+        self.lower.kv.rewind_to(min(keep, self.lower.kv.length))
+        self.upper.kv.rewind_to(min(keep, self.upper.kv.length))
+        self.tokens = list(prompt_ids)
+        body = self.tokens[:-1]
+        for begin in range(self.lower.kv.length, len(body), self.prefill_chunk):
+            chunk = body[begin:begin + self.prefill_chunk]
+            self._run_lower(chunk, row=0)
+            self._run_upper(len(chunk))
+
+    def draft(
+        self,
+        num_drafts: int,
+        serial_parallel_transition: int,
+        params: SamplingParams,
+        rng: np.random.Generator,
+        stop_threshold: float | None = None,
+    ) -> Draft:
+        """Serial drafts through the lower stack, then aligned drafts through the drafter graph."""
+        buffers, draft = self.buffers, Draft()
+        token = self.tokens[-1]
+        for j in range(1, num_drafts + 1):
+            if j <= serial_parallel_transition:
+                self._run_lower([token], row=j - 1)  # exact h(T+j-1) into hidden row j-1
+                draft.exact = j
+            else:
+                buffers.token[0, 0] = token
+                source = buffers.hidden if j - 1 == serial_parallel_transition else buffers.pseudo
+                self.drafter.run(source.view(j - 2, j - 1), buffers.pseudo.view(j - 1, j))  # ĥ(T+j-1)
+            logits = buffers.draft_logits[0, 0]  # [V_d]
+            q = self.draft_distribution(logits, params)
+            if stop_threshold is not None:
+                confidence = softmax(logits).max() if params.greedy else q.max()
+                if confidence < stop_threshold:
+                    break
+            token = choose(q, params, rng)
+            draft.tokens.append(token)
+            draft.probs.append(q)
+        return draft
+
+    def verify(self, draft: Draft) -> np.ndarray:
+        """One batched target pass over positions ``T .. T+D``. Returns logits [D+1, V] (a view)."""
+        sequence = [self.tokens[-1], *draft.tokens]
+        if draft.exact < len(sequence):
+            self._run_lower(sequence[draft.exact:], row=draft.exact)
+        return self._run_upper(len(sequence))
+
+    def commit(self, draft: Draft, num_accepted: int, bonus: int) -> list[int]:
+        """Append the accepted drafts and the bonus; cut both caches back to the valid length."""
+        new = [*draft.tokens[:num_accepted], bonus]
+        valid = self.position + num_accepted + 1  # positions T .. T+n now hold accepted tokens
+        self.tokens.extend(new)
+        self.lower.kv.rewind_to(valid)
+        self.upper.kv.rewind_to(valid)
+        return new
+
+    def draft_distribution(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+        """Processed draft distribution over the full vocabulary from draft-vocabulary logits [V_d]."""
+        probs = logits_to_probs(logits, params)
+        if self.draft_vocab is None:
+            return probs
+        full = np.zeros(self.vocab_size, dtype=np.float64)
+        full[self.draft_vocab] = probs
+        return full
+
+    # ---- graph calls ----------------------------------------------------
+    def _run_lower(self, tokens: Sequence[int], row: int) -> None:
+        """Lower stack on ``tokens`` at the next positions; cutoff states into hidden rows ``row ..``."""
+        new, buffers = len(tokens), self.buffers
+        buffers.ids.array[0, :new] = tokens
+        self.lower.run(buffers.ids.view(0, new), new, buffers.hidden.view(row, row + new))
+
+    def _run_upper(self, new: int) -> np.ndarray:
+        """Upper stack on hidden rows ``0 .. new-1``. Returns logits [new, V] (a view of the buffer)."""
+        buffers = self.buffers
+        self.upper.run(buffers.hidden.view(0, new), new, buffers.logits.view(0, new))
+        return buffers.logits.array[0, :new]
+
+
+def cut_at_eos(tokens: list[int], eos: frozenset[int]) -> tuple[list[int], bool]:
+    for index, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: index + 1], True
+    return tokens, False
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
