@@ -80,13 +80,19 @@ class SpAFModel(nn.Module):
             state["draft_vocab"] = self.draft_vocab
         return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
-    def save_spaf_components(self, path: str | os.PathLike, extra_meta: dict[str, Any] | None = None) -> Path:
-        """Write SpAF weights + config + base fingerprint to ``path`` atomically."""
+    def save_spaf_components(
+        self, path: str | os.PathLike, extra_meta: dict[str, Any] | None = None,
+        state: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """Write SpAF weights + config + base fingerprint to ``path`` atomically.
+
+        ``state`` replaces :meth:`spaf_state_dict` (e.g. fp32 master weights held by an optimizer).
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
         with atomic_directory(path) as tmp:
-            save_file(self.spaf_state_dict(), str(tmp / WEIGHTS_FILE))
+            save_file(self.spaf_state_dict() if state is None else state, str(tmp / WEIGHTS_FILE))
             self.config.save(tmp / CONFIG_FILE)
             meta = {
                 "format_version": FORMAT_VERSION,

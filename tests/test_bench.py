@@ -247,9 +247,13 @@ def test_memory_is_measured_in_a_fresh_process(monkeypatch):
     from spaf_edge.bench.memory import measure_memory
 
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    ballast = bytearray(256 * 2**20)  # this process's peak must not leak into the worker's figure
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])
     figures = measure_memory("test_bench:MemoryHog", BenchContext().to_dict(), [5, 6, 7], 2, timeout=120)
+    del ballast
     assert figures["new_tokens"] == 2
     assert 60 <= figures["delta_mb"] < 200 and figures["peak_rss_mb"] >= figures["start_rss_mb"] + 60
+    assert figures["peak_rss_mb"] < 250
     broken = measure_memory("no_such_module_xyz:Runner", BenchContext().to_dict(), [1], 1, timeout=120)
     assert "no_such_module_xyz" in broken["error"]
 

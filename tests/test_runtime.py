@@ -33,6 +33,16 @@ PROMPTS = ([1, 7, 19, 42, 5], [3, 90, 11])
 PAIRS = [(1, 1), (3, 1), (5, 2), (4, 4)]  # (num_draft_tokens, serial_parallel_transition)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def torch_single_thread():
+    """One torch thread for the reference runs: two OMP threads on a shared 2-core machine
+    wait on each other at every op (measured 20x slower on the default model)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def export(model, folder: Path, **kwargs) -> Path:
     return export_model(model, folder, progress=False, **kwargs)
 
@@ -161,6 +171,27 @@ def test_reuse_cache_gives_the_same_tokens(engine):
     follow_up = PROMPTS[0] + first.tokens + [8, 9]
     reused = engine.generate(follow_up, max_new_tokens=12, reuse_cache=True)
     assert reused.tokens == engine.generate(follow_up, max_new_tokens=12).tokens
+
+
+def test_defaults_come_from_tuned_over_spaf(export_copy, tiny):
+    spaf = tiny[0].config
+    settings = Engine.from_folder(export_copy).settings()
+    assert (settings.num_draft_tokens, settings.serial_parallel_transition) == (
+        spaf.num_draft_tokens, spaf.serial_parallel_transition)
+    edit_manifest(export_copy, lambda data: data.update(tuned={"num_draft_tokens": 3, "draft_stop_threshold": 0.2}))
+    settings = Engine.from_folder(export_copy).settings()
+    assert (settings.num_draft_tokens, settings.serial_parallel_transition) == (3, 2)
+    assert settings.draft_stop_threshold == 0.2 and settings.params.greedy
+    assert Engine.from_folder(export_copy).settings(num_draft_tokens=1).serial_parallel_transition == 1
+
+
+def test_a_stream_stops_when_another_generation_starts(byte_engine):
+    engine, _ = byte_engine
+    pieces = iter(engine.stream("abc", max_new_tokens=60, temperature=1.0, seed=0, chat=False))
+    next(pieces)
+    engine.generate([5, 6], max_new_tokens=3)
+    with pytest.raises(RuntimeError, match="Another generation started"):
+        list(pieces)
 
 
 # ---- stopping -------------------------------------------------------------

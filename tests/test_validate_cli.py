@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from conftest import make_tiny_base, make_tiny_tokenizer
@@ -13,11 +14,10 @@ from spaf_edge.config import SpAFConfig
 from spaf_edge.exporters import export_model
 from spaf_edge.model import SpAFModel
 from spaf_edge.runtime import Engine
+from test_runtime import torch_single_thread  # noqa: F401  (autouse: one torch thread)
 
 
 def randomize(model: SpAFModel, seed: int) -> None:
-    import torch
-
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.spaf_parameters():

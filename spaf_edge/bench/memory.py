@@ -32,7 +32,16 @@ def current_rss_bytes() -> int | None:
 
 
 def peak_rss_bytes() -> int | None:
-    """Peak RSS of this process since it started."""
+    """Peak RSS of this process since it started (this program's, not its parent's).
+
+    On Linux this is ``VmHWM``: ``getrusage``'s ``ru_maxrss`` survives ``exec`` and would
+    report the forking parent's peak when that was larger.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     try:
         import resource
     except ImportError:  # Windows

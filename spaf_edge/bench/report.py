@@ -212,6 +212,8 @@ def _plot_acceptance(axes: Any, result: dict[str, Any]) -> None:
     for name, runner in rows.items():
         rates = runner["acceptance_by_position"]
         axes.plot(range(1, len(rates) + 1), rates, marker="o", label=f"{name} (tau {runner['tau']:.2f})")
+    width = max((len(r["acceptance_by_position"]) for r in rows.values()), default=0)
+    axes.set_xticks(range(1, width + 1))
     axes.set_ylim(0, 1.05)
     axes.set_xlabel("draft position")
     axes.set_ylabel("acceptance rate")

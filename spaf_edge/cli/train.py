@@ -1,4 +1,8 @@
-"""``spaf-edge train``: train SpAF adapters and AlignmentHeads on a frozen base."""
+"""``spaf-edge train``: train SpAF adapters and AlignmentHeads on a frozen base.
+
+Runs unchanged in one process or under a launcher (``torchrun``, ``accelerate launch``,
+``deepspeed``); see docs/training.md.
+"""
 
 from __future__ import annotations
 
@@ -23,28 +27,38 @@ from spaf_edge.cli import options
               help="Restrict drafts to the V_d most frequent tokens of the training data.")
 @click.option("--rollout-steps", type=int, default=None, help="AlignmentHead steps rolled on its own outputs.")
 @click.option("--steps", type=int, default=None, help="Optimizer steps [300].")
-@click.option("--batch-size", type=int, default=None, help="Sequences per step and process [4].")
+@click.option("--batch-size", type=int, default=None, help="Sequences per micro-step and process [4].")
+@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step [1].")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence [256].")
 @click.option("--lr", type=float, default=None, help="Peak learning rate [1e-3].")
 @click.option("--weight-decay", type=float, default=None, help="AdamW weight decay [0].")
 @click.option("--warmup", type=int, default=None, help="Linear warmup steps [20].")
+@click.option("--min-lr-ratio", type=float, default=None, help="Cosine decay floor as a fraction of --lr [0.1].")
 @click.option("--grad-clip", type=float, default=None, help="Max gradient norm, 0 = off [1.0].")
 @click.option("--eval-every", type=int, default=None, help="Eval on the held-out split every N steps [50].")
 @click.option("--eval-fraction", type=float, default=None, help="Held-out share of the sequences [0.05].")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps [100].")
-@click.option("--seed", type=int, default=None, help="Seed of the data split and order [0].")
+@click.option("--seed", type=int, default=None, help="Seed of the SpAF initial weights, the data split and order [0].")
 @click.option("--logit-chunk-rows", type=int, default=None, help="Positions whose vocabulary logits are held at once [512].")
 @click.option("--max-examples", type=int, default=None, help="Use only the first N rows of --data.")
 @click.option("--packing/--no-packing", default=None, help="Pack rows into full sequences [packing].")
 @click.option("--feature-cache", type=click.Path(file_okay=False), default=None,
               help="Cache the frozen base's features (fp16) here and reuse them every epoch.")
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default=None,
+              help="GPU mixed precision (fp32 SpAF master weights). Default: the DeepSpeed config's, "
+                   "accelerate launch's, else no.")
+@click.option("--base-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Frozen base dtype; auto = the mixed precision's on GPU, float32 on CPU.")
+@click.option("--deepspeed", "deepspeed_config", default=None,
+              help="DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); 'auto' values come from these options.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_size, rollout_steps, resume,
-            progress, **settings):
+def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_size, rollout_steps, mixed_precision,
+            base_dtype, deepspeed_config, resume, progress, **settings):
     """Train SpAF components (only they train; the base stays frozen)."""
     from spaf_edge.config import SpAFConfig
     from spaf_edge.errors import ConfigError
+    from spaf_edge.training.distributed import DistributedSettings
     from spaf_edge.training.trainer import train_run
 
     overrides = {name: value for name, value in settings.items() if value is not None}
@@ -58,9 +72,13 @@ def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_si
         changes = {"cutoff_layer": cutoff_layer, "draft_vocab_size": draft_vocab_size,
                    "alignment_rollout_steps": rollout_steps}
         config = config.replace(**{k: v for k, v in changes.items() if v is not None})
-    result = train_run(base_model, data, run_dir, overrides, config, resume=resume, progress=progress)
+    distributed = DistributedSettings(mixed_precision, base_dtype, deepspeed_config)
+    result = train_run(base_model, data, run_dir, overrides, config, resume=resume, progress=progress,
+                       distributed=distributed)
+    if not result.main_process:
+        return
     click.echo(json.dumps({
         "final": str(result.final), "steps": result.steps, "train_losses": result.train_losses,
         "eval_losses": result.eval_losses, "tokens_per_second": round(result.tokens_per_second, 1),
-        "seconds": round(result.seconds, 1),
+        "seconds": round(result.seconds, 1), "replica_max_diff": result.replica_max_diff,
     }, indent=2))

@@ -176,6 +176,7 @@ class Decoder:
         self.upper.kv.rewind_to(min(keep, self.upper.kv.length))
         self.tokens = list(prompt_ids)
         body = self.tokens[:-1]
+        self.buffers.ensure_rows(min(len(body), self.prefill_chunk))
         for begin in range(self.lower.kv.length, len(body), self.prefill_chunk):
             chunk = body[begin:begin + self.prefill_chunk]
             self._run_lower(chunk, row=0)

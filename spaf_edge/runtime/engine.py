@@ -22,7 +22,7 @@ from spaf_edge.config import validate_drafting
 from spaf_edge.errors import ConfigError, ContextLengthError, ExportFormatError
 from spaf_edge.io_names import DRAFT_VOCAB, DRAFTER_GRAPH, LOWER_GRAPH, TOKENIZER, UPPER_GRAPH
 from spaf_edge.manifest import Manifest
-from spaf_edge.runtime.decoder import MODES, DecodeSettings, Decoder, EngineResult, HostBuffers
+from spaf_edge.runtime.decoder import MODES, Decoder, DecodeSettings, EngineResult, HostBuffers
 from spaf_edge.runtime.graphs import DrafterGraph, LowerGraph, UpperGraph
 from spaf_edge.runtime.kv import KVCache
 from spaf_edge.runtime.session import Provider, open_session, resolve_provider, session_options
@@ -89,7 +89,8 @@ class Engine:
             buffers, sizes.vocab_size, load_draft_vocab(folder, manifest), frozenset(manifest.eos_token_ids),
             prefill_chunk,
         )
-        tokenizer = TextTokenizer.from_folder(folder, manifest.chat_template) if (folder / TOKENIZER).is_file() else None
+        has_tokenizer = (folder / TOKENIZER).is_file()
+        tokenizer = TextTokenizer.from_folder(folder, manifest.chat_template) if has_tokenizer else None
         return cls(folder, manifest, chosen, decoder, tokenizer)
 
     # ---- settings -------------------------------------------------------

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions: execution providers, thread settings, and load-time graph checks.
+"""ONNX Runtime sessions of the engine: execution providers and thread settings.
 
 Torch-free. The engine opens three sessions (lower, upper, drafter) that run one after
 another, never at the same time, so their thread pools must not compete for cores: see
@@ -105,6 +105,11 @@ def open_session(path: Path, options: ort.SessionOptions, provider: Provider) ->
         options.enable_mem_pattern = False
     try:
         return ort.InferenceSession(str(path), options, providers=provider_list(provider))
+    except _ort_state.EPFail as exc:
+        raise ProviderUnavailableError(
+            f"{provider.ort_name} failed to set up {path.name} ({str(exc).strip()[:300]}). Check the provider's "
+            "drivers and libraries, or use --provider cpu."
+        ) from exc
     except ORT_ERRORS as exc:
         raise ExportFormatError(
             f"onnxruntime cannot load {path} ({type(exc).__name__}: {str(exc).strip()[:300]}). The file is "

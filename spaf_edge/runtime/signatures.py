@@ -91,7 +91,8 @@ def check_graphs(folder: Path, manifest: Manifest, dtype: type, sessions: dict[s
 def check_io(session: ort.InferenceSession, path: Path, inputs: list[Expected], outputs: list[Expected]) -> None:
     """Raise ExportFormatError when the graph's IO disagrees with ``inputs``/``outputs``."""
     problems = []
-    for kind, expected_list, args in (("input", inputs, session.get_inputs()), ("output", outputs, session.get_outputs())):
+    sides = (("input", inputs, session.get_inputs()), ("output", outputs, session.get_outputs()))
+    for kind, expected_list, args in sides:
         actual = {arg.name: arg for arg in args}
         for expected in expected_list:
             arg = actual.get(expected.name)

@@ -2,7 +2,10 @@
 
 Layout of ``RUN_DIR/checkpoint`` (replaced in one rename by :func:`save_checkpoint`):
 ``components/`` (a SpAF components folder, loadable with ``--components``),
-``trainer_state.pt`` (optimizer, scheduler, step, RNG states) and ``settings.json``.
+``trainer_state.pt`` (optimizer, scheduler, step, RNG states, world size) and ``settings.json``.
+In a distributed run the main process writes it alone: ``optimizer`` is its state dict
+(DDP replicas agree) or, under DeepSpeed ZeRO, the list of every rank's partition;
+``rng_per_rank`` holds each rank's RNG states (``rng`` is rank 0's).
 A crash while writing leaves the previous checkpoint in place.
 """
 
@@ -27,13 +30,19 @@ SETTINGS = "settings.json"
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states (with the current CUDA device's when there is one)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def write_trainer_state(path: Path, state: dict[str, Any]) -> None:
@@ -41,12 +50,19 @@ def write_trainer_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    run_dir: str | Path, model: SpAFModel, trainer_state: dict[str, Any], settings: dict[str, Any]
+    run_dir: str | Path,
+    model: SpAFModel,
+    trainer_state: dict[str, Any],
+    settings: dict[str, Any],
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``run_dir/checkpoint`` atomically (call on the main process only)."""
+    """Write ``run_dir/checkpoint`` atomically (call on the main process only).
+
+    ``weights`` replaces the model's SpAF state dict (DeepSpeed's fp32 master weights).
+    """
     target = Path(run_dir) / CHECKPOINT
     with atomic_directory(target) as tmp:
-        model.save_spaf_components(tmp / COMPONENTS, extra_meta={"step": trainer_state["step"]})
+        model.save_spaf_components(tmp / COMPONENTS, extra_meta={"step": trainer_state["step"]}, state=weights)
         write_trainer_state(tmp / TRAINER_STATE, trainer_state)
         (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     return target

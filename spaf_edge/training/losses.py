@@ -13,6 +13,12 @@ prediction of step ``r-1`` (as at inference, where aligned drafts chain), giving
 ``ĥ_r`` for positions ``r .. S-1``. Alignment losses are averaged over the
 ``alignment_rollout_steps`` steps. Every position-level term uses the data's loss mask.
 
+Normalisation. Each term is a masked sum divided by its count of trained positions.
+In data-parallel training ``normalize`` replaces the local counts by the global count
+over all ranks divided by the number of ranks; the engines average gradients over
+ranks, so the result is the gradient of the global masked mean: exactly what one
+process computes on the concatenated batch (see docs/training.md).
+
 Memory. Full-vocabulary logits of a batch are ``B*S*V`` floats (4096 x 49152 fp32 is
 800 MB, and softmax/KL/grad need several such). :class:`ChunkedDistillLoss` never
 holds more than ``chunk_rows`` rows of them: its forward walks the positions in
@@ -33,6 +39,7 @@ drafts match the base's distribution within V_d. CE ignores targets outside V_d.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -129,25 +136,35 @@ def chunked_distill_loss(
     return ChunkedDistillLoss.apply(students, teacher, weight, bias, kl_weights, ce_weights, targets, chunk_rows)
 
 
-def alignment_state_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
+def alignment_state_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str, count: torch.Tensor | None = None
+) -> torch.Tensor:
     """Masked mean over positions. pred, target: [B, S, H]; mask: [B, S].
 
     ``mse``: mean squared error per element (on the raw cutoff states); ``cosine``: 1 - cos.
+    ``count`` is the divisor (default: the mask's sum, at least 1). Computed in fp32.
     """
+    pred, target, mask = pred.float(), target.float(), mask.float()
     if kind == "mse":
         per_position = (pred - target).pow(2).mean(-1)
     else:
         per_position = 1 - F.cosine_similarity(pred, target, dim=-1, eps=1e-6)
-    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+    return (per_position * mask).sum() / (mask.sum().clamp(min=1) if count is None else count)
 
 
 def spaf_losses(
-    model: SpAFModel, batch: dict[str, torch.Tensor], features: BaseFeatures, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    model: SpAFModel,
+    batch: dict[str, torch.Tensor],
+    features: BaseFeatures,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """All loss components for one batch, and their weighted sum under ``"total"``.
 
     Keys: ``adapter_kl/{k}``, ``adapter_ce/{k}`` (when its weight > 0), ``align_state/{k}``
     and ``align_token_kl/{k}`` (when the alignment weights are > 0), ``total``.
+    ``normalize`` maps the local counts of trained positions, [C] fp32, to the divisors
+    (default: each count, at least 1); see the module docstring.
     """
     config: SpAFConfig = model.config
     weights = config.loss_weights
@@ -160,31 +177,38 @@ def spaf_losses(
     teacher = features.final.reshape(num_rows, -1)  # [N, H]
     with_ce = weights.adapter_ce > 0
     with_alignment = weights.alignment > 0 or weights.alignment_token > 0
+    steps = [step for step in range(1, config.alignment_rollout_steps + 1 if with_alignment else 1) if step < seq_len]
+    ce_mask = mask * (targets >= 0).view(batch_size, seq_len) if with_ce else None
+    # Divisors, in fp32 whatever the features' dtype: [all positions, rollout step 1.., CE].
+    exact = batch["loss_mask"].float()
+    counts = torch.stack([exact.sum()] + [exact[:, step:].sum() for step in steps]
+                         + ([ce_mask.float().sum()] if with_ce else []))
+    divisors = normalize(counts) if normalize is not None else counts.clamp(min=1)  # [C] fp32
     losses: dict[str, torch.Tensor] = {}
     total = features.final.new_zeros(())
     for k in config.adapter_layers:
         hidden = features.cutoff[k]  # [B, S, H]
         states = [model.adapt(hidden, k)]  # variant 0: the adapter on exact states
         kl_masks = [mask if weights.adapter_base > 0 else torch.zeros_like(mask)]
+        kl_divisors = [divisors[0]]
         state_losses = []
         previous = hidden
-        for step in range(1, config.alignment_rollout_steps + 1 if with_alignment else 1):
-            if step >= seq_len:
-                break
+        for index, step in enumerate(steps, 1):
             predicted = model.align(input_ids[:, step:], previous[:, :-1], k)  # ĥ for positions step..S-1
             step_mask = mask[:, step:]
-            state_losses.append(alignment_state_loss(predicted, hidden[:, step:], step_mask, config.alignment_loss_type))
+            state_losses.append(alignment_state_loss(predicted, hidden[:, step:], step_mask,
+                                                     config.alignment_loss_type, divisors[index]))
             if weights.alignment_token > 0:
                 states.append(F.pad(model.adapt(predicted, k), (0, 0, step, 0)))  # [B, S, H]
                 kl_masks.append(F.pad(step_mask, (step, 0)))
+                kl_divisors.append(divisors[index])
             previous = predicted
         students = norm(torch.stack(states)).reshape(len(states), num_rows, -1)  # [M, N, H]
-        kl_weights = torch.stack([m / m.sum().clamp(min=1) for m in kl_masks]).reshape(len(states), num_rows)
+        kl_weights = torch.stack([m / d for m, d in zip(kl_masks, kl_divisors)]).reshape(len(states), num_rows)
         ce_weights = None
         if with_ce:
-            ce_mask = mask * (targets >= 0).view(batch_size, seq_len)
             ce_weights = torch.zeros_like(kl_weights)
-            ce_weights[0] = (ce_mask / ce_mask.sum().clamp(min=1)).reshape(num_rows)
+            ce_weights[0] = (ce_mask / divisors[-1]).reshape(num_rows)
         kl, ce = chunked_distill_loss(students, teacher, head_weight, head_bias, kl_weights, ce_weights, targets,
                                       chunk_rows)
         if weights.adapter_base > 0:

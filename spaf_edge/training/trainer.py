@@ -5,12 +5,20 @@ atomic checkpoints every ``save_every`` steps and exact ``resume``; every loss
 component goes to the progress bar and to ``RUN_DIR/train_log.jsonl``.
 
 Distribution goes through :class:`accelerate.Accelerator` (one CPU process works
-too): it places tensors, wraps the loss module for gradient sync, shards the batches
-per rank; only the main process logs and writes, and ranks meet at a barrier after
-each checkpoint. The learning-rate scheduler is stepped once per optimizer step by
-hand (not prepared), so its schedule counts optimizer steps on any number of ranks.
-The batch order is a permutation seeded by ``(seed, epoch)``, so a resumed run sees
-exactly the batches the uninterrupted run would have.
+too; see :mod:`spaf_edge.training.distributed`): DDP or DeepSpeed ZeRO wrap only the
+SpAF modules (:class:`LossModule`), the frozen base is loaded once per process and
+never synchronised; the batches are sharded per rank; only the main process logs and
+writes, and ranks meet at a barrier after each checkpoint. The learning-rate scheduler
+is stepped once per optimizer step by hand (not prepared), so its schedule counts
+optimizer steps on any number of ranks.
+
+Data order. The batch order is a permutation seeded by ``(seed, epoch)``, identical on
+every rank. Micro-batch ``i`` of rank ``r`` is batch ``i * ranks + r`` of it, and an
+optimizer step takes ``grad_accum`` micro-batches per rank; so step ``j`` trains on
+sequences ``j*G .. (j+1)*G - 1`` of the permutation, ``G = batch_size * grad_accum *
+ranks``, as one process with batch size ``G`` would. An epoch ends after the last full
+global batch. A resumed run continues at the sequence the interrupted one would have
+trained next (it must use the same number of processes).
 
 Run folder: ``settings.json``, ``train_log.jsonl``, ``checkpoint/`` (latest, atomic;
 see :mod:`spaf_edge.training.checkpoint`) and ``final/`` (SpAF components, loadable
@@ -37,6 +45,7 @@ from spaf_edge.config import SpAFConfig
 from spaf_edge.errors import ConfigError
 from spaf_edge.model import SpAFModel
 from spaf_edge.training import checkpoint as ckpt
+from spaf_edge.training import distributed as dist
 from spaf_edge.training.data import (
     TokenDataset,
     build_sequences,
@@ -44,6 +53,7 @@ from spaf_edge.training.data import (
     load_examples,
     split_holdout,
 )
+from spaf_edge.training.distributed import DistributedSettings
 from spaf_edge.training.features import CachedFeatureDataset, batch_features, build_feature_cache
 from spaf_edge.training.losses import DEFAULT_CHUNK_ROWS, spaf_losses
 
@@ -58,8 +68,9 @@ RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "eval_batches")
 
 @dataclass
 class TrainSettings:
-    steps: int = 300
-    batch_size: int = 4  # sequences per process and step
+    steps: int = 300  # optimizer steps
+    batch_size: int = 4  # sequences per process and micro-step
+    grad_accum: int = 1  # micro-batches per optimizer step (gradient accumulation)
     seq_len: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -90,7 +101,7 @@ class TrainSettings:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        positive = ("steps", "batch_size", "logit_chunk_rows")
+        positive = ("steps", "batch_size", "grad_accum", "logit_chunk_rows")
         non_negative = ("warmup", "eval_every", "save_every", "eval_batches")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -115,8 +126,10 @@ class TrainResult:
     steps: int
     train_losses: dict[str, float]  # mean over the last logged steps
     eval_losses: dict[str, float] | None
-    tokens_per_second: float  # sequence tokens per second of optimizer steps (eval and saves excluded)
+    tokens_per_second: float  # sequence tokens per second of optimizer steps, all ranks (eval and saves excluded)
     seconds: float
+    replica_max_diff: float | None = None  # largest SpAF weight difference between ranks (None: one process)
+    main_process: bool = True  # False on the other ranks of a distributed run
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -139,15 +152,25 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class LossModule(nn.Module):
-    """What the accelerator wraps: batch -> loss components (the base forward included)."""
+    """What the engine wraps: batch -> loss components (the base forward included).
 
-    def __init__(self, model: SpAFModel, chunk_rows: int) -> None:
+    Only the adapters and AlignmentHeads are registered submodules, so DDP buckets and
+    broadcasts, and DeepSpeed partitions and casts, the SpAF parameters alone: no
+    gradient buffer or bucket is ever allocated for the frozen base. The SpAFModel
+    (base included) is a plain attribute that forward uses.
+    """
+
+    def __init__(self, model: SpAFModel, chunk_rows: int, normalize=None) -> None:
         super().__init__()
-        self.model = model
+        self.adapters = model.adapters
+        self.alignment_heads = model.alignment_heads
+        self.__dict__["spaf"] = model  # not a submodule: hidden from the engines
         self.chunk_rows = chunk_rows
+        self.normalize = normalize  # loss divisors across ranks (losses.py)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return spaf_losses(self.model, batch, batch_features(self.model, batch), self.chunk_rows)
+        model = self.spaf
+        return spaf_losses(model, batch, batch_features(model, batch), self.chunk_rows, self.normalize)
 
 
 def lr_factor(step: int, settings: TrainSettings) -> float:
@@ -198,23 +221,28 @@ def train(
     settings: TrainSettings,
     resume: bool = False,
     progress: bool = True,
+    distributed: DistributedSettings | None = None,
 ) -> TrainResult:
     """Train ``model``'s SpAF modules on ``data_path``; write the run folder; return a summary.
 
     With ``resume``, the SpAF weights, optimizer, scheduler, step and RNG state come
-    from ``run_dir``'s checkpoint and training continues from its step.
+    from ``run_dir``'s checkpoint and training continues from its step. Every process
+    of a distributed run calls this with the same arguments (launched by torchrun,
+    accelerate launch or deepspeed); ``distributed`` picks precision and DeepSpeed.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     settings.validate()
+    distributed = distributed or DistributedSettings()
     run_dir = Path(run_dir)
     weights = model.config.loss_weights
     unused = (weights.adapter_base == 0 and weights.adapter_ce == 0) or (
         weights.alignment == 0 and weights.alignment_token == 0
     )
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+    accelerator = dist.make_accelerator(settings, distributed, model.hidden_size, unused)
+    dist.check_precision_pair(next(model.base.parameters()).dtype, distributed.precision(),
+                              dist.uses_deepspeed(accelerator))
     set_seed(settings.seed)
     checkpoint = ckpt.find_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
@@ -223,6 +251,13 @@ def train(
     if checkpoint is not None:
         model.load_spaf_components(checkpoint / ckpt.COMPONENTS)
         state = ckpt.load_trainer_state(checkpoint)
+        if state.get("world_size", 1) != accelerator.num_processes:
+            raise ConfigError(
+                f"{checkpoint} was written by a run with {state.get('world_size', 1)} process(es); this one has "
+                f"{accelerator.num_processes}. Resume with the same number of processes (the data position and "
+                "global batch depend on it), or start a new run."
+            )
+    model.to(accelerator.device)
 
     train_set, eval_set = prepare_data(model, data_path, settings)
     choose_draft_vocab(model, train_set)
@@ -235,19 +270,31 @@ def train(
     eval_loader = (
         torch.utils.data.DataLoader(eval_data, batch_size=settings.batch_size) if eval_data is not None else None
     )
-    module = LossModule(model, settings.logit_chunk_rows)
+    module = LossModule(model, settings.logit_chunk_rows, dist.count_normalizer(accelerator))
     parameters = model.spaf_parameters()
+    num_parameters = model.num_trainable_parameters()  # before ZeRO-3 could partition them
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, settings))
-    module, optimizer, train_loader = accelerator.prepare(module, optimizer, train_loader)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
+    loaders = [train_loader] + ([eval_loader] if eval_loader is not None else [])
+    module, optimizer, *loaders = accelerator.prepare(module, optimizer, *loaders)
+    train_loader, eval_loader = loaders[0], (loaders[1] if eval_loader is not None else None)
+    # Built on the innermost torch optimizer: the one whose lr DeepSpeed's ZeRO step reads too.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(dist.innermost_optimizer(optimizer),
+                                                  lambda step: lr_factor(step, settings))
+    steps_per_epoch = len(train_loader) // settings.grad_accum
+    global_batch = settings.batch_size * settings.grad_accum * accelerator.num_processes
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"The training split has {len(train_set)} sequences, fewer than one global batch of {global_batch} "
+            f"(--batch-size {settings.batch_size} x --grad-accum {settings.grad_accum} x "
+            f"{accelerator.num_processes} processes). Add data, or lower --batch-size or --grad-accum."
+        )
 
     step = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        dist.load_optimizer_state(accelerator, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        ckpt.restore_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank")
+        ckpt.restore_rng_state(per_rank[accelerator.process_index] if per_rank else state["rng"])
         step = state["step"]
     run_settings = {"train": settings.to_dict(), "data": str(data_path), "spaf": model.config.to_dict()}
     logger = RunLog(run_dir, accelerator.is_main_process, keep_until=step if resume else None)
@@ -255,8 +302,11 @@ def train(
         atomic_write_text(run_dir / ckpt.SETTINGS, json.dumps(run_settings, indent=2) + "\n")
     if accelerator.is_main_process:
         log.info("SpAF parameters: %d (%.2f%% of the base); %d train / %d eval sequences of %d tokens",
-                 model.num_trainable_parameters(), 100 * model.trainable_fraction(), len(train_set),
+                 num_parameters, 100 * num_parameters / model.num_base_parameters(), len(train_set),
                  len(eval_set) if eval_set is not None else 0, settings.seq_len)
+        log.info("%d process(es) (%s, %s precision); global batch %d sequences; %d optimizer steps per epoch",
+                 accelerator.num_processes, accelerator.distributed_type, distributed.precision(),
+                 global_batch, steps_per_epoch)
 
     def evaluate() -> dict[str, float] | None:
         if eval_loader is None:
@@ -277,57 +327,80 @@ def train(
         return result
 
     eval_losses = evaluate() if settings.eval_every and step == 0 else None
-    batches_per_epoch = len(train_loader)
-    epoch, skip = divmod(step, batches_per_epoch)
+    batches = micro_batches(train_loader, sampler, steps_per_epoch * settings.grad_accum, step * settings.grad_accum)
     bar = tqdm(total=settings.steps, initial=step, desc="train", disable=not (progress and accelerator.is_main_process))
+    saving = (module, model, optimizer, scheduler, run_settings)
     recent: list[dict[str, float]] = []
     tokens = 0
     started = time.perf_counter()
     train_seconds = 0.0  # optimizer steps only: eval and checkpoint time excluded from tokens/s
     module.train()
     while step < settings.steps:
-        train_loader.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        for index, batch in enumerate(train_loader):
-            if index < skip:
-                continue
-            step_started = time.perf_counter()
-            losses = module(batch)
-            accelerator.backward(losses["total"])
-            grad_norm = accelerator.clip_grad_norm_(parameters, settings.grad_clip) if settings.grad_clip else None
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+        step_started = time.perf_counter()
+        micro_losses = []
+        for _ in range(settings.grad_accum):
+            batch = next(batches)
+            # accelerate divides the loss by grad_accum and syncs gradients on the last micro-batch only.
+            with accelerator.accumulate(module):
+                losses = module(batch)
+                accelerator.backward(losses["total"])
+            micro_losses.append({name: value.detach() for name, value in losses.items()})
             tokens += batch["input_ids"].numel() * accelerator.num_processes
-            values = reduce_losses(accelerator, losses)
-            train_seconds += time.perf_counter() - step_started
-            rate = tokens / train_seconds
-            row = {"split": "train", "step": step, "lr": lr, **values, "tokens_per_s": rate}
-            if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
-            logger.write(row)
-            recent = (recent + [values])[-20:]
-            bar.set_postfix({short_name(k): f"{v:.3f}" for k, v in values.items()} | {"tok/s": f"{rate:.0f}"})
-            bar.update(1)
-            if settings.eval_every and step % settings.eval_every == 0 or step == settings.steps:
-                eval_losses = evaluate() or eval_losses
-            if settings.save_every and (step % settings.save_every == 0 or step == settings.steps):
-                save_training_checkpoint(run_dir, accelerator, model, optimizer, scheduler, step, run_settings)
-            if step >= settings.steps:
-                break
-        epoch, skip = epoch + 1, 0
+        grad_norm = accelerator.clip_grad_norm_(parameters, settings.grad_clip) if settings.grad_clip else None
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()  # under DeepSpeed the engine stepped inside backward; this is a no-op
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        values = reduce_losses(accelerator, mean_losses(micro_losses))
+        train_seconds += time.perf_counter() - step_started
+        rate = tokens / train_seconds
+        row = {"split": "train", "step": step, "lr": lr, **values, "tokens_per_s": rate}
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        logger.write(row)
+        recent = (recent + [values])[-20:]
+        bar.set_postfix({short_name(k): f"{v:.3f}" for k, v in values.items()} | {"tok/s": f"{rate:.0f}"})
+        bar.update(1)
+        if settings.eval_every and step % settings.eval_every == 0 or step == settings.steps:
+            eval_losses = evaluate() or eval_losses
+        if settings.save_every and (step % settings.save_every == 0 or step == settings.steps):
+            save_training_checkpoint(run_dir, accelerator, *saving, step)
     bar.close()
     seconds = time.perf_counter() - started
     train_losses = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
     final = run_dir / FINAL
+    replica_diff = dist.replica_max_diff(accelerator, parameters)
+    if replica_diff:
+        log.warning("SpAF weights differ between ranks by up to %.3g after training.", replica_diff)
+    if replica_diff is not None:
+        logger.write({"split": "replicas", "step": step, "max_abs_diff": replica_diff})
+    master_weights = dist.full_spaf_weights(accelerator, module, model)  # collective under DeepSpeed
     if accelerator.is_main_process:
-        model.save_spaf_components(final, extra_meta={"step": step, "train_losses": train_losses,
-                                                      "eval_losses": eval_losses})
+        meta = {"step": step, "train_losses": train_losses, "eval_losses": eval_losses}
+        model.save_spaf_components(final, extra_meta=meta, state=master_weights)
     accelerator.wait_for_everyone()
     rate = tokens / train_seconds if train_seconds else 0.0
-    return TrainResult(run_dir, final, step, train_losses, eval_losses, rate, seconds)
+    return TrainResult(run_dir, final, step, train_losses, eval_losses, rate, seconds, replica_diff,
+                       accelerator.is_main_process)
+
+
+def micro_batches(loader, sampler: EpochSampler, per_epoch: int, start: int):
+    """Yield micro-batches forever from micro-batch ``start``; an epoch is its first ``per_epoch`` batches."""
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        loader.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        for index, batch in enumerate(loader):
+            if index >= per_epoch:
+                break
+            if index >= skip:
+                yield batch
+        epoch, skip = epoch + 1, 0
+
+
+def mean_losses(micro_losses: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {name: torch.stack([losses[name] for losses in micro_losses]).mean() for name in micro_losses[0]}
 
 
 def attach_feature_cache(model, train_set, eval_set, settings, accelerator, progress):
@@ -346,15 +419,28 @@ def attach_feature_cache(model, train_set, eval_set, settings, accelerator, prog
     return wrapped[0], wrapped[1]
 
 
-def save_training_checkpoint(run_dir, accelerator, model, optimizer, scheduler, step, run_settings) -> None:
+def save_training_checkpoint(run_dir, accelerator, module, model, optimizer, scheduler, run_settings, step) -> None:
+    """Every rank calls this; the main process alone writes, then all meet at a barrier.
+
+    Under DeepSpeed the fp32 master weights and each rank's optimizer partition are
+    gathered first; every rank's RNG state is kept so a resumed rank continues its own.
+    """
+    master_weights = dist.full_spaf_weights(accelerator, module, model)
+    optimizer_state = dist.optimizer_state(accelerator, optimizer)
+    rng_states = dist.gather_to_main(accelerator, ckpt.rng_state())
     if accelerator.is_main_process:
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
-            "rng": ckpt.rng_state(),
+            "rng": rng_states[0],
+            "rng_per_rank": rng_states,
+            "world_size": accelerator.num_processes,
         }
-        ckpt.save_checkpoint(run_dir, model, state, run_settings)
+        if master_weights is None:
+            ckpt.save_checkpoint(run_dir, model, state, run_settings)
+        else:
+            ckpt.save_checkpoint(run_dir, model, state, run_settings, weights=master_weights)
     accelerator.wait_for_everyone()
 
 
@@ -409,16 +495,20 @@ def train_run(
     resume: bool = False,
     progress: bool = True,
     dtype: torch.dtype | None = None,
+    distributed: DistributedSettings | None = None,
 ) -> TrainResult:
     """What ``spaf-edge train`` does: load the base, build or restore SpAF modules, train.
 
     ``overrides`` are :class:`TrainSettings` values given by the user (the rest default).
     A fresh run refuses a run folder that already holds a checkpoint. A resumed run takes
     its SpAF config, settings and (unless given) data path from the checkpoint; overrides
-    must then match the saved settings except for :data:`RESUMABLE_CHANGES`.
+    must then match the saved settings except for :data:`RESUMABLE_CHANGES`. The base is
+    loaded once per process, in ``dtype`` or else ``distributed.base_dtype``.
     """
     run_dir = Path(run_dir)
     overrides = dict(overrides or {})
+    distributed = distributed or DistributedSettings()
+    dtype = dtype or distributed.torch_base_dtype()
     checkpoint = ckpt.find_checkpoint(run_dir)
     if resume:
         if checkpoint is None:
@@ -436,8 +526,9 @@ def train_run(
         if data_path is None:
             raise ConfigError("No training data: pass --data FILE.jsonl.")
         settings = TrainSettings.from_dict(overrides)
+        torch.manual_seed(settings.seed)  # the SpAF modules' initial weights: the same in every process
         model = SpAFModel.from_pretrained(base_model, config or SpAFConfig(), dtype=dtype)
-    return train(model, data_path, run_dir, settings, resume=resume, progress=progress)
+    return train(model, data_path, run_dir, settings, resume=resume, progress=progress, distributed=distributed)
 
 
 def resumed_settings(saved: TrainSettings, overrides: dict[str, Any]) -> TrainSettings:
