@@ -45,7 +45,7 @@ def make_tiny_spaf(model_type: str = "llama", seed: int = 0, randomize: bool = T
     return model
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def single_thread():
     """Run a test on one torch thread.
 

@@ -11,13 +11,7 @@ from click.testing import CliRunner
 from spaf_edge.cli import main
 from spaf_edge.model import SpAFModel
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def invoke(*args):

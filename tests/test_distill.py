@@ -12,13 +12,7 @@ from spaf_edge.errors import ConfigError
 from spaf_edge.training.data import load_examples
 from spaf_edge.training.distill import distill, generate_batch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ from spaf_edge.training import deepspeed_config as dsc
 from spaf_edge.training.distributed import DistributedSettings
 from spaf_edge.training.trainer import LossModule, TrainSettings, train, train_run
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 ZERO2 = REPO / "configs" / "deepspeed" / "zero2.json"
 RANKS, BATCH, ACCUM = 2, 2, 2
@@ -40,14 +42,6 @@ RANKS, BATCH, ACCUM = 2, 2, 2
 # same schedule as one that ran all steps at once.
 SETTINGS = dict(seq_len=32, lr=1e-2, warmup=0, min_lr_ratio=1.0, save_every=2, eval_every=2, logit_chunk_rows=40)
 WORDS = ["the cat", "a dog", "runs", "sleeps", "on the mat", "quickly", "and", "then", "big", "red"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

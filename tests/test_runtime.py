@@ -28,19 +28,11 @@ from spaf_edge.sampling import SamplingParams, logits_to_probs
 from spaf_edge.validation.end_to_end import base_greedy
 from test_reference_generation import make_upper_identity
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 EXPORTABLE = dict(hidden_size=64)  # head_dim 16
 PROMPTS = ([1, 7, 19, 42, 5], [3, 90, 11])
 PAIRS = [(1, 1), (3, 1), (5, 2), (4, 4)]  # (num_draft_tokens, serial_parallel_transition)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def torch_single_thread():
-    """One torch thread for the reference runs: two OMP threads on a shared 2-core machine
-    wait on each other at every op (measured 20x slower on the default model)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def export(model, folder: Path, **kwargs) -> Path:

@@ -24,16 +24,9 @@ from spaf_edge.training.features import (
 from spaf_edge.training.losses import chunked_distill_loss, spaf_losses
 from spaf_edge.training.trainer import TrainSettings, train
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 WORDS = ["the cat", "a dog", "runs", "sleeps", "on the mat", "quickly", "and", "then", "big", "red"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two spin-waiting threads crawl on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from spaf_edge.config import SpAFConfig
 from spaf_edge.exporters import export_model
 from spaf_edge.model import SpAFModel
 from spaf_edge.runtime import Engine
-from test_runtime import torch_single_thread  # noqa: F401  (autouse: one torch thread)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def randomize(model: SpAFModel, seed: int) -> None:

@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
+from spaf_edge.cache_length import CacheLength
 
-class StackKVCache:
+
+class StackKVCache(CacheLength):
     def __init__(
         self,
         layer_ids: range,
@@ -24,29 +26,17 @@ class StackKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
+        super().__init__(max_length)
         shape = (1, num_kv_heads, max_length, head_dim)  # [B=1, kv_heads, max_len, head_dim]
         self.layer_ids = layer_ids
         self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
         self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
-        self.max_length = max_length
-        self.length = 0
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         # key, value: [1, kv_heads, S, head_dim] -> cached [1, kv_heads, length+S, head_dim]
+        self.check_room(key.shape[2])
         end = self.length + key.shape[2]
-        if end > self.max_length:
-            raise RuntimeError(f"KV cache overflow: {end} > {self.max_length} positions")
         self.keys[layer_idx][:, :, self.length:end] = key
         self.values[layer_idx][:, :, self.length:end] = value
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def rewind_to(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot rewind a cache of length {self.length} to {length}")
-        self.length = length
-
-    def reset(self) -> None:
-        self.length = 0

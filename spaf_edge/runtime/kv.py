@@ -13,22 +13,22 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from spaf_edge.cache_length import CacheLength
 from spaf_edge.io_names import kv_names
 
 
-class KVCache:
+class KVCache(CacheLength):
     def __init__(
         self, layers: range, num_kv_heads: int, head_dim: int, max_length: int, dtype: type, device: str = "cpu"
     ) -> None:
+        super().__init__(max_length)
         self.layers = layers
         self.shape = [1, num_kv_heads, max_length, head_dim]  # [B=1, kv_heads, max_length, head_dim]
-        self.max_length = max_length
         self.dtype = np.dtype(dtype)
         # Uninitialised on purpose: rows past the valid length are never read, and untouched
         # pages of a long context cost no resident memory.
         self.keys = [ort.OrtValue.ortvalue_from_shape_and_type(self.shape, dtype, device, 0) for _ in layers]
         self.values = [ort.OrtValue.ortvalue_from_shape_and_type(self.shape, dtype, device, 0) for _ in layers]
-        self.length = 0  # valid rows: positions 0 .. length-1
 
     def bind(self, binding: ort.IOBinding) -> None:
         """Bind every layer's buffer as both past input and present output of ``binding``."""
@@ -38,19 +38,6 @@ class KVCache:
             binding.bind_ortvalue_input(past_v, value)
             binding.bind_ortvalue_output(present_k, key)
             binding.bind_ortvalue_output(present_v, value)
-
-    def advance(self, n: int) -> None:
-        if self.length + n > self.max_length:
-            raise RuntimeError(f"KV cache overflow: {self.length + n} > {self.max_length} positions")
-        self.length += n
-
-    def rewind_to(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot rewind a cache of length {self.length} to {length}")
-        self.length = length
-
-    def reset(self) -> None:
-        self.length = 0
 
     def rows(self, layer: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Host copies of one layer's valid key and value rows: [1, kv_heads, length, head_dim] each."""
