@@ -7,9 +7,11 @@ Torch-free.
 from __future__ import annotations
 
 # Graph files in an export folder.
-LOWER_GRAPH = "lower.onnx"  # embedding + layers 0..k-1 (+ adapter draft head on the last position)
-UPPER_GRAPH = "upper.onnx"  # layers k..L-1 + final norm + LM head
-DRAFTER_GRAPH = "drafter.onnx"  # AlignmentHead step + adapter draft head
+LOWER_GRAPH = "lower.onnx"  # embedding + layers 0..k-1 -> cutoff states
+UPPER_GRAPH = "upper.onnx"  # layers k..L-1 + final norm (-> top states) + LM head (its own prepacked copy)
+DRAFTER_GRAPH = "drafter.onnx"  # one AlignmentHead step -> pseudo cutoff state
+DRAFT_HEAD_GRAPH = "draft_head.onnx"  # adapter + final norm + draft LM head on one (exact or pseudo) state
+GRAPHS = (LOWER_GRAPH, UPPER_GRAPH, DRAFTER_GRAPH, DRAFT_HEAD_GRAPH)  # every graph of an export folder
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -22,12 +24,17 @@ INPUT_IDS = "input_ids"  # int64 [1, S]
 SEQLENS_K = "seqlens_k"  # int32 [1]: past_length + S - 1 (GroupQueryAttention convention)
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 []: past_length + S
 CUTOFF_HIDDEN = "cutoff_hidden"  # float [1, S, H]: output of lower, input of upper
+NUM_LOGITS = "num_logits"  # int64 [1]: upper input n, logits of the last n positions only (0 <= n <= S)
 TOKEN_IDS = "token_ids"  # int64 [1, 1]: drafter input, the previous draft d_{j-1}
 PREV_HIDDEN = "prev_hidden"  # float [1, 1, H]: drafter input h̄(t)
+DRAFT_HIDDEN = "draft_hidden"  # float [1, 1, H]: draft-head input, an exact h or a pseudo ĥ
+PREV_TOP = "prev_top"  # float [1, 1, H]: draft-head input f̄ (only for adapters that read the top state)
 
 # Outputs.
-DRAFT_LOGITS = "draft_logits"  # float32 [1, 1, V_d]: head(a(h)) of the last position
-LOGITS = "logits"  # float32 [1, S, V]
+DRAFT_LOGITS = "draft_logits"  # float32 [1, 1, V_d]: head(a(h, f)) over the draft vocabulary
+DRAFTED_TOP = "drafted_top"  # float [1, 1, H]: final_norm(a(h, f)), the next chained draft step's prev_top
+LOGITS = "logits"  # float32 [1, n, V]: positions P+S-n .. P+S-1 (n = num_logits)
+TOP_HIDDEN = "top_hidden"  # float [1, S, H]: post-final-norm states (what the LM head reads)
 PSEUDO_HIDDEN = "pseudo_hidden"  # float [1, 1, H]: drafter output ĥ(t+1)
 
 

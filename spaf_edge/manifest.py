@@ -16,7 +16,7 @@ from typing import Any
 from spaf_edge.errors import ExportFormatError, ModelNotFoundError
 from spaf_edge.io_names import MANIFEST
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: draft head in its own graph, top states (docs/export_format.md)
 DTYPES = ("float32", "float16")
 QUANTIZATIONS = (None, "int8", "int4")
 
@@ -50,6 +50,7 @@ class Manifest:
     chat_template: str | None = None
     spaf: dict[str, Any] = field(default_factory=dict)  # SpAFConfig.to_dict() (decoding defaults)
     tuned: dict[str, Any] | None = None  # written by `spaf-edge tune`
+    reads_top_state: bool = False  # the draft head has a prev_top input (its adapter reads the top state)
     format_version: int = FORMAT_VERSION
 
     # ---- io ----------------------------------------------------------------

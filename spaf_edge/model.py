@@ -205,19 +205,40 @@ class SpAFModel(nn.Module):
 
     def head(self, hidden: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Base final norm + LM head; with ``vocab_ids`` only those rows. [..., H] -> [..., V]"""
-        normed = self.arch.final_norm(self.base)(hidden)
+        return self.lm_head_rows(self.arch.final_norm(self.base)(hidden), vocab_ids)
+
+    def adapt(
+        self, hidden: torch.Tensor, exit_layer: int | None = None, prev_top: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``a(h, f)``: the adapter on cutoff states (``prev_top``: see spaf_edge.modules.drafters). [..., H]"""
+        return self.adapters[str(exit_layer or self.cutoff)](hidden, prev_top)
+
+    def reads_top_state(self, exit_layer: int | None = None) -> bool:
+        return bool(getattr(self.adapters[str(exit_layer or self.cutoff)], "reads_top_state", False))
+
+    def draft_logits(
+        self, hidden: torch.Tensor, exit_layer: int | None = None, prev_top: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``head(a(h, f))`` over the draft vocabulary. [..., H] -> [..., V_d]"""
+        return self.draft_step(hidden, exit_layer, prev_top)[0]
+
+    def draft_step(
+        self, hidden: torch.Tensor, exit_layer: int | None = None, prev_top: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft logits [..., V_d] and the drafted top state ``final_norm(a(h, f))`` [..., H].
+
+        The top state feeds the next chained draft step as its ``prev_top``.
+        """
+        top = self.arch.final_norm(self.base)(self.adapt(hidden, exit_layer, prev_top))
+        return self.lm_head_rows(top, self.draft_vocab), top
+
+    def lm_head_rows(self, normed: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The LM head alone (input already final-normed); with ``vocab_ids`` only those rows."""
         lm_head = self.arch.lm_head(self.base)
         if vocab_ids is None or vocab_ids.numel() == 0:
             return lm_head(normed)
         bias = lm_head.bias[vocab_ids] if lm_head.bias is not None else None
         return nn.functional.linear(normed, lm_head.weight[vocab_ids], bias)
-
-    def adapt(self, hidden: torch.Tensor, exit_layer: int | None = None) -> torch.Tensor:
-        return self.adapters[str(exit_layer or self.cutoff)](hidden)
-
-    def draft_logits(self, hidden: torch.Tensor, exit_layer: int | None = None) -> torch.Tensor:
-        """``head(a(h))`` over the draft vocabulary. [..., H] -> [..., V_d]"""
-        return self.head(self.adapt(hidden, exit_layer), self.draft_vocab)
 
     def align(self, token_ids: torch.Tensor, prev_hidden: torch.Tensor, exit_layer: int | None = None) -> torch.Tensor:
         """Pseudo cutoff state of the next position. token_ids: [B, S], prev_hidden: [B, S, H]."""

@@ -37,6 +37,41 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return x
 
 
+TOP_P_STEPS = 24  # thresholds max(p) / 4**i tried before top-p sorts the whole vocabulary
+
+
+def top_p_mask(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The tokens top-p keeps: the smallest prefix of the probabilities sorted high to low
+    (ties by token id, a stable sort) whose mass reaches ``top_p``; the first token always
+    stays. probs: [V] -> bool [V]
+
+    Sorts only the candidates: the tokens with probability >= a threshold, lowered x4 until
+    their mass reaches ``top_p``. A value threshold takes every tie with the last candidate,
+    so the candidates are exactly a prefix of the full stable order and their cumulative
+    sums, hence the kept set, are bit-identical to a full sort's.
+    """
+    threshold = probs.max()
+    for _ in range(TOP_P_STEPS):
+        candidates = np.flatnonzero(probs >= threshold)  # ascending ids: stable-sort ties stay in id order
+        if probs[candidates].sum() >= top_p - 1e-6:  # cheap pre-check; the exact test is on the sorted sums
+            order = candidates[np.argsort(-probs[candidates], kind="stable")]
+            mass = np.cumsum(probs[order])
+            if mass[-1] >= top_p:  # every later token has mass >= top_p ranked before it: all dropped
+                return prefix_mask(order, mass, probs, top_p)
+            break  # rounding at the boundary: the full sort settles it
+        threshold /= 4
+    order = np.argsort(-probs, kind="stable")
+    return prefix_mask(order, np.cumsum(probs[order]), probs, top_p)
+
+
+def prefix_mask(order: np.ndarray, mass: np.ndarray, probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Keep the ranked tokens ``order`` (cumulative mass ``mass``) whose preceding mass is below ``top_p``."""
+    before = mass - probs[order]
+    keep = np.zeros(probs.shape, dtype=bool)
+    keep[order[before < top_p]] = True
+    return keep
+
+
 def logits_to_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """Temperature, then top-k, then top-p, then softmax. [..., V] -> float64 [..., V]
 
@@ -54,13 +89,8 @@ def logits_to_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         scaled = np.where(scaled < kth, -np.inf, scaled)
     probs = softmax(scaled)
     if params.top_p < 1.0:
-        order = np.argsort(-probs, axis=-1, kind="stable")
-        sorted_probs = np.take_along_axis(probs, order, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
-        keep_sorted = before < params.top_p
-        keep = np.zeros_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, axis=-1)
+        rows = probs.reshape(-1, probs.shape[-1])  # [R, V]
+        keep = np.stack([top_p_mask(row, params.top_p) for row in rows]).reshape(probs.shape)
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum(axis=-1, keepdims=True)
     return probs

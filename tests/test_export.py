@@ -1,16 +1,19 @@
-"""ONNX export: graph parity per architecture and precision, manifest, atomicity, shared weights, errors."""
+"""ONNX export: graph parity per architecture, precision and adapter kind, manifest, atomicity, shared weights,
+errors."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import make_tiny_spaf
 
 from spaf_edge import io_names
+from spaf_edge.config import SpAFConfig
 from spaf_edge.errors import ConfigError, ExportFormatError, UnsupportedArchitectureError
 from spaf_edge.exporters import export_model
 from spaf_edge.manifest import Manifest
@@ -20,6 +23,15 @@ from spaf_edge.validation.graph_parity import check_graphs
 # GroupQueryAttention needs head_dim % 16 == 0: tiny models get hidden 64 / 4 heads.
 EXPORTABLE = dict(hidden_size=64)
 MAX_LENGTH = 64
+GRAPH_NAMES = {"lower", "upper", "drafter", "draft_head"}
+STEPS = {"prefill", "decode", "verify", "rollback"}
+
+
+def graph_io(folder, graph: str) -> tuple[list[str], list[str]]:
+    """Input names (without the shared weights) and output names of one exported graph."""
+    model = onnx.load(str(folder / graph), load_external_data=False).graph
+    initializers = {tensor.name for tensor in model.initializer}
+    return [i.name for i in model.input if i.name not in initializers], [o.name for o in model.output]
 
 
 def tiny_tokenizer(vocab_size: int = 96):
@@ -52,9 +64,46 @@ def test_fp32_graph_parity_per_architecture(model_type, tmp_path):
     folder = export_model(model, tmp_path / "out", max_length=MAX_LENGTH, progress=False)
     report = check_graphs(model, folder)
     assert report.passed, report.summary()
-    assert {e.graph for e in report.errors} == {"lower", "upper", "drafter"}
-    assert {e.step for e in report.errors} == {"prefill", "decode", "verify", "rollback"}
+    assert {e.graph for e in report.errors} == GRAPH_NAMES
+    assert {e.step for e in report.errors} == STEPS | {f"{step}/chained" for step in STEPS}
     assert report.worst(output=io_names.LOGITS)["max_rel"] <= 1e-4
+    assert report.worst("upper", io_names.TOP_HIDDEN)["max_rel"] <= 1e-4
+    assert report.worst("draft_head", io_names.DRAFTED_TOP)["max_rel"] <= 1e-4
+
+
+def test_fused_adapter_graph_parity(tmp_path):
+    """The fused adapter reads the previous top state: its draft head has a prev_top input."""
+    model = make_tiny_spaf("llama", spaf_config=SpAFConfig(cutoff_layer=2, adapter_kind="fused"), **EXPORTABLE)
+    folder = export_model(model, tmp_path / "out", max_length=MAX_LENGTH, progress=False)
+    assert Manifest.load(folder).reads_top_state
+    inputs, outputs = graph_io(folder, io_names.DRAFT_HEAD_GRAPH)
+    assert inputs == [io_names.DRAFT_HIDDEN, io_names.PREV_TOP]
+    assert outputs == [io_names.DRAFT_LOGITS, io_names.DRAFTED_TOP]
+    report = check_graphs(model, folder)
+    assert report.passed, report.summary()
+    assert report.worst("draft_head", io_names.DRAFT_LOGITS)["max_rel"] <= 1e-4
+    assert report.worst("draft_head", io_names.DRAFTED_TOP)["max_rel"] <= 1e-4
+    # the check has power on the top-state path: a wrong top norm fails it
+    with torch.no_grad():
+        model.adapters["2"].top_norm.weight.mul_(1.5)
+    assert {e.graph for e in check_graphs(model, folder).failures} == {"draft_head"}
+
+
+def test_graph_io(llama_export):
+    """v2 layout: no draft head in lower; upper emits top states; the drafter is the AlignmentHead alone."""
+    assert not Manifest.load(llama_export).reads_top_state
+    lower_in, lower_out = graph_io(llama_export, io_names.LOWER_GRAPH)
+    assert lower_in[0] == io_names.INPUT_IDS and lower_out[0] == io_names.CUTOFF_HIDDEN
+    assert all(name.startswith("present.") for name in lower_out[1:])
+    lower_ops = {node.op_type for node in onnx.load(str(llama_export / io_names.LOWER_GRAPH),
+                                                    load_external_data=False).graph.node}
+    assert "Gemm" not in lower_ops  # no LM head
+    _, upper_out = graph_io(llama_export, io_names.UPPER_GRAPH)
+    assert upper_out[:2] == [io_names.LOGITS, io_names.TOP_HIDDEN]
+    assert graph_io(llama_export, io_names.DRAFTER_GRAPH) == (
+        [io_names.TOKEN_IDS, io_names.PREV_HIDDEN], [io_names.PSEUDO_HIDDEN])
+    assert graph_io(llama_export, io_names.DRAFT_HEAD_GRAPH) == (
+        [io_names.DRAFT_HIDDEN], [io_names.DRAFT_LOGITS, io_names.DRAFTED_TOP])
 
 
 def test_parity_check_catches_a_wrong_graph(tiny_llama, llama_export):
@@ -68,6 +117,18 @@ def test_parity_check_catches_a_wrong_graph(tiny_llama, llama_export):
             weight.copy_(original)
     assert not report.passed
     assert {e.graph for e in report.failures} == {"upper"}
+
+
+def test_parity_check_catches_a_wrong_draft_head(tiny_llama, llama_export):
+    weight = tiny_llama.adapters["2"].up.weight
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(1.5)
+        try:
+            report = check_graphs(tiny_llama, llama_export)
+        finally:
+            weight.copy_(original)
+    assert {e.graph for e in report.failures} == {"draft_head"}
 
 
 def test_fp16_graph_parity(tmp_path):
@@ -89,8 +150,6 @@ def test_fp16_graph_parity(tmp_path):
 
 @pytest.mark.parametrize("quantization, bound", [("int8", 0.05), ("int4", 0.25)])
 def test_quantized_export_runs_close_to_float(quantization, bound, tmp_path):
-    import onnx
-
     model = make_tiny_spaf("llama", **EXPORTABLE)
     folder = export_model(model, tmp_path / "out", quantization=quantization, max_length=MAX_LENGTH, progress=False)
     graph = onnx.load(str(folder / io_names.UPPER_GRAPH), load_external_data=False).graph
@@ -112,8 +171,12 @@ def test_draft_vocabulary_export(tmp_path):
     assert np.array_equal(np.load(folder / io_names.DRAFT_VOCAB), np.arange(3, 96, 3))
     report = check_graphs(model, folder)
     assert report.passed, report.summary()
-    shared = {t.name: t for t in read_index(folder)}
-    assert set(shared["spaf.draft_head.weight"].graphs) == {io_names.LOWER_GRAPH, io_names.DRAFTER_GRAPH}
+    assert report.worst("draft_head", io_names.DRAFT_LOGITS)["max_rel"] <= 1e-4
+    # the draft-vocabulary rows serve the draft head only: a private (prepackable) initializer
+    assert "spaf.draft_head.weight" not in {t.name for t in read_index(folder)}
+    graph = onnx.load(str(folder / io_names.DRAFT_HEAD_GRAPH), load_external_data=False).graph
+    assert "spaf.draft_head.weight" in {t.name for t in graph.initializer}
+    assert "spaf.draft_head.weight" not in {i.name for i in graph.input}
 
 
 # ---- folder, manifest, shared weights -------------------------------------------
@@ -121,8 +184,8 @@ def test_manifest_describes_the_folder(tiny_llama, llama_export):
     manifest = Manifest.load(llama_export)  # verifies every sha256
     on_disk = {p.name for p in llama_export.iterdir()} - {io_names.MANIFEST}
     assert set(manifest.files) == on_disk
-    assert {io_names.LOWER_GRAPH, io_names.UPPER_GRAPH, io_names.DRAFTER_GRAPH, io_names.SHARED_WEIGHTS,
-            io_names.TOKENIZER, io_names.TOKENIZER_CONFIG} <= on_disk
+    assert {*io_names.GRAPHS, io_names.SHARED_WEIGHTS, io_names.TOKENIZER, io_names.TOKENIZER_CONFIG} <= on_disk
+    assert manifest.format_version == 2
     assert manifest.base_fingerprint == tiny_llama.fingerprint
     assert (manifest.cutoff_layer, manifest.exits, manifest.dtype, manifest.quantization) == (2, [2], "float32", None)
     assert manifest.sizes.max_length == MAX_LENGTH and manifest.sizes.head_dim == 16
@@ -155,21 +218,21 @@ def test_shared_weights_are_stored_once(tied, tmp_path):
         data = table.detach().numpy().tobytes()
         assert [p.name for p in folder.iterdir() if data in p.read_bytes()] == [io_names.SHARED_WEIGHTS]
     graphs = {t.name: set(t.graphs) for t in read_index(folder)}
-    everywhere = {io_names.LOWER_GRAPH, io_names.UPPER_GRAPH, io_names.DRAFTER_GRAPH}
-    assert graphs["model.norm.weight"] == everywhere
-    if tied:  # embedding, LM head of upper and draft head of lower/drafter: one tensor
-        assert graphs["model.embed_tokens.weight"] == everywhere and "lm_head.weight" not in graphs
+    heads = {io_names.UPPER_GRAPH, io_names.DRAFT_HEAD_GRAPH}  # the final norm + LM head users
+    assert graphs["model.norm.weight"] == heads
+    if tied:  # embedding of lower/drafter, LM head of upper and draft head: one tensor
+        assert graphs["model.embed_tokens.weight"] == set(io_names.GRAPHS) and "lm_head.weight" not in graphs
     else:
         assert graphs["model.embed_tokens.weight"] == {io_names.LOWER_GRAPH, io_names.DRAFTER_GRAPH}
-        assert graphs["lm_head.weight"] == everywhere
-    assert not any(name.startswith("model.layers.") for name in graphs)
+        assert graphs["lm_head.weight"] == heads
+    assert not any(name.startswith(("model.layers.", "spaf.")) for name in graphs)
 
 
 def test_shared_weights_feed_every_session_the_same_buffer(llama_export):
     import onnxruntime as ort
 
     shared = SharedWeights(llama_export)
-    for graph in (io_names.LOWER_GRAPH, io_names.UPPER_GRAPH, io_names.DRAFTER_GRAPH):
+    for graph in io_names.GRAPHS:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         shared.add_to(options, graph)
@@ -183,9 +246,9 @@ def test_shared_weights_feed_every_session_the_same_buffer(llama_export):
 def test_open_session_keeps_the_shared_buffers_alive(llama_export):
     import gc
 
-    session = SharedWeights(llama_export).open_session(io_names.DRAFTER_GRAPH)
+    session = SharedWeights(llama_export).open_session(io_names.DRAFT_HEAD_GRAPH)
     gc.collect()  # only the session refers to the SharedWeights now
-    feeds = {io_names.TOKEN_IDS: np.array([[5]]), io_names.PREV_HIDDEN: np.ones((1, 1, 64), np.float32)}
+    feeds = {io_names.DRAFT_HIDDEN: np.ones((1, 1, 64), np.float32)}
     first = session.run([io_names.DRAFT_LOGITS], feeds)[0]
     assert np.isfinite(first).all()
     assert np.array_equal(session.run([io_names.DRAFT_LOGITS], feeds)[0], first)
@@ -287,6 +350,6 @@ def test_default_model_fp32_export_parity(default_base, tmp_path):
     folder_bytes = sum(p.stat().st_size for p in folder.iterdir())
     assert folder_bytes < 1.05 * param_bytes + 8e6  # + tokenizer; a second embedding copy would add 113 MB
     shared = {t.name: t for t in read_index(folder)}
-    assert len(shared["model.embed_tokens.weight"].graphs) == 3  # tied: embedding = LM head = draft head
+    assert len(shared["model.embed_tokens.weight"].graphs) == 4  # tied: embedding = LM head = draft head
     manifest = Manifest.load(folder, verify_files=False)
     assert manifest.chat_template and manifest.eos_token_ids

@@ -6,14 +6,16 @@ depend on draft quality.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import make_tiny_spaf
 from spaf_edge.config import SpAFConfig
 from spaf_edge.errors import ConfigError, ContextLengthError
-from spaf_edge.generation.reference import spaf_generate
+from spaf_edge.generation.reference import commit, prefill, spaf_draft, spaf_generate, spaf_verify
 from spaf_edge.model import SpAFModel
+from spaf_edge.sampling import SamplingParams, accept, logits_to_probs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -229,3 +231,47 @@ def test_default_model_greedy_equals_hf_generate(default_base):
         result = greedy(model, prompt, max_new_tokens=48, num_draft_tokens=num_drafts,
                         serial_parallel_transition=transition)
         assert result.tokens == expected, (num_drafts, transition)
+
+
+# ---- top-aware drafters -------------------------------------------------------
+def fused_spaf(model_type: str = "llama", seed: int = 0) -> SpAFModel:
+    """A tiny SpAF model whose adapter reads the previous top state (random weights)."""
+    return make_tiny_spaf(model_type, seed, spaf_config=SpAFConfig(cutoff_layer=2, adapter_kind="fused",
+                                                                   adapter_dim_ratio=1.0))
+
+
+@pytest.mark.parametrize("num_drafts,transition", [(1, 1), (4, 1), (5, 2)])
+def test_fused_adapter_greedy_equals_hf_generate(model_type, num_drafts, transition):
+    model = fused_spaf(model_type)
+    for prompt in PROMPTS + ([9],):  # a one-token prompt: no prefill, the first top state is zeros
+        expected = hf_greedy(model.base, prompt, NEW_TOKENS)
+        result = greedy(model, prompt, num_draft_tokens=num_drafts, serial_parallel_transition=transition)
+        assert result.tokens == expected
+
+
+def test_fused_drafts_read_the_exact_top_state_after_a_rejection():
+    """After commit the state's top state is the base's own, and the first draft uses it."""
+    model = fused_spaf(seed=3)
+    assert model.reads_top_state()
+    params = SamplingParams(temperature=0.0)
+    rng = np.random.default_rng(0)
+    state = prefill(model, PROMPTS[0], 64)
+    rejected = 0
+    for _ in range(6):
+        draft = spaf_draft(model, state, 4, 1, params, rng)
+        accepted, bonus = accept(draft.tokens, draft.probs, logits_to_probs(spaf_verify(model, state, draft), params),
+                                 params, rng)
+        rejected += accepted < len(draft.tokens)
+        commit(state, draft, accepted, bonus)
+        with torch.no_grad():
+            hidden = model.base_features(torch.tensor([state.tokens]))
+        fresh_top = hidden[-1][:, -2:-1]  # post-norm top state of position T-1
+        torch.testing.assert_close(state.top, fresh_top, rtol=1e-4, atol=1e-5)
+        # The next first draft is head(a(h(T), f(T-1))) from the exact states.
+        expected_logits = model.draft_logits(hidden[2][:, -1:], prev_top=fresh_top)
+        zeros_logits = model.draft_logits(hidden[2][:, -1:], prev_top=torch.zeros_like(fresh_top))
+        assert not torch.allclose(expected_logits, zeros_logits)  # the top state matters to this kind
+        next_draft = spaf_draft(model, state, 1, 1, params, rng)
+        assert next_draft.tokens == [int(expected_logits[0, -1].argmax())]
+        state.lower.rewind_to(state.position)  # undo the probe's lower-stack step
+    assert rejected > 0

@@ -16,15 +16,17 @@ import pytest
 import torch
 
 from conftest import make_tiny_spaf, make_tiny_tokenizer
+from spaf_edge.config import SpAFConfig
 from spaf_edge.errors import ConfigError, ContextLengthError, ExportFormatError, ProviderUnavailableError
 from spaf_edge.exporters import export_model
 from spaf_edge.generation.reference import spaf_generate
 from spaf_edge.io_names import LOWER_GRAPH, MANIFEST, UPPER_GRAPH
-from spaf_edge.runtime.decoder import TargetProbs
+from spaf_edge.runtime.decoder import EngineResult, TargetProbs
 from spaf_edge.runtime.engine import Engine
 from spaf_edge.runtime.stream import IncrementalDecoder
 from spaf_edge.runtime.tokenizer import TextTokenizer
 from spaf_edge.sampling import SamplingParams, logits_to_probs
+from spaf_edge.stats import GenerationStats
 from spaf_edge.validation.end_to_end import base_greedy
 from test_reference_generation import make_upper_identity
 
@@ -283,6 +285,124 @@ def test_sampling_matches_the_pytorch_reference_draw_for_draw(tiny, engine):
     assert result.tokens == reference.tokens
 
 
+# ---- adapters that read the top state (fused) ------------------------------
+def make_fused_spaf(seed: int = 0):
+    """Tiny Llama, fused adapter with random non-zero weights, identity upper layers.
+
+    The identity upper layers make drafts close to the target, so verify steps both accept
+    and reject; the adapter's out layer is random (not the zero init), so the top state
+    really changes drafts.
+    """
+    model = make_tiny_spaf("llama", seed, spaf_config=SpAFConfig(cutoff_layer=2, adapter_kind="fused"), **EXPORTABLE)
+    make_upper_identity(model)
+    adapter = model.adapters["2"]
+    generator = torch.Generator().manual_seed(seed + 5)
+    with torch.no_grad():
+        adapter.state_norm.weight.fill_(1.0)
+        adapter.top_norm.weight.fill_(1.0)
+        adapter.inner.weight.copy_(torch.randn(adapter.inner.weight.shape, generator=generator) * 64**-0.5)
+        adapter.inner.bias.zero_()
+        adapter.out.weight.copy_(torch.randn(adapter.out.weight.shape, generator=generator) * 0.005)
+        adapter.out.bias.zero_()
+    return model
+
+
+def fresh_top_states(model, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cutoff states, top states) of a full forward over ``tokens``: [1, len, H] each."""
+    hidden = model.base_features(torch.tensor([tokens]))
+    return hidden[model.cutoff], hidden[-1]
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+    model = make_fused_spaf()
+    assert model.reads_top_state()
+    hidden, top = fresh_top_states(model, PROMPTS[0])
+    with torch.no_grad():
+        exact = model.draft_logits(hidden[:, 1:], prev_top=top[:, :-1]).argmax(-1)
+        zeros = model.draft_logits(hidden[:, 1:], prev_top=torch.zeros_like(top[:, :-1])).argmax(-1)
+    assert (exact != zeros).any()  # the top state changes drafts
+    return model, export(model, tmp_path_factory.mktemp("rt") / "fused")
+
+
+@pytest.fixture(scope="module")
+def fused_engine(fused):
+    return Engine.from_folder(fused[1])
+
+
+@pytest.mark.parametrize("num_drafts,transition", PAIRS)
+def test_fused_greedy_equals_reference_and_base(fused, fused_engine, num_drafts, transition):
+    model, _ = fused
+    eos = sorted(fused_engine.eos)
+    accepted = 0
+    for prompt in (*PROMPTS, [9]):  # a one-token prompt: the first top state is zeros
+        result = fused_engine.generate(prompt, max_new_tokens=30, num_draft_tokens=num_drafts,
+                                       serial_parallel_transition=transition)
+        reference = torch_greedy(model, prompt, 30, eos, num_draft_tokens=num_drafts,
+                                 serial_parallel_transition=transition)
+        assert result.tokens == reference.tokens == base_greedy(model.base, prompt, 30, eos)
+        assert result.stats.accepted == reference.stats.accepted  # the same drafts, from the same top states
+        accepted += sum(result.stats.accepted)
+    assert accepted > 0
+
+
+def test_fused_sampling_matches_the_reference_draw_for_draw(fused, fused_engine):
+    model, _ = fused
+    eos = sorted(fused_engine.eos)
+    for seed in range(4):
+        options = dict(temperature=0.8, top_k=20, seed=seed, num_draft_tokens=4, serial_parallel_transition=2)
+        result = fused_engine.generate(PROMPTS[seed % 2], max_new_tokens=20, **options)
+        reference = spaf_generate(model, PROMPTS[seed % 2], max_new_tokens=20, eos_token_ids=eos, **options)
+        assert result.tokens == reference.tokens
+        assert result.stats.accepted == reference.stats.accepted
+
+
+@torch.no_grad()
+def test_fused_top_state_after_rejections_is_the_full_forward_one(fused):
+    """After each commit the engine's top state of T-1 is a fresh forward's; the next draft reads it."""
+    model, folder = fused
+    engine = Engine.from_folder(folder)
+    decoder = engine.decoder
+    settings = engine.settings(num_draft_tokens=4, serial_parallel_transition=1)
+    result = EngineResult(tokens=[], stats=GenerationStats())
+    rng = np.random.default_rng(0)
+    for _ in decoder.steps(list(PROMPTS[0]), 24, settings, rng, result):
+        hidden, top = fresh_top_states(model, decoder.tokens)
+        np.testing.assert_allclose(decoder.exact_top, top[:, -2:-1].numpy(), rtol=1e-4, atol=1e-5)
+        first = decoder.draft(1, 1, settings.params, rng)  # probe: one serial draft from the kept state
+        expected = model.draft_logits(hidden[:, -1:], prev_top=top[:, -2:-1])[0, -1].numpy()
+        np.testing.assert_allclose(decoder.buffers.draft_logits[0, 0], expected, rtol=1e-4, atol=1e-5)
+        assert first.tokens == [int(expected.argmax())]
+        decoder.lower.kv.rewind_to(decoder.position)  # undo the probe's lower-stack step
+    assert any(a < d for a, d in zip(result.stats.accepted, result.stats.drafted))  # rejections happened
+    assert sum(result.stats.accepted) > 0
+
+
+@torch.no_grad()
+def test_fused_reuse_cache_recomputes_the_last_prompt_row(fused, fused_engine):
+    """A follow-up prompt fully in the cache still gets the exact top state of its last row."""
+    model, _ = fused
+    first = fused_engine.generate(PROMPTS[0], max_new_tokens=12)
+    follow_up = PROMPTS[0] + first.tokens[:6]  # every row but the pending token's is cached
+    fused_engine.decoder.prefill(follow_up, reuse_cache=True)
+    _, top = fresh_top_states(model, follow_up)
+    np.testing.assert_allclose(fused_engine.decoder.exact_top, top[:, -2:-1].numpy(), rtol=1e-4, atol=1e-5)
+    options = dict(max_new_tokens=12, temperature=0.8, seed=2)
+    reused = fused_engine.generate(follow_up, reuse_cache=True, **options)
+    fresh = fused_engine.generate(follow_up, **options)
+    assert reused.tokens == fresh.tokens and reused.stats.accepted == fresh.stats.accepted
+
+
+def test_plain_greedy_never_runs_the_draft_head(fused_engine, monkeypatch):
+    calls = []
+    run = fused_engine.decoder.draft_head.run
+    monkeypatch.setattr(fused_engine.decoder.draft_head, "run", lambda *args: calls.append(1) or run(*args))
+    plain = fused_engine.generate(PROMPTS[0], max_new_tokens=10, mode="greedy")
+    assert calls == [] and len(plain.tokens) == 10
+    spaf = fused_engine.generate(PROMPTS[0], max_new_tokens=10)
+    assert spaf.tokens == plain.tokens and len(calls) == sum(spaf.stats.drafted)
+
+
 # ---- text, chat template and streaming -----------------------------------
 def byte_tokenizer():
     """A byte-level BPE without merges (one token per UTF-8 byte): multi-byte characters span tokens."""
@@ -386,9 +506,10 @@ def test_modified_file_fails_the_checksum(export_copy):
         Engine.from_folder(export_copy)
 
 
-def test_unknown_manifest_version(export_copy):
-    edit_manifest(export_copy, lambda data: data.update(format_version=99))
-    with pytest.raises(ExportFormatError, match="unknown manifest format version 99"):
+@pytest.mark.parametrize("version", [1, 99])  # 1: lower.onnx still held the draft head
+def test_unknown_manifest_version(export_copy, version):
+    edit_manifest(export_copy, lambda data: data.update(format_version=version))
+    with pytest.raises(ExportFormatError, match=f"unknown manifest format version {version}.*Re-export"):
         Engine.from_folder(export_copy)
 
 
@@ -403,6 +524,17 @@ def test_graphs_that_disagree_with_the_manifest(export_copy, field, value, named
     edit_manifest(export_copy, lambda data: data["sizes"].update({field: value}))
     with pytest.raises(ExportFormatError, match=f"does not match its manifest.*{named}"):
         Engine.from_folder(export_copy)
+
+
+def test_top_state_input_must_match_the_manifest(export_copy, fused):
+    edit_manifest(export_copy, lambda data: data.update(reads_top_state=True))
+    with pytest.raises(ExportFormatError, match="draft_head.onnx does not match its manifest.*'prev_top' is missing"):
+        Engine.from_folder(export_copy)
+    _, folder = fused
+    fused_copy = Path(shutil.copytree(folder, export_copy.parent / "fused"))
+    edit_manifest(fused_copy, lambda data: data.update(reads_top_state=False))
+    with pytest.raises(ExportFormatError, match="input 'prev_top' is not one the manifest announces"):
+        Engine.from_folder(fused_copy)
 
 
 @pytest.mark.parametrize("cutoff", [0, 4])

@@ -29,6 +29,7 @@ import spaf_edge.generation.reference as reference
 from conftest import make_tiny_spaf
 from spaf_edge.config import SpAFConfig
 from spaf_edge.errors import ConfigError
+import spaf_edge.sampling as sampling
 from spaf_edge.sampling import SamplingParams, accept, choose, logits_to_probs, sample, softmax
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -85,6 +86,96 @@ def test_filters_agree_with_transformers_warpers():
         if top_p < 1:
             warped = TopPLogitsWarper(top_p)(None, warped)
         np.testing.assert_allclose(ours, torch.softmax(warped, -1).numpy(), atol=1e-12)
+
+
+def full_sort_top_p(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The former logits_to_probs (a full stable sort for top-p): the reference the fast one must equal."""
+    logits = np.asarray(logits, dtype=np.float64)
+    scaled = logits / params.temperature
+    if 0 < params.top_k < scaled.shape[-1]:
+        kth = np.partition(scaled, -params.top_k, axis=-1)[..., -params.top_k, None]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    probs = softmax(scaled)
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    sorted_probs = np.take_along_axis(probs, order, axis=-1)
+    before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
+    keep_sorted = before < params.top_p
+    keep = np.zeros_like(keep_sorted)
+    np.put_along_axis(keep, order, keep_sorted, axis=-1)
+    probs = np.where(keep, probs, 0.0)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def random_logits(rng, rows: int, vocab: int) -> np.ndarray:
+    """Peaked, flat and heavily tied rows (ties at every rank, including the top-p boundary)."""
+    peaked = rng.standard_t(3, size=(rows, vocab)) * 4.0
+    flat = rng.normal(scale=0.5, size=(rows, vocab))
+    tied = np.round(rng.normal(scale=3.0, size=(rows, vocab)))  # ~20 distinct values
+    constant = np.zeros((1, vocab))
+    return np.concatenate([peaked, flat, tied, constant])
+
+
+TOP_PS = [1e-12, 0.05, 0.5, 0.9, 0.95, 0.999, 1 - 1e-9, float(np.nextafter(1.0, 0.0))]
+
+
+@pytest.mark.parametrize("top_k", [0, 50])
+def test_fast_top_p_equals_the_full_sort_bit_for_bit(top_k):
+    rng = np.random.default_rng(7)
+    logits = random_logits(rng, 4, 4096)
+    for top_p in TOP_PS:
+        for temperature in (0.3, 1.0, 2.5):
+            params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+            fast, reference = logits_to_probs(logits, params), full_sort_top_p(logits, params)
+            assert np.array_equal(fast, reference), (top_p, temperature)
+
+
+def test_fast_top_p_on_a_boundary_tie_keeps_the_lower_ids():
+    # Five tokens tied at 0.1 straddle the top-p boundary: the stable order keeps the first ids.
+    probs = np.full(4000, 0.5 / 3995)
+    probs[[10, 700, 1500, 2000, 3999]] = 0.1
+    params = SamplingParams(temperature=1.0, top_p=0.25)
+    fast = logits_to_probs(np.log(probs), params)
+    assert np.array_equal(fast, full_sort_top_p(np.log(probs), params))
+    assert np.flatnonzero(fast).tolist() == [10, 700, 1500]
+
+
+def test_fast_top_p_also_takes_exact_boundary_masses():
+    # top_p equal to a prefix mass: the token after that prefix has mass == top_p before it, so it goes.
+    rng = np.random.default_rng(3)
+    logits = rng.normal(scale=2.0, size=(3, 4096))
+    for row in logits:
+        probs = softmax(row)
+        sorted_probs = np.sort(probs)[::-1]
+        for cut in (1, 7, 100):
+            top_p = float(np.cumsum(sorted_probs)[cut - 1])
+            params = SamplingParams(temperature=1.0, top_p=min(top_p, float(np.nextafter(1.0, 0.0))))
+            assert np.array_equal(logits_to_probs(row, params), full_sort_top_p(row, params))
+
+
+def test_fast_top_p_keeps_batch_shapes():
+    logits = np.random.default_rng(5).normal(scale=3.0, size=(2, 3, 1000))
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    fast = logits_to_probs(logits, params)
+    assert fast.shape == (2, 3, 1000)
+    assert np.array_equal(fast, full_sort_top_p(logits, params))
+
+
+def test_fast_top_p_sorts_only_a_few_candidates_on_a_peaked_row(monkeypatch):
+    logits = np.random.default_rng(2).standard_t(3, size=49152) * 4.0
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    reference = full_sort_top_p(logits, params)
+    sorted_sizes = []
+    real_argsort = np.argsort
+
+    def spy(values, *args, **kwargs):
+        sorted_sizes.append(np.size(values))
+        return real_argsort(values, *args, **kwargs)
+
+    monkeypatch.setattr(sampling.np, "argsort", spy)
+    fast = logits_to_probs(logits, params)
+    assert np.array_equal(fast, reference)
+    assert sorted_sizes and max(sorted_sizes) < 49152 // 10
 
 
 def test_bad_sampling_params_are_refused():

@@ -77,11 +77,20 @@ def test_chat_rows_train_only_assistant_tokens(tokenizer):
     assert mask[-1] == 0
 
 
-def test_rows_need_text_or_messages(tokenizer):
-    with pytest.raises(ConfigError, match="'text'"):
-        render_row({"prompt": "x"}, tokenizer)
+def test_rows_need_text_messages_or_prompt(tokenizer):
+    with pytest.raises(ConfigError, match="'prompt'"):
+        render_row({"question": "x"}, tokenizer)
     with pytest.raises(ConfigError, match="no assistant"):
         render_chat([{"role": "user", "content": "x"}], tokenizer)
+
+
+def test_prompt_rows_are_the_rendered_user_turn_all_trained(tokenizer):
+    example = render_row({"prompt": "What is two?", "source": "x"}, tokenizer)
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": "What is two?"}], tokenize=False)
+    assert tokenizer.decode(example.input_ids) == expected
+    assert all(example.trained)
+    # A "text" field wins over "prompt" (the row is a document).
+    assert tokenizer.decode(render_row({"prompt": "a", "text": "bcd"}, tokenizer).input_ids).startswith("bcd")
 
 
 def test_mt_bench_data_is_refused(tmp_path, tokenizer):
@@ -202,8 +211,9 @@ def read_log(run_dir):
     return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_training_lowers_every_loss_component(tokenizer, text_data, tmp_path):
-    config = SpAFConfig(cutoff_layer=2, alignment_rollout_steps=2, adapter_dim_ratio=1.0,
+@pytest.mark.parametrize("adapter_kind", ["bottleneck", "fused"])
+def test_training_lowers_every_loss_component(tokenizer, text_data, tmp_path, adapter_kind):
+    config = SpAFConfig(cutoff_layer=2, alignment_rollout_steps=2, adapter_dim_ratio=1.0, adapter_kind=adapter_kind,
                         loss_weights=LossWeights(adapter_base=1.0, adapter_ce=0.5, alignment=1.0, alignment_token=1.0))
     model = tiny_spaf(tokenizer, config)
     settings = small_settings(steps=40, eval_every=20, lr=1e-2, warmup=2)
@@ -223,8 +233,29 @@ def test_training_lowers_every_loss_component(tokenizer, text_data, tmp_path):
     # The final components load into a fresh model and reproduce the trained drafts.
     fresh = tiny_spaf(tokenizer, SpAFConfig(cutoff_layer=1))
     fresh.load_spaf_components(result.final)
-    hidden = torch.randn(3, 32)
-    torch.testing.assert_close(fresh.draft_logits(hidden, 2), model.draft_logits(hidden, 2))
+    hidden, top = torch.randn(3, 32), torch.randn(3, 32)
+    torch.testing.assert_close(fresh.draft_logits(hidden, 2, top), model.draft_logits(hidden, 2, top))
+
+
+def test_fused_adapter_loss_reads_the_exact_previous_top_state(tokenizer):
+    model = tiny_spaf(tokenizer, SpAFConfig(cutoff_layer=2, adapter_kind="fused", adapter_dim_ratio=1.0))
+    with torch.no_grad():
+        for param in model.spaf_parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    ids = torch.randint(0, 80, (2, 9))
+    batch = {"input_ids": ids, "loss_mask": torch.ones(2, 9)}
+    features = compute_base_features(model, ids)
+    got = spaf_losses(model, batch, features)["adapter_kl/2"]
+    with torch.no_grad():
+        p = torch.softmax(model.base(ids).logits, -1)
+        hidden = model.base_features(ids)
+        previous_top = torch.cat([torch.zeros_like(hidden[-1][:, :1]), hidden[-1][:, :-1]], 1)
+        log_q = torch.log_softmax(model.draft_logits(features.cutoff[2], prev_top=previous_top), -1)
+        expected = (p * (p.log() - log_q)).sum(-1).mean()
+        shifted_wrong = torch.log_softmax(model.draft_logits(features.cutoff[2], prev_top=hidden[-1]), -1)
+        wrong = (p * (p.log() - shifted_wrong)).sum(-1).mean()
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-7)
+    assert abs(float(wrong) - float(expected)) > 1e-3  # the test can tell an off-by-one top state
 
 
 class Interrupt(Exception):

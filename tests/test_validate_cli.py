@@ -98,7 +98,7 @@ def test_validate_passes_with_the_components(tiny):
     assert "graph parity" in result.stdout and "RESULT: PASS" in result.stdout
     assert result.stdout.count(" PASS: 12 tokens") + result.stdout.count(" PASS: ") >= 6  # six built-in prompts
     parity = json.loads(result.stdout.strip().splitlines()[-1])
-    assert parity["passed"] and {"lower", "upper", "drafter"} <= set(parity["per_graph"])
+    assert parity["passed"] and {"lower", "upper", "drafter", "draft_head"} == set(parity["per_graph"])
 
 
 def test_validate_without_components_judges_tokens_and_backbone(tiny):

@@ -13,7 +13,7 @@ import click
 from spaf_edge.errors import SpAFError
 
 # Modules under spaf_edge.cli, each defining a click command named ``command``.
-COMMAND_MODULES = ("generate", "info", "train", "distill", "bench", "run", "validate", "export")
+COMMAND_MODULES = ("generate", "info", "train", "distill", "bench", "run", "validate", "export", "tune")
 
 
 class _Group(click.Group):

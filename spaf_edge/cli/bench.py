@@ -26,15 +26,14 @@ def _remote(ctx, param, values):
 @options.components
 @click.option("--export-dir", type=click.Path(file_okay=False), default=None,
               help="Benchmark this SpAF export folder (else --base-model/--components are exported to a cache).")
-@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
-              help="JSONL prompts ('prompt' or MT-Bench 'turns' per line); default: packaged MT-Bench first turns.")
-@click.option("--limit", type=int, default=None, help="Use only the first N prompts.")
+@options.prompts_file("the packaged MT-Bench first turns")
+@options.limit
 @click.option("--per-category", type=int, default=None, help="Use only the first N prompts of each category.")
 @options.max_new_tokens
 @options.chat
-@click.option("--provider", default="cpu", show_default=True, help="Execution provider (cpu, cuda, ...).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--threads", type=int, default=None, help="Intra-op threads for every runner (default: each library's).")
+@options.provider
+@options.precision
+@options.threads
 @click.option("--runners", default=None,
               help="Comma-separated runners to include (default: all): hf, genai, optimum, engine-greedy, "
                    "engine-sample, spaf, spaf-sample.")

@@ -20,11 +20,11 @@ from spaf_edge.cli import options
 @click.option("--limit", type=int, default=None, help="Use only N prompts (the first N, or random with --shuffle).")
 @click.option("--shuffle", is_flag=True, help="Pick --limit prompts at random (seeded) instead of the first ones.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --shuffle and of sampling.")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy replies.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
+@options.temperature
+@options.top_p
 @click.option("--max-prompt-tokens", type=int, default=1024, show_default=True,
               help="Skip prompts longer than this (in chat-template tokens).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@options.progress
 def command(prompts, out, base_model, max_new_tokens, batch_size, limit, shuffle, seed, temperature, top_p,
             max_prompt_tokens, progress):
     """Generate the base model's replies to training prompts (resumable)."""

@@ -11,14 +11,13 @@ from spaf_edge.cli import options
 @options.base_model
 @options.components
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Export folder to write.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="Weights, KV caches and hidden states (logits are always fp32). fp16 targets GPU providers.")
+@options.precision
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="Weight-only quantization of the decoder MatMuls (ONNX Runtime MatMulNBits).")
 @click.option("--max-length", type=int, default=None,
               help="KV cache rows = max prompt + generated tokens (default min(model context, 2048)).")
 @click.option("--exit-layer", type=int, default=None, help="Trained exit to export (default: the cutoff).")
-@click.option("--cutoff-layer", type=int, default=None, help="Cutoff k for untrained components (default L//2).")
+@options.cutoff_layer
 @click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
 @click.option("--check/--no-check", default=False, show_default=True,
               help="Run graph parity (ONNX vs PyTorch) on the export.")

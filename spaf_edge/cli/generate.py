@@ -13,14 +13,14 @@ from spaf_edge.cli import options
 @click.command("generate")
 @options.base_model
 @options.components
-@click.option("--cutoff-layer", type=int, default=None, help="Cutoff k for untrained components (default L//2).")
+@options.cutoff_layer
 @options.prompt
 @options.max_new_tokens
 @options.chat
 @options.sampling
 @options.drafting
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Print tau, acceptance and speed.")
-@click.option("--json-output", is_flag=True, help="Print one JSON object (tokens, text, stats) instead of text.")
+@options.json_output
 def command(base_model, components, cutoff_layer, prompt, max_new_tokens, chat, temperature, top_p, top_k, seed,
             num_draft_tokens, serial_parallel_transition, draft_stop_threshold, stats, json_output):
     """Generate with SpAF in PyTorch (the lossless reference)."""
@@ -29,6 +29,9 @@ def command(base_model, components, cutoff_layer, prompt, max_new_tokens, chat, 
     from spaf_edge.model import SpAFModel
     from spaf_edge.prompts import encode_prompt
 
+    from spaf_edge.models.loading import resolve_components
+
+    components = resolve_components(base_model, components) if cutoff_layer is None else components
     config = None if components else SpAFConfig(cutoff_layer=cutoff_layer)
     model = SpAFModel.from_pretrained(base_model, config, components=components)
     text = prompt if prompt is not None else sys.stdin.read()

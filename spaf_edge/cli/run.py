@@ -22,11 +22,10 @@ from spaf_edge.cli import options
 @options.drafting
 @click.option("--mode", type=click.Choice(["spaf", "greedy"]), default="spaf", show_default=True,
               help="spaf: speculative decoding; greedy: plain decoding, one token per pass (the baseline).")
-@click.option("--provider", default="cpu", show_default=True,
-              help="onnxruntime execution provider: cpu, cuda, tensorrt, dml, coreml or qnn.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads (default: all usable cores).")
+@options.provider
+@options.threads
 @click.option("--stats", is_flag=True, help="Print tau, acceptance and speed to stderr after each answer.")
-@click.option("--json-output", is_flag=True, help="Print one JSON object (tokens, text, stats) instead of streaming.")
+@options.json_output
 def command(export_dir, prompt, from_stdin, chat_loop, max_new_tokens, chat, temperature, top_p, top_k, seed,
             num_draft_tokens, serial_parallel_transition, draft_stop_threshold, mode, provider, threads, stats,
             json_output):

@@ -52,7 +52,7 @@ from spaf_edge.cli import options
 @click.option("--deepspeed", "deepspeed_config", default=None,
               help="DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); 'auto' values come from these options.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@options.progress
 def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_size, rollout_steps, mixed_precision,
             base_dtype, deepspeed_config, resume, progress, **settings):
     """Train SpAF components (only they train; the base stays frozen)."""

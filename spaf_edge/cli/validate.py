@@ -16,7 +16,7 @@ from spaf_edge.cli import options
 @click.option("--prompt", "prompts", multiple=True, help="A prompt to check (repeatable; default: built-in prompts).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Greedy tokens per prompt.")
 @options.chat
-@click.option("--provider", default="cpu", show_default=True, help="onnxruntime execution provider of the engine.")
+@options.provider
 @click.option("--parity/--no-parity", default=True, show_default=True, help="Run the per-graph parity check.")
 @click.option("--json-output", is_flag=True, help="Also print the parity report as JSON.")
 @click.pass_context

@@ -1,7 +1,8 @@
 """Graph builders for the SpAF drafter kinds, keyed like :mod:`spaf_edge.modules.drafters`.
 
 A new adapter or AlignmentHead kind registers its builder here; a kind without one
-cannot be exported and says so.
+cannot be exported and says so. Adapter builders get ``prev_top`` (the graph's top-state
+input) only for kinds whose ``reads_top_state`` is True, else None.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from spaf_edge.errors import ConfigError
 from spaf_edge.exporters.graph_builder import GraphBuilder, node_path
 from spaf_edge.exporters.layers import make_module_linear, make_rms_norm, make_silu
 
-# builder(b, hidden, module, name) -> output  |  builder(b, token_embeds, prev_hidden, module, name) -> output
+# adapter: builder(b, hidden, prev_top, module, name) -> output
+# AlignmentHead: builder(b, token_embeds, prev_hidden, module, name) -> output
 ADAPTER_BUILDERS: dict[str, Callable[..., str]] = {}
 ALIGNMENT_HEAD_BUILDERS: dict[str, Callable[..., str]] = {}
 
@@ -37,14 +39,35 @@ def builder_for(registry: dict[str, Callable[..., str]], module: nn.Module, what
     return registry[kind]
 
 
+def reads_top_state(module: nn.Module) -> bool:
+    """Whether an adapter reads the previous top state (its graph then has a ``prev_top`` input)."""
+    return bool(getattr(module, "reads_top_state", False))
+
+
 @_register(ADAPTER_BUILDERS, "bottleneck")
-def make_bottleneck_adapter(b: GraphBuilder, hidden: str, module: nn.Module, name: str) -> str:
-    """``h + up(silu(down(norm(h))))``; hidden: [1, S, H] -> [1, S, H]."""
+def make_bottleneck_adapter(b: GraphBuilder, hidden: str, prev_top: str | None, module: nn.Module, name: str) -> str:
+    """``h + up(silu(down(norm(h))))``; hidden: [1, S, H] -> [1, S, H]. No top state."""
     normed = make_rms_norm(b, hidden, f"{name}.norm", module.norm.weight, module.norm.eps)
     down = make_module_linear(b, normed, f"{name}.down", module.down)
     up = make_module_linear(b, make_silu(b, down, node_path(name) + "/act"), f"{name}.up", module.up)
     (out,) = b.make_node("Add", [hidden, up], node_path(name) + "/residual")
     return out
+
+
+@_register(ADAPTER_BUILDERS, "fused")
+def make_fused_adapter(b: GraphBuilder, hidden: str, prev_top: str | None, module: nn.Module, name: str) -> str:
+    """``h + out(silu(inner([norm(h), norm(f)])))``; hidden, prev_top: [1, S, H] -> [1, S, H]."""
+    assert prev_top is not None, "the fused adapter reads the previous top state"
+    path = node_path(name)
+    parts = [
+        make_rms_norm(b, hidden, f"{name}.state_norm", module.state_norm.weight, module.state_norm.eps),
+        make_rms_norm(b, prev_top, f"{name}.top_norm", module.top_norm.weight, module.top_norm.eps),
+    ]
+    (x,) = b.make_node("Concat", parts, f"{path}/Concat", axis=-1)  # [1, S, 2H]
+    inner = make_silu(b, make_module_linear(b, x, f"{name}.inner", module.inner), f"{path}/act")
+    out = make_module_linear(b, inner, f"{name}.out", module.out)
+    (y,) = b.make_node("Add", [hidden, out], f"{path}/residual")
+    return y
 
 
 @_register(ALIGNMENT_HEAD_BUILDERS, "mlp")

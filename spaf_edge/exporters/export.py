@@ -19,7 +19,7 @@ from spaf_edge import io_names
 from spaf_edge.atomic import atomic_directory
 from spaf_edge.errors import ConfigError, UnsupportedArchitectureError
 from spaf_edge.exporters.graph_builder import OPSET
-from spaf_edge.exporters.graphs import GraphPlan, build_drafter, build_lower, build_upper
+from spaf_edge.exporters.graphs import GraphPlan, build_draft_head, build_drafter, build_lower, build_upper
 from spaf_edge.exporters.quantize import QUANTIZATION_BITS, quantize_graph
 from spaf_edge.exporters.writer import write_graphs
 from spaf_edge.manifest import DTYPES, Manifest, ModelSizes, sha256_file
@@ -41,7 +41,7 @@ def export_model(
     progress: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` as lower/upper/drafter graphs + manifest to ``out_dir`` atomically.
+    """Write ``model`` as lower/upper/drafter/draft-head graphs + manifest to ``out_dir`` atomically.
 
     ``dtype``: float32 | float16 (KV caches, hidden states, weights; logits stay float32).
     ``quantization``: None | int8 | int4, weight-only (decoder MatMuls). ``max_length``:
@@ -127,7 +127,7 @@ def export_pretrained(
 
 
 def build_graphs(plan: GraphPlan, progress: bool = True) -> dict[str, Any]:
-    """Build lower, upper and drafter graphs in memory; one progress step per decoder layer."""
+    """Build the four graphs in memory; one progress step per decoder layer."""
     from tqdm.auto import tqdm
 
     with torch.no_grad(), tqdm(total=plan.config.num_hidden_layers, desc="export layers", unit="layer",
@@ -136,6 +136,7 @@ def build_graphs(plan: GraphPlan, progress: bool = True) -> dict[str, Any]:
             io_names.LOWER_GRAPH: build_lower(plan, bar.update),
             io_names.UPPER_GRAPH: build_upper(plan, bar.update),
             io_names.DRAFTER_GRAPH: build_drafter(plan),
+            io_names.DRAFT_HEAD_GRAPH: build_draft_head(plan),
         }
 
 
@@ -160,7 +161,7 @@ def build_manifest(
         cutoff_layer=plan.exit_layer, exits=list(model.config.adapter_layers), dtype=plan.dtype.name,
         quantization=quantization, opset=OPSET, files=files, eos_token_ids=default_eos_ids(model),
         bos_token_id=bos if bos is not None else getattr(config, "bos_token_id", None),
-        chat_template=chat_template, spaf=spaf,
+        chat_template=chat_template, spaf=spaf, reads_top_state=plan.reads_top_state,
     )
     manifest.check_consistency()
     return manifest

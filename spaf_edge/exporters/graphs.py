@@ -1,4 +1,9 @@
-"""The three graphs of an export folder (docs/export_format.md), built from a SpAFModel."""
+"""The four graphs of an export folder (docs/export_format.md), built from a SpAFModel.
+
+``lower`` and ``upper`` are the two halves of the base (KV-cached); ``drafter`` is one
+AlignmentHead step and ``draft_head`` the adapter + final norm + draft LM head on one
+state. Splitting the draft head off keeps it out of prefill, verify and plain decoding.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,11 @@ import numpy as np
 from onnx import TensorProto
 
 from spaf_edge import io_names
-from spaf_edge.exporters.drafters import ADAPTER_BUILDERS, ALIGNMENT_HEAD_BUILDERS, builder_for
+from spaf_edge.exporters.drafters import ADAPTER_BUILDERS, ALIGNMENT_HEAD_BUILDERS, builder_for, reads_top_state
 from spaf_edge.exporters.graph_builder import GraphBuilder
 from spaf_edge.exporters.layers import (
     AttentionShape,
     make_decoder_layers,
-    make_last_position,
     make_lm_head,
     make_rms_norm,
     make_rotary_caches,
@@ -110,30 +114,32 @@ class GraphPlan:
         bias = b.weight(LM_HEAD_BIAS, to_numpy(head.bias)) if head.bias is not None else None
         return name, bias
 
+    @property
+    def adapter(self):
+        return self.model.adapters[str(self.exit_layer)]
+
+    @property
+    def reads_top_state(self) -> bool:
+        return reads_top_state(self.adapter)
+
     def draft_head_weight(self, b: GraphBuilder) -> tuple[str, str | None]:
-        """LM-head rows of the draft vocabulary (the full head when there is none)."""
+        """LM-head rows of the draft vocabulary (the full, shared head when there is none).
+
+        The rows are used by the draft-head graph only, so they stay a private initializer
+        that ONNX Runtime can prepack.
+        """
         vocab = self.model.draft_vocab
         if vocab.numel() == 0:
             return self.lm_head_weight(b)
         head = self.model.arch.lm_head(self.base)
         ids = vocab.to(head.weight.device)
-        name = b.weight(DRAFT_HEAD, self.array(DRAFT_HEAD, head.weight[ids]))
+        name = b.weight(DRAFT_HEAD, to_numpy(head.weight[ids]))
         bias = b.weight(DRAFT_HEAD_BIAS, to_numpy(head.bias[ids])) if head.bias is not None else None
         return name, bias
 
-    def draft_logits(self, b: GraphBuilder, hidden: str, path: str) -> str:
-        """``head(a(h))`` over the draft vocabulary; hidden [1, 1, H] -> float32 [1, 1, V_d]."""
-        adapter = self.model.adapters[str(self.exit_layer)]
-        adapted = builder_for(ADAPTER_BUILDERS, adapter, "adapter")(
-            b, hidden, adapter, f"spaf.adapters.{self.exit_layer}"
-        )
-        normed = make_rms_norm(b, adapted, FINAL_NORM, self.model.arch.final_norm(self.base).weight, self.eps)
-        weight, bias = self.draft_head_weight(b)
-        return make_lm_head(b, normed, path, weight, bias, self.draft_vocab_size, io_names.DRAFT_LOGITS)
-
 
 def build_lower(plan: GraphPlan, on_layer: Callable[[], None] | None = None) -> GraphBuilder:
-    """Embedding + layers 0..k-1; cutoff states of every position, draft logits of the last."""
+    """Embedding + layers 0..k-1; cutoff states of every position."""
     b = plan.new_builder("spaf_lower")
     hidden_size = plan.config.hidden_size
     ids = b.input(io_names.INPUT_IDS, TensorProto.INT64, [1, "sequence_length"])
@@ -146,15 +152,12 @@ def build_lower(plan: GraphPlan, on_layer: Callable[[], None] | None = None) -> 
     b.make_node("Add", [mlp_out, residual], f"/model/layers.{plan.exit_layer - 1}/residual",
                 outputs=[io_names.CUTOFF_HIDDEN])
     b.output(io_names.CUTOFF_HIDDEN, b.float_type, [1, "sequence_length", hidden_size])
-    last = make_last_position(b, io_names.CUTOFF_HIDDEN, "/spaf/last_position")
-    plan.draft_logits(b, last, "/spaf/draft_head")
-    b.output(io_names.DRAFT_LOGITS, TensorProto.FLOAT, [1, 1, plan.draft_vocab_size])
     plan.kv_outputs(b, layer_ids)
     return b
 
 
 def build_upper(plan: GraphPlan, on_layer: Callable[[], None] | None = None) -> GraphBuilder:
-    """Layers k..L-1 + final norm + LM head; logits of every position."""
+    """Layers k..L-1 + final norm + LM head; top states and logits of every position."""
     b = plan.new_builder("spaf_upper")
     config = plan.config
     hidden = b.input(io_names.CUTOFF_HIDDEN, b.float_type, [1, "sequence_length", config.hidden_size])
@@ -163,17 +166,18 @@ def build_upper(plan: GraphPlan, on_layer: Callable[[], None] | None = None) -> 
     rotary = make_rotary_caches(b, plan.model.arch.rotary(plan.base), plan.shape.head_dim, plan.max_length)
     layers = plan.model.arch.layers(plan.base)
     mlp_out, residual = make_decoder_layers(b, hidden, layers, layer_ids, plan.eps, plan.shape, rotary, on_layer)
-    normed, _ = make_skip_rms_norm(b, mlp_out, residual, FINAL_NORM, plan.model.arch.final_norm(plan.base).weight,
-                                   plan.eps)
+    make_skip_rms_norm(b, mlp_out, residual, FINAL_NORM, plan.model.arch.final_norm(plan.base).weight, plan.eps,
+                       normed=io_names.TOP_HIDDEN)
     weight, bias = plan.lm_head_weight(b)
-    make_lm_head(b, normed, "/lm_head", weight, bias, config.vocab_size, io_names.LOGITS)
+    make_lm_head(b, io_names.TOP_HIDDEN, "/lm_head", weight, bias, config.vocab_size, io_names.LOGITS)
     b.output(io_names.LOGITS, TensorProto.FLOAT, [1, "sequence_length", config.vocab_size])
+    b.output(io_names.TOP_HIDDEN, b.float_type, [1, "sequence_length", config.hidden_size])
     plan.kv_outputs(b, layer_ids)
     return b
 
 
 def build_drafter(plan: GraphPlan) -> GraphBuilder:
-    """One aligned-draft step: ``ĥ = AH(e(d), h̄)`` and ``head(a(ĥ))``."""
+    """One aligned-draft step: ``ĥ = AH(e(d), h̄)``."""
     b = plan.new_builder("spaf_drafter")
     hidden_size = plan.config.hidden_size
     token_ids = b.input(io_names.TOKEN_IDS, TensorProto.INT64, [1, 1])
@@ -185,6 +189,27 @@ def build_drafter(plan: GraphPlan) -> GraphBuilder:
     )
     b.make_node("Identity", [pseudo], "/spaf/drafter/pseudo_hidden", outputs=[io_names.PSEUDO_HIDDEN])
     b.output(io_names.PSEUDO_HIDDEN, b.float_type, [1, 1, hidden_size])
-    plan.draft_logits(b, io_names.PSEUDO_HIDDEN, "/spaf/draft_head")
+    return b
+
+
+def build_draft_head(plan: GraphPlan) -> GraphBuilder:
+    """One draft step's head: ``f' = final_norm(a(h̄, f))`` and ``head_rows(f')`` over the draft vocabulary.
+
+    Inputs ``draft_hidden`` [1, 1, H] and, for adapters that read it, ``prev_top`` [1, 1, H];
+    outputs ``draft_logits`` float32 [1, 1, V_d] and ``drafted_top`` [1, 1, H].
+    """
+    b = plan.new_builder("spaf_draft_head")
+    hidden_size = plan.config.hidden_size
+    hidden = b.input(io_names.DRAFT_HIDDEN, b.float_type, [1, 1, hidden_size])
+    prev_top = b.input(io_names.PREV_TOP, b.float_type, [1, 1, hidden_size]) if plan.reads_top_state else None
+    adapted = builder_for(ADAPTER_BUILDERS, plan.adapter, "adapter")(
+        b, hidden, prev_top, plan.adapter, f"spaf.adapters.{plan.exit_layer}"
+    )
+    make_rms_norm(b, adapted, FINAL_NORM, plan.model.arch.final_norm(plan.base).weight, plan.eps,
+                  output=io_names.DRAFTED_TOP)
+    weight, bias = plan.draft_head_weight(b)
+    make_lm_head(b, io_names.DRAFTED_TOP, "/spaf/draft_head", weight, bias, plan.draft_vocab_size,
+                 io_names.DRAFT_LOGITS)
     b.output(io_names.DRAFT_LOGITS, TensorProto.FLOAT, [1, 1, plan.draft_vocab_size])
+    b.output(io_names.DRAFTED_TOP, b.float_type, [1, 1, hidden_size])
     return b

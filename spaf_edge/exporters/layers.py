@@ -18,8 +18,6 @@ from torch import nn
 from spaf_edge.exporters.graph_builder import MS_DOMAIN, GraphBuilder, node_path
 from spaf_edge.io_names import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, past_key, past_value, present_key, present_value
 
-INT64_MAX = np.iinfo(np.int64).max
-
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
@@ -48,26 +46,30 @@ def make_module_linear(b: GraphBuilder, x: str, name: str, module: nn.Linear) ->
     return make_linear(b, x, name, module.weight, module.bias)
 
 
-def make_rms_norm(b: GraphBuilder, x: str, name: str, weight: torch.Tensor, eps: float) -> str:
+def make_rms_norm(
+    b: GraphBuilder, x: str, name: str, weight: torch.Tensor, eps: float, output: str | None = None
+) -> str:
+    """RMS norm with a learned scale; ``output`` names the result (e.g. a graph output)."""
     w = b.weight(f"{name}.weight", to_numpy(weight))
     (y,) = b.make_node(
         "SimplifiedLayerNormalization", [x, w], node_path(name) + "/SimplifiedLayerNorm",
-        axis=-1, epsilon=float(eps), stash_type=1,
+        outputs=[output] if output else None, axis=-1, epsilon=float(eps), stash_type=1,
     )
     return y
 
 
 def make_skip_rms_norm(
-    b: GraphBuilder, x: str, skip: str, name: str, weight: torch.Tensor, eps: float
+    b: GraphBuilder, x: str, skip: str, name: str, weight: torch.Tensor, eps: float, normed: str | None = None
 ) -> tuple[str, str]:
-    """``(norm(x + skip), x + skip)`` in one fused op."""
+    """``(norm(x + skip), x + skip)`` in one fused op; ``normed`` names the first output (e.g. a graph output)."""
     w = b.weight(f"{name}.weight", to_numpy(weight))
     path = node_path(name) + "/SkipSimplifiedLayerNorm"
+    normed = normed or f"{path}/output_0"
     b.make_node(
         "SkipSimplifiedLayerNormalization", [x, skip, w], path, domain=MS_DOMAIN,
-        outputs=[f"{path}/output_0", "", "", f"{path}/output_3"], epsilon=float(eps),
+        outputs=[normed, "", "", f"{path}/output_3"], epsilon=float(eps),
     )
-    return f"{path}/output_0", f"{path}/output_3"
+    return normed, f"{path}/output_3"
 
 
 def make_silu(b: GraphBuilder, x: str, path: str) -> str:
@@ -186,14 +188,3 @@ def make_lm_head(
         (logits,) = b.make_node("Reshape", [logits, shape], f"{path}/Reshape_1")
         b.make_node("Cast", [logits], f"{path}/Cast", outputs=[output], to=1)  # float32
     return output
-
-
-def make_last_position(b: GraphBuilder, hidden: str, path: str) -> str:
-    """[1, S, H] -> [1, 1, H] (the last position)."""
-    (last,) = b.make_node(
-        "Slice",
-        [hidden, b.int64s(f"{path}/starts", [-1]), b.int64s(f"{path}/ends", [INT64_MAX]),
-         b.int64s(f"{path}/axes", [1])],
-        f"{path}/Slice",
-    )
-    return last

@@ -27,6 +27,7 @@ class DecodeState:
     tokens: list[int]  # committed x_0 .. x_T
     lower: StackKVCache
     upper: StackKVCache
+    top: torch.Tensor | None = None  # exact top state of position T-1: [1, 1, H] (None when T == 0)
 
     @property
     def pending(self) -> int:
@@ -43,6 +44,7 @@ class Draft:
     tokens: list[int] = field(default_factory=list)  # d_1 .. d_D
     probs: list[np.ndarray] = field(default_factory=list)  # q_j over the full vocabulary
     exact_hidden: list[torch.Tensor] = field(default_factory=list)  # h(T .. T+e-1): [1, 1, H] each
+    verified_top: torch.Tensor | None = None  # top states of T .. T+D from the verify pass: [1, D+1, H]
 
 
 @dataclass
@@ -76,8 +78,13 @@ def prefill(model: SpAFModel, prompt: Sequence[int], max_length: int) -> DecodeS
     if len(prompt) > 1:
         ids = torch.tensor([list(prompt[:-1])], device=model.base_device)  # [1, P-1]
         hidden = model.run_layers(model.embed(ids), state.lower)
-        model.run_layers(hidden, state.upper)
+        state.top = top_states(model, model.run_layers(hidden, state.upper))[:, -1:]
     return state
+
+
+def top_states(model: SpAFModel, upper_out: torch.Tensor) -> torch.Tensor:
+    """Post-final-norm states (what the LM head reads). [1, S, H] -> [1, S, H]"""
+    return model.arch.final_norm(model.base)(upper_out)
 
 
 def _draft_distribution(model: SpAFModel, logits: torch.Tensor, params: SamplingParams, vocab_size: int) -> np.ndarray:
@@ -100,11 +107,16 @@ def spaf_draft(
     rng: np.random.Generator,
     stop_threshold: float | None = None,
 ) -> Draft:
-    """Serial drafts through the lower stack, then aligned drafts through the AlignmentHead."""
+    """Serial drafts through the lower stack, then aligned drafts through the AlignmentHead.
+
+    Each step's adapter also reads the top state of the position before: exact for the
+    first draft (from the last verify pass), then the previous step's drafted top state.
+    """
     draft = Draft()
     vocab_size = model.base.config.vocab_size
     token = state.pending
     hidden_bar = None  # h̄ of the newest drafted position: [1, 1, H]
+    prev_top = state.top  # f̄ of the position before it: [1, 1, H] or None
     for j in range(1, num_drafts + 1):
         if j <= serial_parallel_transition:
             ids = torch.tensor([[token]], device=model.base_device)
@@ -113,7 +125,8 @@ def spaf_draft(
         else:
             ids = torch.tensor([[token]], device=model.base_device)
             hidden_bar = model.align(ids, hidden_bar)  # pseudo ĥ(T+j-1)
-        logits = model.draft_logits(hidden_bar)[0, -1]  # [V_d]
+        logits, prev_top = model.draft_step(hidden_bar, prev_top=prev_top)
+        logits = logits[0, -1]  # [V_d]
         q = _draft_distribution(model, logits, params, vocab_size)
         if stop_threshold is not None:
             confidence = q.max() if not params.greedy else softmax(logits.float().cpu().numpy()).max()
@@ -135,8 +148,8 @@ def spaf_verify(model: SpAFModel, state: DecodeState, draft: Draft) -> np.ndarra
         ids = torch.tensor([sequence[exact:]], device=model.base_device)  # [1, D+1-e]
         pieces.append(model.run_layers(model.embed(ids), state.lower))
     hidden = torch.cat(pieces, dim=1)  # [1, D+1, H]
-    top = model.run_layers(hidden, state.upper)
-    return model.head(top)[0].float().cpu().numpy()
+    draft.verified_top = top_states(model, model.run_layers(hidden, state.upper))
+    return model.lm_head_rows(draft.verified_top)[0].float().cpu().numpy()
 
 
 def commit(state: DecodeState, draft: Draft, num_accepted: int, bonus: int) -> list[int]:
@@ -144,6 +157,8 @@ def commit(state: DecodeState, draft: Draft, num_accepted: int, bonus: int) -> l
     new = draft.tokens[:num_accepted] + [bonus]
     valid = state.position + num_accepted + 1  # positions T .. T+n now hold accepted tokens
     state.tokens.extend(new)
+    if draft.verified_top is not None:
+        state.top = draft.verified_top[:, num_accepted:num_accepted + 1]  # top state of T+n, before the bonus
     state.lower.rewind_to(valid)
     state.upper.rewind_to(valid)
     return new

@@ -29,6 +29,29 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ALIASES = (DEFAULT_MODEL, DEFAULT_MODEL_NAME, "smollm2")
 
 
+# Trained SpAF components for the embedded default, shipped in the source tree (models/).
+SHIPPED_COMPONENTS = Path(__file__).resolve().parents[2] / "models" / DEFAULT_MODEL_NAME
+NO_COMPONENTS = "none"
+
+
+def is_default_model(name_or_path: str | os.PathLike | None) -> bool:
+    return name_or_path is None or str(name_or_path).lower() in DEFAULT_ALIASES
+
+
+def resolve_components(base_model: str | os.PathLike | None, components: str | os.PathLike | None) -> str | None:
+    """The ``--components`` a command uses: a folder, or None for untrained modules.
+
+    Unset with the embedded default base: the trained components shipped in
+    ``models/smollm2-135m-instruct`` (when this installation has them). ``"none"``:
+    untrained modules, whatever the base.
+    """
+    if components is not None:
+        return None if str(components).lower() == NO_COMPONENTS else str(components)
+    if is_default_model(base_model) and (SHIPPED_COMPONENTS / "spaf_config.json").is_file():
+        return str(SHIPPED_COMPONENTS)
+    return None
+
+
 def cache_dir() -> Path:
     """Where converted models live: ``$SPAF_EDGE_CACHE`` or ``~/.cache/spaf-edge``."""
     root = os.environ.get("SPAF_EDGE_CACHE") or Path.home() / ".cache" / "spaf-edge"
@@ -58,7 +81,7 @@ def default_gguf_path() -> Path:
 
 def resolve_base_model(name_or_path: str | os.PathLike | None) -> Path:
     """Turn ``default``, a GGUF file or an HF folder into a local HF folder path."""
-    if name_or_path is None or str(name_or_path).lower() in DEFAULT_ALIASES:
+    if is_default_model(name_or_path):
         return convert_gguf(default_gguf_path(), cache_dir() / "models" / DEFAULT_MODEL_NAME)
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":

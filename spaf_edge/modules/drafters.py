@@ -3,6 +3,12 @@
 Neither holds a copy of the base's embedding, final norm or LM head: the model passes
 those in. A new drafter kind registers a class here; the generation loop is untouched
 because every kind maps cutoff states to cutoff-shaped states.
+
+Adapters are called as ``adapter(hidden, prev_top)``. ``prev_top`` [..., H] is the top
+state (the base's post-final-norm hidden state, what the LM head reads) of the position
+before ``hidden``'s: exact after a verify pass, or the drafter's own estimate
+``final_norm(a(...))`` of the previous draft step while drafting chains. Kinds whose
+``reads_top_state`` is False ignore it (and their exported graphs have no such input).
 """
 
 from __future__ import annotations
@@ -70,9 +76,41 @@ class BottleneckAdapter(nn.Module):
         nn.init.normal_(self.down.weight, std=hidden**-0.5)
         nn.init.zeros_(self.up.weight)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [..., H] -> [..., H]
+    reads_top_state = False
+
+    def forward(self, hidden: torch.Tensor, prev_top: torch.Tensor | None = None) -> torch.Tensor:
+        # hidden: [..., H] -> [..., H]; prev_top is not used by this kind
         return hidden + self.up(nn.functional.silu(self.down(self.norm(hidden))))
+
+
+@register(ADAPTER_KINDS, "fused")
+class FusedAdapter(nn.Module):
+    """``a(h, f) = h + W_2 · silu(W_1 · [norm(h), norm(f)] + b_1) + b_2`` with ``f`` the previous top state.
+
+    The top state of the previous position carries what the whole base knows about the
+    context, which a mid-depth state alone does not; the cutoff state adds the newest
+    token. Inner width ``adapter_dim_ratio · H``; ``W_2`` starts at zero (plain early exit).
+    """
+
+    reads_top_state = True
+
+    def __init__(self, config: SpAFConfig, base_config: Any) -> None:
+        super().__init__()
+        hidden = base_config.hidden_size
+        inner = max(1, round(config.adapter_dim_ratio * hidden))
+        self.state_norm = RMSNorm(hidden, base_config.rms_norm_eps)
+        self.top_norm = RMSNorm(hidden, base_config.rms_norm_eps)
+        self.inner = nn.Linear(2 * hidden, inner)
+        self.out = nn.Linear(inner, hidden)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, hidden: torch.Tensor, prev_top: torch.Tensor | None = None) -> torch.Tensor:
+        # hidden, prev_top: [..., H] -> [..., H]; a missing prev_top (position 0) reads as zeros
+        if prev_top is None:
+            prev_top = torch.zeros_like(hidden)
+        x = torch.cat([self.state_norm(hidden), self.top_norm(prev_top)], dim=-1)
+        return hidden + self.out(nn.functional.silu(self.inner(x)))
 
 
 @register(ALIGNMENT_HEAD_KINDS, "mlp")

@@ -1,4 +1,4 @@
-"""SpAF decoding on the three bound graphs: prefill, draft, verify, accept, commit (DESIGN §4).
+"""SpAF decoding on the four bound graphs: prefill, draft, verify, accept, commit (DESIGN §4).
 
 Phase for phase the PyTorch reference (:mod:`spaf_edge.generation.reference`), with the
 same acceptance code (:func:`spaf_edge.sampling.accept`) and the same random draws in the
@@ -8,7 +8,13 @@ sample equals the reference's sample. State between steps: committed tokens
 
 Cutoff states never leave host buffers that ONNX Runtime reads and writes in place:
 serial draft steps write ``h(T+j-1)`` into hidden row ``j-1``, the verify pass's lower
-stack writes the remaining rows, and the upper stack reads rows ``0 .. D``. Batch 1.
+stack writes the remaining rows, and the upper stack reads rows ``0 .. D``.
+
+Top states (post-final-norm, what the LM head reads) chain through ``prev_tops``: row 0
+holds the exact top state of position ``T-1`` (kept from the last upper call: the last
+prefill row, or verify row ``n`` at commit; zeros for a one-token prompt), and draft step
+``j`` reads row ``j-1`` and writes its drafted top state into row ``j``, as the reference
+chains ``prev_top``. Batch 1.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from spaf_edge.runtime.graphs import DrafterGraph, HostBuffer, LowerGraph, UpperGraph
+from spaf_edge.runtime.graphs import DraftHeadGraph, DrafterGraph, HostBuffer, LowerGraph, UpperGraph
 from spaf_edge.sampling import SamplingParams, accept, choose, logits_to_probs, softmax
 from spaf_edge.stats import GenerationStats
 
@@ -83,6 +89,8 @@ class HostBuffers:
         self.hidden = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: exact cutoff states of T ..
         self.pseudo = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: AlignmentHead states
         self.logits = HostBuffer((1, rows, vocab_size), np.float32)  # [1, R, V]
+        self.top_hidden = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: the upper call's top states
+        self.prev_tops = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: f(T-1), then drafted tops
         self.draft_logits = np.zeros((1, 1, draft_vocab_size), dtype=np.float32)  # [1, 1, V_d]
         self.draft_logits_value = ort.OrtValue.ortvalue_from_numpy(self.draft_logits)  # bound once
         self.token = np.zeros((1, 1), dtype=np.int64)  # the drafter's input d_{j-1}
@@ -94,7 +102,7 @@ class HostBuffers:
     def ensure_rows(self, rows: int) -> None:
         """Grow the row buffers (between generations only: their contents are dropped)."""
         if rows > self.rows:
-            for name in ("ids", "hidden", "pseudo", "logits"):
+            for name in ("ids", "hidden", "pseudo", "logits", "top_hidden", "prev_tops"):
                 old: HostBuffer = getattr(self, name)
                 setattr(self, name, HostBuffer((1, rows, *old.array.shape[2:]), old.array.dtype))
 
@@ -105,13 +113,14 @@ class Decoder:
         lower: LowerGraph,
         upper: UpperGraph,
         drafter: DrafterGraph,
+        draft_head: DraftHeadGraph,
         buffers: HostBuffers,
         vocab_size: int,
         draft_vocab: np.ndarray | None,
         eos: frozenset[int],
         prefill_chunk: int,
     ) -> None:
-        self.lower, self.upper, self.drafter = lower, upper, drafter
+        self.lower, self.upper, self.drafter, self.draft_head = lower, upper, drafter, draft_head
         self.buffers = buffers
         self.vocab_size = vocab_size
         self.draft_vocab = draft_vocab  # int64 [V_d] token ids, None = every token
@@ -124,6 +133,11 @@ class Decoder:
     def position(self) -> int:
         """T: position of the pending token (= valid length of both caches)."""
         return len(self.tokens) - 1
+
+    @property
+    def exact_top(self) -> np.ndarray:
+        """The exact top state of position ``T-1`` the next draft starts from: [1, 1, H] (a view)."""
+        return self.buffers.prev_tops.array[:, :1]
 
     # ---- the loop -------------------------------------------------------
     def steps(
@@ -169,18 +183,24 @@ class Decoder:
     def prefill(self, prompt_ids: Sequence[int], reuse_cache: bool = False) -> None:
         """Run both stacks on ``prompt[:-1]`` in chunks; the last prompt token becomes pending.
 
-        With ``reuse_cache``, cached rows of the previous tokens that the prompt starts with are kept.
+        With ``reuse_cache``, cached rows of the previous tokens that the prompt starts with are
+        kept, except the last prompt row: it is recomputed for its top state (the first draft's
+        ``prev_top``). The exact top state of ``T-1`` ends in ``prev_tops`` row 0 (zeros when
+        the prompt has one token).
         """
-        keep = common_prefix(self.tokens[: self.position], prompt_ids[:-1]) if reuse_cache else 0
+        body = prompt_ids[:-1]
+        keep = common_prefix(self.tokens[: self.position], body) if reuse_cache else 0
+        keep = max(0, min(keep, len(body) - 1))
         self.lower.kv.rewind_to(min(keep, self.lower.kv.length))
         self.upper.kv.rewind_to(min(keep, self.upper.kv.length))
         self.tokens = list(prompt_ids)
-        body = self.tokens[:-1]
         self.buffers.ensure_rows(min(len(body), self.prefill_chunk))
+        self.buffers.prev_tops.array[:, 0] = 0  # no position before x_0: the reference's zeros
         for begin in range(self.lower.kv.length, len(body), self.prefill_chunk):
             chunk = body[begin:begin + self.prefill_chunk]
             self._run_lower(chunk, row=0)
             self._run_upper(len(chunk))
+            self._keep_top(len(chunk) - 1)
 
     def draft(
         self,
@@ -190,17 +210,24 @@ class Decoder:
         rng: np.random.Generator,
         stop_threshold: float | None = None,
     ) -> Draft:
-        """Serial drafts through the lower stack, then aligned drafts through the drafter graph."""
+        """Serial drafts through the lower stack, then aligned drafts through the drafter graph.
+
+        Every draft comes from the draft-head graph on ``h̄(T+j-1)`` and ``prev_tops`` row ``j-1``
+        (the exact top state for ``j = 1``, then the previous step's drafted top state).
+        """
         buffers, draft = self.buffers, Draft()
         token = self.tokens[-1]
         for j in range(1, num_drafts + 1):
             if j <= serial_parallel_transition:
                 self._run_lower([token], row=j - 1)  # exact h(T+j-1) into hidden row j-1
                 draft.exact = j
+                hidden = buffers.hidden.view(j - 1, j)
             else:
                 buffers.token[0, 0] = token
                 source = buffers.hidden if j - 1 == serial_parallel_transition else buffers.pseudo
                 self.drafter.run(source.view(j - 2, j - 1), buffers.pseudo.view(j - 1, j))  # ĥ(T+j-1)
+                hidden = buffers.pseudo.view(j - 1, j)
+            self.draft_head.run(hidden, buffers.prev_tops.view(j - 1, j), buffers.prev_tops.view(j, j + 1))
             logits = buffers.draft_logits[0, 0]  # [V_d]
             q = self.draft_distribution(logits, params)
             if stop_threshold is not None:
@@ -220,10 +247,14 @@ class Decoder:
         return self._run_upper(len(sequence))
 
     def commit(self, draft: Draft, num_accepted: int, bonus: int) -> list[int]:
-        """Append the accepted drafts and the bonus; cut both caches back to the valid length."""
+        """Append the accepted drafts and the bonus; cut both caches back to the valid length.
+
+        The verify pass's top state of ``T+n`` becomes the exact top state for the next draft.
+        """
         new = [*draft.tokens[:num_accepted], bonus]
         valid = self.position + num_accepted + 1  # positions T .. T+n now hold accepted tokens
         self.tokens.extend(new)
+        self._keep_top(num_accepted)
         self.lower.kv.rewind_to(valid)
         self.upper.kv.rewind_to(valid)
         return new
@@ -247,8 +278,12 @@ class Decoder:
     def _run_upper(self, new: int) -> np.ndarray:
         """Upper stack on hidden rows ``0 .. new-1``. Returns logits [new, V] (a view of the buffer)."""
         buffers = self.buffers
-        self.upper.run(buffers.hidden.view(0, new), new, buffers.logits.view(0, new))
+        self.upper.run(buffers.hidden.view(0, new), new, buffers.logits.view(0, new), buffers.top_hidden.view(0, new))
         return buffers.logits.array[0, :new]
+
+    def _keep_top(self, row: int) -> None:
+        """The last upper call's top state of ``row`` becomes the exact top state of ``T-1`` (H values)."""
+        self.buffers.prev_tops.array[:, 0] = self.buffers.top_hidden.array[:, row]
 
 
 def cut_at_eos(tokens: list[int], eos: frozenset[int]) -> tuple[list[int], bool]:

@@ -1,6 +1,6 @@
 """The on-device SpAF engine: an export folder run with ONNX Runtime, no torch (DESIGN §6).
 
-``Engine.from_folder`` checks the manifest (and every file's sha256), opens the three
+``Engine.from_folder`` checks the manifest (and every file's sha256), opens the four
 graphs on the chosen execution provider with the shared weights loaded once, checks
 their IO against the manifest, preallocates the KV caches and binds them in place.
 ``generate`` / ``stream`` run :class:`spaf_edge.runtime.decoder.Decoder`. Decoding
@@ -20,10 +20,10 @@ import numpy as np
 
 from spaf_edge.config import validate_drafting
 from spaf_edge.errors import ConfigError, ContextLengthError, ExportFormatError
-from spaf_edge.io_names import DRAFT_VOCAB, DRAFTER_GRAPH, LOWER_GRAPH, TOKENIZER, UPPER_GRAPH
+from spaf_edge.io_names import DRAFT_HEAD_GRAPH, DRAFT_VOCAB, DRAFTER_GRAPH, GRAPHS, LOWER_GRAPH, TOKENIZER, UPPER_GRAPH
 from spaf_edge.manifest import Manifest
 from spaf_edge.runtime.decoder import MODES, Decoder, DecodeSettings, EngineResult, HostBuffers
-from spaf_edge.runtime.graphs import DrafterGraph, LowerGraph, UpperGraph
+from spaf_edge.runtime.graphs import DraftHeadGraph, DrafterGraph, LowerGraph, UpperGraph
 from spaf_edge.runtime.kv import KVCache
 from spaf_edge.runtime.session import Provider, open_session, resolve_provider, session_options
 from spaf_edge.runtime.signatures import check_graphs
@@ -83,9 +83,10 @@ class Engine:
 
         k = manifest.cutoff_layer
         decoder = Decoder(
-            LowerGraph(sessions[LOWER_GRAPH], cache(range(0, k)), buffers.draft_logits_value),
+            LowerGraph(sessions[LOWER_GRAPH], cache(range(0, k))),
             UpperGraph(sessions[UPPER_GRAPH], cache(range(k, sizes.num_layers))),
-            DrafterGraph(sessions[DRAFTER_GRAPH], buffers.token, buffers.draft_logits_value),
+            DrafterGraph(sessions[DRAFTER_GRAPH], buffers.token),
+            DraftHeadGraph(sessions[DRAFT_HEAD_GRAPH], buffers.draft_logits_value, manifest.reads_top_state),
             buffers, sizes.vocab_size, load_draft_vocab(folder, manifest), frozenset(manifest.eos_token_ids),
             prefill_chunk,
         )
@@ -230,10 +231,10 @@ class TextStream:
 def open_sessions(
     folder: Path, manifest: Manifest, provider: Provider, threads: int | None, dtype: type
 ) -> dict[str, Any]:
-    """The three graphs' sessions on the shared weights (mapped once), checked against the manifest."""
+    """The graphs' sessions on the shared weights (mapped once), checked against the manifest."""
     shared = SharedWeights(folder)
     sessions = {}
-    for name in (LOWER_GRAPH, UPPER_GRAPH, DRAFTER_GRAPH):
+    for name in GRAPHS:
         session = open_session(folder / name, shared.add_to(session_options(threads), name), provider)
         session.spaf_shared_weights = shared  # ORT does not own those buffers: they must outlive it
         sessions[name] = session

@@ -1,4 +1,4 @@
-"""The three export graphs behind persistent IOBindings (docs/export_format.md, "Graph IO").
+"""The four export graphs behind persistent IOBindings (docs/export_format.md, "Graph IO").
 
 Each wrapper owns one session and one IOBinding. KV buffers and fixed-size outputs are
 bound once; per call only the few small inputs and the row views of host buffers that
@@ -15,13 +15,17 @@ import onnxruntime as ort
 
 from spaf_edge.io_names import (
     CUTOFF_HIDDEN,
+    DRAFT_HIDDEN,
     DRAFT_LOGITS,
+    DRAFTED_TOP,
     INPUT_IDS,
     LOGITS,
     PREV_HIDDEN,
+    PREV_TOP,
     PSEUDO_HIDDEN,
     SEQLENS_K,
     TOKEN_IDS,
+    TOP_HIDDEN,
     TOTAL_SEQUENCE_LENGTH,
 )
 from spaf_edge.runtime.kv import KVCache
@@ -81,42 +85,60 @@ class StackGraph:
 
 
 class LowerGraph(StackGraph):
-    """Embedding + layers ``0..k-1``; the adapter's draft logits of the call's last position."""
-
-    def __init__(self, session: ort.InferenceSession, kv: KVCache, draft_logits: ort.OrtValue) -> None:
-        super().__init__(session, kv)
-        self.binding.bind_ortvalue_output(DRAFT_LOGITS, draft_logits)  # [1, 1, V_d]
+    """Embedding + layers ``0..k-1``: cutoff states."""
 
     def run(self, input_ids: ort.OrtValue, new: int, cutoff_hidden: ort.OrtValue) -> None:
-        # input_ids: [1, S] int64 -> cutoff_hidden: [1, S, H]; draft logits land in the bound buffer.
+        # input_ids: [1, S] int64 -> cutoff_hidden: [1, S, H]
         self.binding.bind_ortvalue_input(INPUT_IDS, input_ids)
         self.binding.bind_ortvalue_output(CUTOFF_HIDDEN, cutoff_hidden)
         self._run(new)
 
 
 class UpperGraph(StackGraph):
-    """Layers ``k..L-1`` + final norm + LM head."""
+    """Layers ``k..L-1`` + final norm + LM head: logits and top states."""
 
-    def run(self, cutoff_hidden: ort.OrtValue, new: int, logits: ort.OrtValue) -> None:
-        # cutoff_hidden: [1, S, H] -> logits: [1, S, V] float32
+    def run(self, cutoff_hidden: ort.OrtValue, new: int, logits: ort.OrtValue, top_hidden: ort.OrtValue) -> None:
+        # cutoff_hidden: [1, S, H] -> logits: [1, S, V] float32, top_hidden: [1, S, H]
         self.binding.bind_ortvalue_input(CUTOFF_HIDDEN, cutoff_hidden)
         self.binding.bind_ortvalue_output(LOGITS, logits)
+        self.binding.bind_ortvalue_output(TOP_HIDDEN, top_hidden)
         self._run(new)
 
 
 class DrafterGraph:
-    """One aligned-draft step: ``ĥ = AH(e(d), h̄)`` and its draft logits. No KV cache."""
+    """One aligned-draft step: ``ĥ = AH(e(d), h̄)``. No KV cache."""
 
-    def __init__(self, session: ort.InferenceSession, token: np.ndarray, draft_logits: ort.OrtValue) -> None:
+    def __init__(self, session: ort.InferenceSession, token: np.ndarray) -> None:
         self.session = session
         self.binding = session.io_binding()
         self.token = token  # [1, 1] int64, written by the caller before run()
         self.token_value = ort.OrtValue.ortvalue_from_numpy(token)
-        self.binding.bind_ortvalue_output(DRAFT_LOGITS, draft_logits)  # [1, 1, V_d]
 
     def run(self, prev_hidden: ort.OrtValue, pseudo_hidden: ort.OrtValue) -> None:
         # token: [1, 1], prev_hidden: [1, 1, H] -> pseudo_hidden: [1, 1, H]
-        self.binding.bind_ortvalue_input(TOKEN_IDS, self.token_value)
+        self.binding.bind_ortvalue_input(TOKEN_IDS, self.token_value)  # rebound: device providers copy it
         self.binding.bind_ortvalue_input(PREV_HIDDEN, prev_hidden)
         self.binding.bind_ortvalue_output(PSEUDO_HIDDEN, pseudo_hidden)
+        self.session.run_with_iobinding(self.binding)
+
+
+class DraftHeadGraph:
+    """One draft step's head: ``f' = final_norm(a(h̄, f))`` and its draft logits. No KV cache.
+
+    ``reads_top_state``: the graph has a ``prev_top`` input (the adapter reads ``f``);
+    otherwise ``prev_top`` passed to :meth:`run` is ignored.
+    """
+
+    def __init__(self, session: ort.InferenceSession, draft_logits: ort.OrtValue, reads_top_state: bool) -> None:
+        self.session = session
+        self.binding = session.io_binding()
+        self.reads_top_state = reads_top_state
+        self.binding.bind_ortvalue_output(DRAFT_LOGITS, draft_logits)  # [1, 1, V_d]
+
+    def run(self, draft_hidden: ort.OrtValue, prev_top: ort.OrtValue, drafted_top: ort.OrtValue) -> None:
+        # draft_hidden, prev_top: [1, 1, H] -> draft logits (bound buffer), drafted_top: [1, 1, H]
+        self.binding.bind_ortvalue_input(DRAFT_HIDDEN, draft_hidden)
+        if self.reads_top_state:
+            self.binding.bind_ortvalue_input(PREV_TOP, prev_top)
+        self.binding.bind_ortvalue_output(DRAFTED_TOP, drafted_top)
         self.session.run_with_iobinding(self.binding)

@@ -1,6 +1,6 @@
 """ONNX Runtime sessions of the engine: execution providers and thread settings.
 
-Torch-free. The engine opens three sessions (lower, upper, drafter) that run one after
+Torch-free. The engine opens four sessions (lower, upper, drafter, draft head) that run one after
 another, never at the same time, so their thread pools must not compete for cores: see
 :func:`session_options` and docs/runtime.md for the measured choice.
 """

@@ -2,7 +2,8 @@
 
 A graph and a manifest from different exports (or a hand-edited manifest) then fail at
 load with a message naming the mismatch, instead of a shape error deep inside a run.
-Symbolic (dynamic) axes in a graph are accepted. Torch-free.
+Symbolic (dynamic) axes in a graph are accepted; a graph input the engine would not bind
+(e.g. a ``prev_top`` the manifest does not announce) is a mismatch too. Torch-free.
 """
 
 from __future__ import annotations
@@ -17,15 +18,20 @@ import onnxruntime as ort
 from spaf_edge.errors import ExportFormatError
 from spaf_edge.io_names import (
     CUTOFF_HIDDEN,
+    DRAFT_HEAD_GRAPH,
+    DRAFT_HIDDEN,
     DRAFT_LOGITS,
+    DRAFTED_TOP,
     DRAFTER_GRAPH,
     INPUT_IDS,
     LOGITS,
     LOWER_GRAPH,
     PREV_HIDDEN,
+    PREV_TOP,
     PSEUDO_HIDDEN,
     SEQLENS_K,
     TOKEN_IDS,
+    TOP_HIDDEN,
     TOTAL_SEQUENCE_LENGTH,
     UPPER_GRAPH,
     kv_names,
@@ -65,19 +71,25 @@ def expected_io(manifest: Manifest, dtype: type) -> dict[str, tuple[list[Expecte
 
     lower_past, lower_present = kv(range(0, k))
     upper_past, upper_present = kv(range(k, sizes.num_layers))
-    draft_logits = Expected(DRAFT_LOGITS, np.float32, [1, 1, sizes.draft_vocab_size])
+    top = [Expected(PREV_TOP, dtype, [1, 1, hidden])] if manifest.reads_top_state else []
     return {
         LOWER_GRAPH: (
             [Expected(INPUT_IDS, np.int64, [1, None]), *positions, *lower_past],
-            [Expected(CUTOFF_HIDDEN, dtype, [1, None, hidden]), draft_logits, *lower_present],
+            [Expected(CUTOFF_HIDDEN, dtype, [1, None, hidden]), *lower_present],
         ),
         UPPER_GRAPH: (
             [Expected(CUTOFF_HIDDEN, dtype, [1, None, hidden]), *positions, *upper_past],
-            [Expected(LOGITS, np.float32, [1, None, sizes.vocab_size]), *upper_present],
+            [Expected(LOGITS, np.float32, [1, None, sizes.vocab_size]), Expected(TOP_HIDDEN, dtype, [1, None, hidden]),
+             *upper_present],
         ),
         DRAFTER_GRAPH: (
             [Expected(TOKEN_IDS, np.int64, [1, 1]), Expected(PREV_HIDDEN, dtype, [1, 1, hidden])],
-            [Expected(PSEUDO_HIDDEN, dtype, [1, 1, hidden]), draft_logits],
+            [Expected(PSEUDO_HIDDEN, dtype, [1, 1, hidden])],
+        ),
+        DRAFT_HEAD_GRAPH: (
+            [Expected(DRAFT_HIDDEN, dtype, [1, 1, hidden]), *top],
+            [Expected(DRAFT_LOGITS, np.float32, [1, 1, sizes.draft_vocab_size]),
+             Expected(DRAFTED_TOP, dtype, [1, 1, hidden])],
         ),
     }
 
@@ -102,6 +114,10 @@ def check_io(session: ort.InferenceSession, path: Path, inputs: list[Expected], 
             if ORT_DTYPES.get(arg.type) is not expected.dtype:
                 problems.append(f"{kind} {expected.name!r} is {arg.type}, expected {np.dtype(expected.dtype).name}")
             problems.extend(_shape_problems(kind, expected, arg.shape))
+    bound = {expected.name for expected in inputs}
+    overridable = {arg.name for arg in session.get_overridable_initializers()}
+    problems += [f"input {arg.name!r} is not one the manifest announces" for arg in session.get_inputs()
+                 if arg.name not in bound and arg.name not in overridable]
     if problems:
         more = f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""
         raise ExportFormatError(

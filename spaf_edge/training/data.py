@@ -74,15 +74,32 @@ def render_row(row: dict[str, Any], tokenizer: Any, where: str = "row") -> Examp
     """Tokenize a text or chat row and mark its trained tokens."""
     if "messages" in row:
         return render_chat(row["messages"], tokenizer, where)
+    if isinstance(row.get("prompt"), str) and not isinstance(row.get("text"), str):
+        return render_prompt(row["prompt"], tokenizer)
     if isinstance(row.get("text"), str):
         ids = list(tokenizer(row["text"], add_special_tokens=True)["input_ids"])
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)  # documents end like the model's own outputs
         return Example(ids, [True] * len(ids))
     raise ConfigError(
-        f"{where} has neither a 'text' string nor a 'messages' list. Each JSONL row must be "
-        '{"text": ...} or {"messages": [{"role": ..., "content": ...}, ...]}.'
+        f"{where} has no 'text' string, 'messages' list or 'prompt' string. Each JSONL row must be "
+        '{"text": ...}, {"messages": [{"role": ..., "content": ...}, ...]} or {"prompt": ...}.'
     )
+
+
+def render_prompt(prompt: str, tokenizer: Any) -> Example:
+    """A bare prompt row: the user turn as the chat template renders it, every token trained.
+
+    Distillation only needs the base's distribution ``p`` on some text, not a reply
+    written by the base, so a prompt file is training data as it is: no generation.
+    Without a chat template the prompt is plain text.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    else:
+        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    return Example(ids, [True] * len(ids))
 
 
 def render_chat(messages: Sequence[dict[str, str]], tokenizer: Any, where: str = "row") -> Example:

@@ -2,7 +2,8 @@
 
 Per exit ``k``, on the base's cutoff states ``h`` [B, S, H]:
 
-- adapter KL: ``KL(p_t ‖ q_t)``, ``q_t = softmax(head(a(h(t))))``, plus optional CE of
+- adapter KL: ``KL(p_t ‖ q_t)``, ``q_t = softmax(head(a(h(t), f(t-1))))`` (``f``: the base's
+  top state, read by top-aware adapter kinds only), plus optional CE of
   ``q_t`` on the data token ``x_{t+1}`` (``loss_weights.adapter_ce``);
 - alignment state loss (``mse`` or ``cosine``) between ``ĥ(t+1) = AH(e(x_{t+1}), h̄(t))``
   and ``h(t+1)``;
@@ -10,7 +11,8 @@ Per exit ``k``, on the base's cutoff states ``h`` [B, S, H]:
 
 Rollout: step 1 feeds the exact ``h(t)``; step ``r > 1`` feeds the AH its own
 prediction of step ``r-1`` (as at inference, where aligned drafts chain), giving
-``ĥ_r`` for positions ``r .. S-1``. Alignment losses are averaged over the
+``ĥ_r`` for positions ``r .. S-1``; the adapter on ``ĥ_r`` reads the top state drafted by
+step ``r-1`` (``final_norm(a(...))``), as chained drafts do. Alignment losses are averaged over the
 ``alignment_rollout_steps`` steps. Every position-level term uses the data's loss mask.
 
 Normalisation. Each term is a masked sum divided by its count of trained positions.
@@ -188,7 +190,10 @@ def spaf_losses(
     total = features.final.new_zeros(())
     for k in config.adapter_layers:
         hidden = features.cutoff[k]  # [B, S, H]
-        states = [model.adapt(hidden, k)]  # variant 0: the adapter on exact states
+        # Variant 0: the adapter on exact states, reading the exact top state of the position before
+        # (zeros at position 0, as at the start of generation).
+        exact_top = F.pad(features.final[:, :-1], (0, 0, 1, 0))  # [B, S, H]
+        states = [model.adapt(hidden, k, exact_top)]
         kl_masks = [mask if weights.adapter_base > 0 else torch.zeros_like(mask)]
         kl_divisors = [divisors[0]]
         state_losses = []
@@ -199,7 +204,9 @@ def spaf_losses(
             state_losses.append(alignment_state_loss(predicted, hidden[:, step:], step_mask,
                                                      config.alignment_loss_type, divisors[index]))
             if weights.alignment_token > 0:
-                states.append(F.pad(model.adapt(predicted, k), (0, 0, step, 0)))  # [B, S, H]
+                # Chained drafting: the top state read here is the previous step's drafted one.
+                drafted_top = norm(states[-1][:, step - 1:-1])  # positions step-1 .. S-2
+                states.append(F.pad(model.adapt(predicted, k, drafted_top), (0, 0, step, 0)))  # [B, S, H]
                 kl_masks.append(F.pad(step_mask, (step, 0)))
                 kl_divisors.append(divisors[index])
             previous = predicted

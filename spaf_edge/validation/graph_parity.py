@@ -5,8 +5,14 @@ in once (:class:`spaf_edge.shared_weights.SharedWeights`), KV caches preallocate
 bound as past *and* present of one OrtValue. The scenario walks the cache through every
 state the engine uses: a prefill chunk, a decode step, a multi-token verify chunk on a
 past, and a chunk after a rollback (the valid length lowered, stale rows overwritten).
-Every graph gets the same inputs as its PyTorch counterpart: the upper stack and the
-drafter are fed the PyTorch cutoff states, so each error is the graph's own.
+Every graph gets the same inputs as its PyTorch counterpart: the upper stack, the
+drafter and the draft head are fed PyTorch states, so each error is the graph's own.
+
+Per step the draft head runs twice, as in a draft chain: on the exact cutoff state of
+the chunk's last position with the exact top state of the position before (zeros at the
+first step, the one-token-prompt case), then on the AlignmentHead's pseudo state with
+the first call's drafted top state (step name ``{step}/chained``). A draft head whose
+adapter does not read the top state has no ``prev_top`` input and gets none.
 
 Error metrics per output: ``max_abs = max |onnx - torch|`` and ``max_rel = max_abs /
 max |torch|`` (relative to the output's scale; elementwise ratios blow up near zero).
@@ -26,6 +32,7 @@ import torch
 
 from spaf_edge import io_names
 from spaf_edge.errors import ConfigError
+from spaf_edge.generation.reference import top_states
 from spaf_edge.manifest import Manifest
 from spaf_edge.model import SpAFModel
 from spaf_edge.shared_weights import SharedWeights
@@ -94,7 +101,7 @@ class GraphParityReport:
                  f"logits max_rel <= {self.threshold:g}): {'PASS' if self.passed else 'FAIL'}"]
         for graph, outputs in self.per_graph.items():
             for output, worst in outputs.items():
-                lines.append(f"  {graph:8s} {output:14s} max_abs {worst['max_abs']:.3g}  "
+                lines.append(f"  {graph:10s} {output:14s} max_abs {worst['max_abs']:.3g}  "
                              f"max_rel {worst['max_rel']:.3g}")
         return "\n".join(lines)
 
@@ -108,7 +115,7 @@ def check_graphs(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     token_ids: Sequence[int] | None = None,
 ) -> GraphParityReport:
-    """Run lower/upper/drafter with ORT and ``model``'s PyTorch modules on the same inputs.
+    """Run every graph with ORT and ``model``'s PyTorch modules on the same inputs.
 
     ``token_ids`` (e.g. a tokenized real prompt, at least ``sum(step lengths) + len(steps)``
     long) replaces the default seeded random tokens; ``threshold`` overrides the bound
@@ -128,36 +135,55 @@ def check_graphs(
         tokens = np.asarray(token_ids, dtype=np.int64)
         if tokens.size < total + len(steps):
             raise ConfigError(f"check_graphs needs at least {total + len(steps)} token ids, got {tokens.size}.")
+    dtype = manifest.dtype
+    device = model.base_device
     with torch.no_grad():
         lower_cache = model.new_cache(model.lower_layer_ids(exit_layer), manifest.sizes.max_length)
         upper_cache = model.new_cache(model.upper_layer_ids(exit_layer), manifest.sizes.max_length)
+        tops = torch.zeros(1, 0, manifest.sizes.hidden_size, device=device)  # top states of positions 0 .. P-1
         cursor = 0
         for index, (step, length, rewind) in enumerate(steps):
             if rewind:
                 for stack in (lower_cache, upper_cache, graphs):
                     stack.rewind_to(stack.length - rewind)
+                tops = tops[:, : graphs.length]
             ids = tokens[cursor : cursor + length][None]  # [1, S]
             cursor += length
-            ids_t = torch.as_tensor(ids, device=model.base_device)
+            ids_t = torch.as_tensor(ids, device=device)
             hidden = model.run_layers(model.embed(ids_t), lower_cache)  # [1, S, H]
-            draft = model.draft_logits(hidden[:, -1:], exit_layer)  # [1, 1, V_d]
-            logits = model.head(model.run_layers(hidden, upper_cache))  # [1, S, V]
+            top = top_states(model, model.run_layers(hidden, upper_cache))  # [1, S, H]
             lower = graphs.run_lower(ids)
-            upper = graphs.run_upper(_numpy(hidden, manifest.dtype))
+            upper = graphs.run_upper(_numpy(hidden, dtype))
             graphs.advance(length)
-            report.add("lower", step, lower, {io_names.CUTOFF_HIDDEN: hidden, io_names.DRAFT_LOGITS: draft})
-            report.add("upper", step, upper, {io_names.LOGITS: logits})
-            # drafter: one aligned step from the exact state of the chunk's last position
+            report.add("lower", step, lower, {io_names.CUTOFF_HIDDEN: hidden})
+            report.add("upper", step, upper, {io_names.LOGITS: model.lm_head_rows(top), io_names.TOP_HIDDEN: top})
+            tops = torch.cat([tops, top.to(tops.dtype)], dim=1)
+            # draft head on the exact state of the chunk's last position, with the exact top state before it
+            prev_top = tops[:, -2:-1] if tops.shape[1] > 1 and index else torch.zeros_like(top[:, -1:])
+            first = _check_draft_head(model, graphs, report, step, hidden[:, -1:], prev_top, exit_layer, dtype)
+            # one aligned step from there: drafter, then the draft head on its pseudo state, chained
             token = tokens[total + index]
-            pseudo = model.align(torch.tensor([[int(token)]], device=model.base_device), hidden[:, -1:], exit_layer)
-            drafter = graphs.run_drafter(np.array([[token]], dtype=np.int64), _numpy(hidden[:, -1:], manifest.dtype))
-            report.add("drafter", step, drafter, {
-                io_names.PSEUDO_HIDDEN: pseudo, io_names.DRAFT_LOGITS: model.draft_logits(pseudo, exit_layer)})
+            pseudo = model.align(torch.tensor([[int(token)]], device=device), hidden[:, -1:], exit_layer)
+            drafter = graphs.run_drafter(np.array([[token]], dtype=np.int64), _numpy(hidden[:, -1:], dtype))
+            report.add("drafter", step, drafter, {io_names.PSEUDO_HIDDEN: pseudo})
+            _check_draft_head(model, graphs, report, f"{step}/chained", pseudo, first, exit_layer, dtype)
     return report
 
 
+def _check_draft_head(
+    model: SpAFModel, graphs: GraphSessions, report: GraphParityReport, step: str,
+    hidden: torch.Tensor, prev_top: torch.Tensor, exit_layer: int, dtype: str,
+) -> torch.Tensor:
+    """Compare one draft-head call; return PyTorch's drafted top state (the next step's prev_top). [1, 1, H]"""
+    reads_top = model.reads_top_state(exit_layer)
+    logits, drafted = model.draft_step(hidden, exit_layer, prev_top if reads_top else None)
+    actual = graphs.run_draft_head(_numpy(hidden, dtype), _numpy(prev_top, dtype) if reads_top else None)
+    report.add("draft_head", step, actual, {io_names.DRAFT_LOGITS: logits, io_names.DRAFTED_TOP: drafted})
+    return drafted
+
+
 class GraphSessions:
-    """The three graphs of an export with preallocated, in-place KV caches (batch 1)."""
+    """The graphs of an export with preallocated, in-place KV caches (batch 1)."""
 
     def __init__(self, folder: Path, manifest: Manifest, providers: Sequence[str]) -> None:
         import onnxruntime as ort
@@ -176,9 +202,10 @@ class GraphSessions:
             return values
 
         k = manifest.cutoff_layer
-        self.lower, self.upper, self.drafter = (
+        self.lower, self.upper, self.drafter, self.draft_head = (
             self.shared.open_session(graph, providers=providers)
-            for graph in (io_names.LOWER_GRAPH, io_names.UPPER_GRAPH, io_names.DRAFTER_GRAPH)
+            for graph in (io_names.LOWER_GRAPH, io_names.UPPER_GRAPH, io_names.DRAFTER_GRAPH,
+                          io_names.DRAFT_HEAD_GRAPH)
         )
         self.lower_kv = caches(range(0, k))
         self.upper_kv = caches(range(k, sizes.num_layers))
@@ -190,16 +217,24 @@ class GraphSessions:
         self.length += rows
 
     def run_lower(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        return self._run_stack(self.lower, self.lower_kv, {io_names.INPUT_IDS: ids},
-                               [io_names.CUTOFF_HIDDEN, io_names.DRAFT_LOGITS])
+        return self._run_stack(self.lower, self.lower_kv, {io_names.INPUT_IDS: ids}, [io_names.CUTOFF_HIDDEN])
 
     def run_upper(self, hidden: np.ndarray) -> dict[str, np.ndarray]:
-        return self._run_stack(self.upper, self.upper_kv, {io_names.CUTOFF_HIDDEN: hidden}, [io_names.LOGITS])
+        return self._run_stack(self.upper, self.upper_kv, {io_names.CUTOFF_HIDDEN: hidden},
+                               [io_names.LOGITS, io_names.TOP_HIDDEN])
 
     def run_drafter(self, token_ids: np.ndarray, prev_hidden: np.ndarray) -> dict[str, np.ndarray]:
-        names = [io_names.PSEUDO_HIDDEN, io_names.DRAFT_LOGITS]
+        names = [io_names.PSEUDO_HIDDEN]
         values = self.drafter.run(names, {io_names.TOKEN_IDS: token_ids, io_names.PREV_HIDDEN: prev_hidden})
         return dict(zip(names, values))
+
+    def run_draft_head(self, hidden: np.ndarray, prev_top: np.ndarray | None) -> dict[str, np.ndarray]:
+        """hidden, prev_top: [1, 1, H] (``prev_top`` None for adapters that do not read it)."""
+        names = [io_names.DRAFT_LOGITS, io_names.DRAFTED_TOP]
+        feeds = {io_names.DRAFT_HIDDEN: hidden}
+        if prev_top is not None:
+            feeds[io_names.PREV_TOP] = prev_top
+        return dict(zip(names, self.draft_head.run(names, feeds)))
 
     def _run_stack(self, session, kv, feeds, outputs) -> dict[str, np.ndarray]:
         """Positions ``length .. length+S-1``; the caller advances ``length`` once both stacks ran."""

@@ -1,0 +1,69 @@
+"""``spaf-edge agreement``: drafter top-1 agreement with the base (and τ) on evaluation prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from spaf_edge.cli import options
+
+
+@click.command("agreement")
+@options.base_model
+@options.components
+@click.option("--prompts", type=click.Path(dir_okay=False), default=None,
+              help="Prompt JSONL ('prompt' or MT-Bench 'turns'); default: the packaged MT-Bench first turns.")
+@click.option("--limit", type=int, default=None, help="Use only the first N prompts.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Length of the reference replies.")
+@click.option("--aligned-steps", type=int, default=3, show_default=True, help="Aligned draft steps to score.")
+@click.option("--tau-prompts", type=int, default=8, show_default=True,
+              help="Also run SpAF greedy generation on this many prompts and report τ (0: skip).")
+@options.drafting
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def command(base_model, components, prompts, limit, max_new_tokens, aligned_steps, tau_prompts, num_draft_tokens,
+            serial_parallel_transition, draft_stop_threshold, out, progress):
+    """Score the drafters against the base model's own greedy replies (teacher-forced).
+
+    Agreement is the share of reply positions where a draft equals the base's greedy
+    token: the first draft (adapter on exact states) and aligned drafts 1..R steps
+    into an AlignmentHead chain. τ is measured with the PyTorch reference decoder.
+    """
+    from spaf_edge.bench.prompts import encode_prompts, load_prompts
+    from spaf_edge.errors import ConfigError
+    from spaf_edge.generation.reference import spaf_generate
+    from spaf_edge.model import SpAFModel
+    from spaf_edge.models.loading import cache_dir, resolve_components
+    from spaf_edge.prompts import encode_prompt
+    from spaf_edge.training.agreement import measure_agreement, reference_replies
+
+    if aligned_steps < 0 or tau_prompts < 0 or max_new_tokens < 1:
+        raise ConfigError("--aligned-steps and --tau-prompts must be >= 0 and --max-new-tokens >= 1.")
+    components = resolve_components(base_model, components)
+    model = SpAFModel.from_pretrained(base_model, components=components)
+    chosen = load_prompts(prompts, limit=limit)
+    encoded = encode_prompts(chosen, lambda text: encode_prompt(model.tokenizer, text))
+    pairs = [(prompt.category, ids) for prompt, ids in zip(chosen, encoded)]
+    replies = reference_replies(model, pairs, max_new_tokens, cache=cache_dir() / "agreement", progress=progress)
+    report = measure_agreement(model, replies, aligned_steps).to_dict()
+    report.update({"components": components, "prompts": prompts or "MT-Bench (packaged)", "num_prompts": len(pairs),
+                   "trainable_percent": round(100 * model.trainable_fraction(), 3)})
+    if tau_prompts:
+        new_tokens = steps = 0
+        for ids in encoded[:tau_prompts]:
+            result = spaf_generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0,
+                                   num_draft_tokens=num_draft_tokens,
+                                   serial_parallel_transition=serial_parallel_transition,
+                                   draft_stop_threshold=draft_stop_threshold)
+            new_tokens += result.stats.new_tokens
+            steps += result.stats.verify_steps
+        report["tau"] = round(new_tokens / max(steps, 1), 3)
+        report["tau_prompts"] = min(tau_prompts, len(encoded))
+    text = json.dumps(report, indent=2)
+    if out:
+        from spaf_edge.atomic import atomic_write_text
+
+        atomic_write_text(Path(out), text + "\n")
+    click.echo(text)
