@@ -9,6 +9,7 @@ decoding, and reports both speeds, τ, and whether the tokens are identical (the
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,7 +69,8 @@ def run_demo(
         )
     say(f"[2/4] SpAF components: {components}")
     say("[3/4] ONNX export (once; cached under ~/.cache/spaf-edge/exports) ...")
-    export_dir = cached_export(base, components, "fp32", DEMO_MAX_LENGTH)
+    context = json.loads((base / "config.json").read_text()).get("max_position_embeddings") or DEMO_MAX_LENGTH
+    export_dir = cached_export(base, components, "fp32", min(DEMO_MAX_LENGTH, int(context)))
     say(f"      {export_dir}")
     say("[4/4] generating (ONNX Runtime, CPU) ...\n")
     engine = Engine.from_folder(export_dir, threads=threads)

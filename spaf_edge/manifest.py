@@ -16,7 +16,7 @@ from typing import Any
 from spaf_edge.errors import ExportFormatError, ModelNotFoundError
 from spaf_edge.io_names import MANIFEST
 
-FORMAT_VERSION = 2  # 2: draft head in its own graph, top states (docs/export_format.md)
+FORMAT_VERSION = 3  # 2: draft head in its own graph, top states; 3: upper's num_logits input (docs/export_format.md)
 DTYPES = ("float32", "float16")
 QUANTIZATIONS = (None, "int8", "int4")
 

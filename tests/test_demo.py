@@ -6,6 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import make_tiny_base, make_tiny_tokenizer
 from spaf_edge.cli.demo import command as demo_command
 from spaf_edge.config import SpAFConfig
 from spaf_edge.errors import ModelNotFoundError
@@ -26,9 +27,21 @@ def test_components_default_to_the_shipped_ones_only_for_the_default_base(tmp_pa
     assert resolve_components(tmp_path, tmp_path / "ckpt") == str(tmp_path / "ckpt")
 
 
+@pytest.fixture(scope="module")
+def exportable_model_dir(tmp_path_factory):
+    """A saved tiny Llama folder whose head_dim (16) ONNX Runtime's attention accepts."""
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_base("llama", hidden_size=64, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("exportable")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
-def trained_checkpoint(tiny_model_dir, tmp_path):
-    model = SpAFModel.from_pretrained(tiny_model_dir, SpAFConfig(cutoff_layer=1, num_draft_tokens=3,
+def trained_checkpoint(exportable_model_dir, tmp_path):
+    model = SpAFModel.from_pretrained(exportable_model_dir, SpAFConfig(cutoff_layer=1, num_draft_tokens=3,
                                                                   serial_parallel_transition=1))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -37,10 +50,10 @@ def trained_checkpoint(tiny_model_dir, tmp_path):
     return model.save_spaf_components(tmp_path / "ckpt")
 
 
-def test_demo_exports_generates_and_reports_a_lossless_speedup(tiny_model_dir, trained_checkpoint, tmp_path,
+def test_demo_exports_generates_and_reports_a_lossless_speedup(exportable_model_dir, trained_checkpoint, tmp_path,
                                                               monkeypatch):
     monkeypatch.setenv("SPAF_EDGE_CACHE", str(tmp_path / "cache"))
-    args = ["--base-model", tiny_model_dir, "--components", trained_checkpoint, "--prompt", "Hi there",
+    args = ["--base-model", exportable_model_dir, "--components", trained_checkpoint, "--prompt", "Hi there",
             "--max-new-tokens", 16, "--threads", 1]
     result = CliRunner().invoke(demo_command, [str(arg) for arg in args])
     assert result.exit_code == 0, result.output

@@ -403,6 +403,56 @@ def test_plain_greedy_never_runs_the_draft_head(fused_engine, monkeypatch):
     assert spaf.tokens == plain.tokens and len(calls) == sum(spaf.stats.drafted)
 
 
+def record_num_logits(decoder, monkeypatch) -> list[tuple[int, int]]:
+    """(new positions, logits asked for) of every upper-graph call."""
+    calls = []
+    run = decoder.upper.run
+
+    def recording(cutoff_hidden, new, logits, top_hidden, num_logits):
+        calls.append((new, num_logits))
+        run(cutoff_hidden, new, logits, top_hidden, num_logits)
+
+    monkeypatch.setattr(decoder.upper, "run", recording)
+    return calls
+
+
+@torch.no_grad()
+def test_prefill_computes_no_logits(fused, monkeypatch):
+    """Prefill asks the upper graph for no logits (no LM head on prompt rows); its top state is unchanged."""
+    model, folder = fused
+    engine = Engine.from_folder(folder, prefill_chunk=3)
+    decoder = engine.decoder
+    calls = record_num_logits(decoder, monkeypatch)
+    prompt = [1, 7, 19, 42, 5, 11, 60, 23]
+    decoder.buffers.logits.array[:] = np.nan
+    decoder.prefill(prompt)
+    assert calls == [(3, 0), (3, 0), (1, 0)]  # prompt[:-1] in chunks of 3
+    assert np.isnan(decoder.buffers.logits.array).all()  # the logits buffer was never written
+    _, top = fresh_top_states(model, prompt)
+    np.testing.assert_allclose(decoder.exact_top, top[:, -2:-1].numpy(), rtol=1e-4, atol=1e-5)
+    # what the first token depends on is unchanged: it is the base model's first greedy token
+    first = engine.generate(prompt, max_new_tokens=1, mode="greedy")
+    assert first.tokens == base_greedy(model.base, prompt, 1, sorted(engine.eos))
+
+
+def test_verify_asks_for_its_rows_only(fused, monkeypatch):
+    """Plain greedy asks for 1 row per step, SpAF for D+1; the logits buffer is sized for a verify, not a prefill."""
+    _, folder = fused
+    engine = Engine.from_folder(folder)
+    calls = record_num_logits(engine.decoder, monkeypatch)
+    prompt = PROMPTS[0]
+    plain = engine.generate(prompt, max_new_tokens=6, mode="greedy")
+    assert calls == [(len(prompt) - 1, 0)] + [(1, 1)] * 6
+    calls.clear()
+    spaf = engine.generate(prompt, max_new_tokens=12, num_draft_tokens=3, serial_parallel_transition=1)
+    assert spaf.tokens[:6] == plain.tokens
+    assert calls[0] == (len(prompt) - 1, 0)
+    steps = calls[1:]  # one verify per step: all D+1 rows
+    assert len(steps) == spaf.stats.verify_steps and all(new == rows for new, rows in steps)
+    assert sum(rows - 1 for _, rows in steps) == sum(spaf.stats.drafted) > 0
+    assert engine.decoder.buffers.logits.rows == 8 < engine.decoder.buffers.rows  # not prefill_chunk rows
+
+
 # ---- text, chat template and streaming -----------------------------------
 def byte_tokenizer():
     """A byte-level BPE without merges (one token per UTF-8 byte): multi-byte characters span tokens."""
@@ -506,7 +556,7 @@ def test_modified_file_fails_the_checksum(export_copy):
         Engine.from_folder(export_copy)
 
 
-@pytest.mark.parametrize("version", [1, 99])  # 1: lower.onnx still held the draft head
+@pytest.mark.parametrize("version", [1, 2, 99])  # 1: lower.onnx held the draft head; 2: upper had no num_logits
 def test_unknown_manifest_version(export_copy, version):
     edit_manifest(export_copy, lambda data: data.update(format_version=version))
     with pytest.raises(ExportFormatError, match=f"unknown manifest format version {version}.*Re-export"):

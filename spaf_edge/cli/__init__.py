@@ -13,7 +13,9 @@ import click
 from spaf_edge.errors import SpAFError
 
 # Modules under spaf_edge.cli, each defining a click command named ``command``.
-COMMAND_MODULES = ("generate", "info", "train", "distill", "bench", "run", "validate", "export", "tune")
+COMMAND_MODULES = (
+    "demo", "generate", "info", "train", "distill", "bench", "run", "validate", "export", "tune", "agreement",
+)
 
 
 class _Group(click.Group):

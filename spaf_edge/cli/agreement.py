@@ -13,17 +13,16 @@ from spaf_edge.cli import options
 @click.command("agreement")
 @options.base_model
 @options.components
-@click.option("--prompts", type=click.Path(dir_okay=False), default=None,
-              help="Prompt JSONL ('prompt' or MT-Bench 'turns'); default: the packaged MT-Bench first turns.")
-@click.option("--limit", type=int, default=None, help="Use only the first N prompts.")
+@options.prompts_file("the packaged MT-Bench first turns")
+@options.limit
 @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Length of the reference replies.")
 @click.option("--aligned-steps", type=int, default=3, show_default=True, help="Aligned draft steps to score.")
 @click.option("--tau-prompts", type=int, default=8, show_default=True,
               help="Also run SpAF greedy generation on this many prompts and report τ (0: skip).")
 @options.drafting
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
-def command(base_model, components, prompts, limit, max_new_tokens, aligned_steps, tau_prompts, num_draft_tokens,
+@options.progress
+def command(base_model, components, prompts_file, limit, max_new_tokens, aligned_steps, tau_prompts, num_draft_tokens,
             serial_parallel_transition, draft_stop_threshold, out, progress):
     """Score the drafters against the base model's own greedy replies (teacher-forced).
 
@@ -43,12 +42,13 @@ def command(base_model, components, prompts, limit, max_new_tokens, aligned_step
         raise ConfigError("--aligned-steps and --tau-prompts must be >= 0 and --max-new-tokens >= 1.")
     components = resolve_components(base_model, components)
     model = SpAFModel.from_pretrained(base_model, components=components)
-    chosen = load_prompts(prompts, limit=limit)
+    chosen = load_prompts(prompts_file, limit=limit)
     encoded = encode_prompts(chosen, lambda text: encode_prompt(model.tokenizer, text))
     pairs = [(prompt.category, ids) for prompt, ids in zip(chosen, encoded)]
     replies = reference_replies(model, pairs, max_new_tokens, cache=cache_dir() / "agreement", progress=progress)
     report = measure_agreement(model, replies, aligned_steps).to_dict()
-    report.update({"components": components, "prompts": prompts or "MT-Bench (packaged)", "num_prompts": len(pairs),
+    report.update({"components": components, "prompts": prompts_file or "MT-Bench (packaged)",
+                   "num_prompts": len(pairs),
                    "trainable_percent": round(100 * model.trainable_fraction(), 3)})
     if tau_prompts:
         new_tokens = steps = 0

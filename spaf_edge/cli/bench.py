@@ -50,7 +50,9 @@ def command(base_model, components, export_dir, prompts_file, limit, per_categor
             precision, threads, runners, remote_python, name, output_dir, memory, plot, seed):
     """Time SpAF against HF transformers, onnxruntime-genai, optimum and the engine's plain decoding."""
     from spaf_edge.bench import BenchOptions, run_benchmark
+    from spaf_edge.models.loading import resolve_components
 
+    components = resolve_components(base_model, components) if export_dir is None else components
     bench_options = BenchOptions(
         name=name, output_root=output_dir, prompts=prompts_file, limit=limit, per_category=per_category,
         max_new_tokens=max_new_tokens, chat=chat, base_model=base_model, components=components,

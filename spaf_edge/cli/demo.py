@@ -12,7 +12,7 @@ from spaf_edge.cli import options
 @options.max_new_tokens
 @options.base_model
 @options.components
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: physical cores).")
+@options.threads
 def command(prompt, max_new_tokens, base_model, components, threads):
     """Prepare the default model and trained components, export, answer a prompt, report the speedup.
 

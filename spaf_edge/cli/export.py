@@ -23,9 +23,11 @@ from spaf_edge.cli import options
               help="Run graph parity (ONNX vs PyTorch) on the export.")
 def command(base_model, components, out, precision, quantize, max_length, exit_layer, cutoff_layer, overwrite,
             check):
-    """Export lower/upper/drafter ONNX graphs, shared weights, tokenizer and manifest."""
+    """Export the lower, upper, draft-head and drafter ONNX graphs, shared weights, tokenizer and manifest."""
     from spaf_edge.exporters.export import export_pretrained
+    from spaf_edge.models.loading import resolve_components
 
+    components = resolve_components(base_model, components) if cutoff_layer is None else components
     result = export_pretrained(
         out, base_model=base_model, components=components, cutoff_layer=cutoff_layer, dtype=precision,
         quantization=quantize, max_length=max_length, exit_layer=exit_layer, overwrite=overwrite, check=check,

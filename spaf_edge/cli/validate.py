@@ -25,8 +25,10 @@ def command(ctx, export_dir, base_model, components, prompts, max_new_tokens, ch
 
     Exits 0 when everything passes, 1 otherwise.
     """
+    from spaf_edge.models.loading import resolve_components
     from spaf_edge.validation.end_to_end import validate_export
 
+    components = resolve_components(base_model, components)
     report = validate_export(
         export_dir, base_model=base_model, components=components, prompts=list(prompts) or None,
         max_new_tokens=max_new_tokens, provider=provider, parity=parity, chat=chat,

@@ -7,7 +7,7 @@ so a tensor used by several graphs has one name and is stored once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,17 +170,31 @@ def make_decoder_layers(
 
 
 # ---- head ------------------------------------------------------------------
-def make_lm_head(
-    b: GraphBuilder, normed: str, path: str, weight: str, bias: str | None, vocab: int, output: str
-) -> str:
-    """Logits float32 [1, S, V] from normed states [1, S, H] and a [V, H] weight.
+def make_last_rows(b: GraphBuilder, x: str, count: str, path: str) -> str:
+    """The last ``count`` (int64 [1]) positions of ``x`` [1, S, H] -> [1, count, H]; ``count`` 0 gives no rows."""
+    (length,) = b.make_node("Shape", [x], f"{path}/Shape", start=1, end=2)  # [1]: S
+    (start,) = b.make_node("Sub", [length, count], f"{path}/Sub")
+    ends, axes = b.int64s(f"{path}/ends", [np.iinfo(np.int64).max]), b.int64s(f"{path}/axes", [1])
+    (rows,) = b.make_node("Slice", [x, start, ends, axes], f"{path}/Slice")
+    return rows
 
-    Gemm(transB=1) reads the [V, H] table in place: a tied embedding serves as LM head
-    without a transposed copy.
+
+def make_lm_head(
+    b: GraphBuilder, normed: str, path: str, blocks: Sequence[tuple[str, str | None]], vocab: int, output: str
+) -> str:
+    """Logits float32 [1, n, V] from normed states [1, n, H] and the head's (weight, bias) row blocks.
+
+    Each block is a [V_i, H] weight (blocks in vocabulary order, ``sum V_i = V``) read by
+    Gemm(transB=1) in place: a tied embedding serves as LM head without a transposed copy.
+    Several blocks give one Gemm each and a Concat of their logits.
     """
-    hidden = b.weights[weight].shape[1]
+    hidden = b.weights[blocks[0][0]].shape[1]
     (flat,) = b.make_node("Reshape", [normed, b.int64s(f"{path}/flat_shape", [-1, hidden])], f"{path}/Reshape")
-    (logits,) = b.make_node("Gemm", [flat, weight] + ([bias] if bias else []), f"{path}/Gemm", transB=1)
+    parts = []
+    for index, (weight, bias) in enumerate(blocks):
+        name = f"{path}/Gemm" if len(blocks) == 1 else f"{path}/Gemm_{index}"
+        parts += b.make_node("Gemm", [flat, weight] + ([bias] if bias else []), name, transB=1)
+    (logits,) = parts if len(parts) == 1 else b.make_node("Concat", parts, f"{path}/Concat", axis=1)
     shape = b.int64s(f"{path}/logits_shape", [1, -1, vocab])
     if b.dtype == np.float32:
         b.make_node("Reshape", [logits, shape], f"{path}/Reshape_1", outputs=[output])

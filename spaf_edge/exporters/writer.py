@@ -18,12 +18,13 @@ INLINE_LIMIT = 1024  # bytes: smaller initializers stay inside the .onnx file
 
 
 def find_shared(builders: dict[str, GraphBuilder]) -> dict[str, list[str]]:
-    """Weight name -> graph files using it, for weights that more than one graph uses."""
+    """Weight name -> graph files using it, for weights that more than one graph uses (or marked ``mapped``)."""
     users: dict[str, list[str]] = {}
     for file_name, builder in builders.items():
         for name in builder.weights:
             users.setdefault(name, []).append(file_name)
-    return {name: files for name, files in users.items() if len(files) > 1}
+    mapped = set().union(*(builder.mapped for builder in builders.values()))
+    return {name: files for name, files in users.items() if len(files) > 1 or name in mapped}
 
 
 def write_shared_weights(folder: Path, builders: dict[str, GraphBuilder]) -> dict[str, TensorProto]:

@@ -82,13 +82,19 @@ class TargetProbs:
 
 
 class HostBuffers:
-    """Host arrays the graphs read and write in place (shared with ORT on CPU, no copies)."""
+    """Host arrays the graphs read and write in place (shared with ORT on CPU, no copies).
 
-    def __init__(self, rows: int, hidden_size: int, vocab_size: int, draft_vocab_size: int, dtype: type) -> None:
+    Row buffers have ``rows`` rows (a prefill chunk or a verify pass); the logits buffer has
+    ``logit_rows`` (a verify pass's ``D+1``: prefill asks the upper graph for no logits).
+    """
+
+    def __init__(
+        self, rows: int, logit_rows: int, hidden_size: int, vocab_size: int, draft_vocab_size: int, dtype: type
+    ) -> None:
         self.ids = HostBuffer((1, rows), np.int64)  # [1, R]
         self.hidden = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: exact cutoff states of T ..
         self.pseudo = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: AlignmentHead states
-        self.logits = HostBuffer((1, rows, vocab_size), np.float32)  # [1, R, V]
+        self.logits = HostBuffer((1, logit_rows, vocab_size), np.float32)  # [1, R_l, V]
         self.top_hidden = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: the upper call's top states
         self.prev_tops = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: f(T-1), then drafted tops
         self.draft_logits = np.zeros((1, 1, draft_vocab_size), dtype=np.float32)  # [1, 1, V_d]
@@ -99,12 +105,14 @@ class HostBuffers:
     def rows(self) -> int:
         return self.hidden.rows
 
-    def ensure_rows(self, rows: int) -> None:
-        """Grow the row buffers (between generations only: their contents are dropped)."""
-        if rows > self.rows:
-            for name in ("ids", "hidden", "pseudo", "logits", "top_hidden", "prev_tops"):
-                old: HostBuffer = getattr(self, name)
-                setattr(self, name, HostBuffer((1, rows, *old.array.shape[2:]), old.array.dtype))
+    def ensure_rows(self, rows: int, logit_rows: int = 0) -> None:
+        """Grow the row buffers to ``rows``, the logits to ``logit_rows`` (between generations: contents dropped)."""
+        names = ("ids", "hidden", "pseudo", "top_hidden", "prev_tops") if rows > self.rows else ()
+        names += ("logits",) if logit_rows > self.logits.rows else ()
+        for name in names:
+            old: HostBuffer = getattr(self, name)
+            size = logit_rows if name == "logits" else rows
+            setattr(self, name, HostBuffer((1, size, *old.array.shape[2:]), old.array.dtype))
 
 
 class Decoder:
@@ -152,7 +160,7 @@ class Decoder:
         """Generate into ``result``, yielding the tokens each verify step commits."""
         stats, params = result.stats, settings.params
         drafts = settings.num_draft_tokens if settings.mode == "spaf" else 0
-        self.buffers.ensure_rows(drafts + 1)
+        self.buffers.ensure_rows(drafts + 1, logit_rows=drafts + 1)
         start = time.perf_counter()
         self.prefill(prompt_ids, reuse_cache)
         stats.prefill_seconds = time.perf_counter() - start
@@ -199,7 +207,7 @@ class Decoder:
         for begin in range(self.lower.kv.length, len(body), self.prefill_chunk):
             chunk = body[begin:begin + self.prefill_chunk]
             self._run_lower(chunk, row=0)
-            self._run_upper(len(chunk))
+            self._run_upper(len(chunk), num_logits=0)  # prefill needs top states only: no LM head
             self._keep_top(len(chunk) - 1)
 
     def draft(
@@ -244,7 +252,7 @@ class Decoder:
         sequence = [self.tokens[-1], *draft.tokens]
         if draft.exact < len(sequence):
             self._run_lower(sequence[draft.exact:], row=draft.exact)
-        return self._run_upper(len(sequence))
+        return self._run_upper(len(sequence), num_logits=len(sequence))
 
     def commit(self, draft: Draft, num_accepted: int, bonus: int) -> list[int]:
         """Append the accepted drafts and the bonus; cut both caches back to the valid length.
@@ -275,11 +283,15 @@ class Decoder:
         buffers.ids.array[0, :new] = tokens
         self.lower.run(buffers.ids.view(0, new), new, buffers.hidden.view(row, row + new))
 
-    def _run_upper(self, new: int) -> np.ndarray:
-        """Upper stack on hidden rows ``0 .. new-1``. Returns logits [new, V] (a view of the buffer)."""
+    def _run_upper(self, new: int, num_logits: int) -> np.ndarray:
+        """Upper stack on hidden rows ``0 .. new-1``: top states of all, logits of the last ``num_logits``.
+
+        Returns logits [num_logits, V] (a view of the buffer).
+        """
         buffers = self.buffers
-        self.upper.run(buffers.hidden.view(0, new), new, buffers.logits.view(0, new), buffers.top_hidden.view(0, new))
-        return buffers.logits.array[0, :new]
+        self.upper.run(buffers.hidden.view(0, new), new, buffers.logits.view(0, num_logits),
+                       buffers.top_hidden.view(0, new), num_logits)
+        return buffers.logits.array[0, :num_logits]
 
     def _keep_top(self, row: int) -> None:
         """The last upper call's top state of ``row`` becomes the exact top state of ``T-1`` (H values)."""

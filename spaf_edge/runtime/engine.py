@@ -36,7 +36,8 @@ from spaf_edge.stats import GenerationStats
 DECODING_KEYS = (
     "num_draft_tokens", "serial_parallel_transition", "draft_stop_threshold", "temperature", "top_p", "top_k",
 )
-PREFILL_CHUNK = 64  # prompt positions per prefill call (bounds the logits buffer: rows x V floats)
+PREFILL_CHUNK = 64  # prompt positions per prefill call (rows of the hidden-state buffers)
+LOGIT_ROWS = 8  # initial rows of the logits buffer: a verify pass of up to 7 drafts (grown for more)
 
 
 class Engine:
@@ -75,7 +76,8 @@ class Engine:
         dtype = np.float16 if manifest.dtype == "float16" else np.float32
         sessions = open_sessions(folder, manifest, chosen, threads, dtype)
         buffers = HostBuffers(
-            max(prefill_chunk, 8), sizes.hidden_size, sizes.vocab_size, sizes.draft_vocab_size, dtype
+            max(prefill_chunk, LOGIT_ROWS), LOGIT_ROWS, sizes.hidden_size, sizes.vocab_size, sizes.draft_vocab_size,
+            dtype,
         )
 
         def cache(layers: range) -> KVCache:

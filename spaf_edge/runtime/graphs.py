@@ -20,6 +20,7 @@ from spaf_edge.io_names import (
     DRAFTED_TOP,
     INPUT_IDS,
     LOGITS,
+    NUM_LOGITS,
     PREV_HIDDEN,
     PREV_TOP,
     PSEUDO_HIDDEN,
@@ -95,10 +96,19 @@ class LowerGraph(StackGraph):
 
 
 class UpperGraph(StackGraph):
-    """Layers ``k..L-1`` + final norm + LM head: logits and top states."""
+    """Layers ``k..L-1`` + final norm + LM head: top states of every position, logits of the last few."""
 
-    def run(self, cutoff_hidden: ort.OrtValue, new: int, logits: ort.OrtValue, top_hidden: ort.OrtValue) -> None:
-        # cutoff_hidden: [1, S, H] -> logits: [1, S, V] float32, top_hidden: [1, S, H]
+    def __init__(self, session: ort.InferenceSession, kv: KVCache) -> None:
+        super().__init__(session, kv)
+        self.num_logits = np.zeros(1, dtype=np.int64)  # [1]
+        self.num_logits_value = ort.OrtValue.ortvalue_from_numpy(self.num_logits)
+
+    def run(
+        self, cutoff_hidden: ort.OrtValue, new: int, logits: ort.OrtValue, top_hidden: ort.OrtValue, num_logits: int
+    ) -> None:
+        # cutoff_hidden: [1, S, H] -> logits: [1, n, V] float32 (last n = num_logits positions), top_hidden: [1, S, H]
+        self.num_logits[0] = num_logits
+        self.binding.bind_ortvalue_input(NUM_LOGITS, self.num_logits_value)  # rebound: device providers copy it
         self.binding.bind_ortvalue_input(CUTOFF_HIDDEN, cutoff_hidden)
         self.binding.bind_ortvalue_output(LOGITS, logits)
         self.binding.bind_ortvalue_output(TOP_HIDDEN, top_hidden)

@@ -26,6 +26,7 @@ from spaf_edge.io_names import (
     INPUT_IDS,
     LOGITS,
     LOWER_GRAPH,
+    NUM_LOGITS,
     PREV_HIDDEN,
     PREV_TOP,
     PSEUDO_HIDDEN,
@@ -78,7 +79,8 @@ def expected_io(manifest: Manifest, dtype: type) -> dict[str, tuple[list[Expecte
             [Expected(CUTOFF_HIDDEN, dtype, [1, None, hidden]), *lower_present],
         ),
         UPPER_GRAPH: (
-            [Expected(CUTOFF_HIDDEN, dtype, [1, None, hidden]), *positions, *upper_past],
+            [Expected(CUTOFF_HIDDEN, dtype, [1, None, hidden]), Expected(NUM_LOGITS, np.int64, [1]), *positions,
+             *upper_past],
             [Expected(LOGITS, np.float32, [1, None, sizes.vocab_size]), Expected(TOP_HIDDEN, dtype, [1, None, hidden]),
              *upper_present],
         ),

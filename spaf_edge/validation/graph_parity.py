@@ -219,8 +219,10 @@ class GraphSessions:
     def run_lower(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         return self._run_stack(self.lower, self.lower_kv, {io_names.INPUT_IDS: ids}, [io_names.CUTOFF_HIDDEN])
 
-    def run_upper(self, hidden: np.ndarray) -> dict[str, np.ndarray]:
-        return self._run_stack(self.upper, self.upper_kv, {io_names.CUTOFF_HIDDEN: hidden},
+    def run_upper(self, hidden: np.ndarray, num_logits: int | None = None) -> dict[str, np.ndarray]:
+        """hidden: [1, S, H]; logits of the last ``num_logits`` positions (default all S)."""
+        count = np.array([hidden.shape[1] if num_logits is None else num_logits], dtype=np.int64)  # [1]
+        return self._run_stack(self.upper, self.upper_kv, {io_names.CUTOFF_HIDDEN: hidden, io_names.NUM_LOGITS: count},
                                [io_names.LOGITS, io_names.TOP_HIDDEN])
 
     def run_drafter(self, token_ids: np.ndarray, prev_hidden: np.ndarray) -> dict[str, np.ndarray]:
