@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # Graph files in an export folder.
 LOWER_GRAPH = "lower.onnx"  # embedding + layers 0..k-1 -> cutoff states
-UPPER_GRAPH = "upper.onnx"  # layers k..L-1 + final norm (-> top states) + LM head (its own prepacked copy)
+UPPER_GRAPH = "upper.onnx"  # layers k..L-1 + final norm (-> top states) + LM head on the last num_logits rows
 DRAFTER_GRAPH = "drafter.onnx"  # one AlignmentHead step -> pseudo cutoff state
 DRAFT_HEAD_GRAPH = "draft_head.onnx"  # adapter + final norm + draft LM head on one (exact or pseudo) state
 GRAPHS = (LOWER_GRAPH, UPPER_GRAPH, DRAFTER_GRAPH, DRAFT_HEAD_GRAPH)  # every graph of an export folder

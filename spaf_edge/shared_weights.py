@@ -1,7 +1,7 @@
 """Weights used by several graphs of an export, stored once and loaded once.
 
-``shared_weights.bin`` holds the tensors (embedding / tied LM head, final norm, rotary
-caches, adapter, draft head) that more than one graph uses; ``shared_weights.json``
+``shared_weights.bin`` holds the tensors (embedding / tied LM head, untied LM head, final
+norm, rotary caches) that more than one graph uses; ``shared_weights.json``
 indexes them. Each graph references them as ONNX external data *and* lists them as
 graph inputs, which makes them overridable initializers: ONNX Runtime then does not
 prepack or constant-fold them. The runtime maps the file once and hands the same
@@ -75,9 +75,12 @@ class SharedWeights:
     outlive every session using them (a freed one crashes the process). ``open_session``
     pins it to the session; with :meth:`add_to` that is the caller's job.
 
-    ``mmap=True`` (default) maps the file read-only: pages load on first use and stay
-    shared with the OS page cache. The OrtValues live in CPU memory; an execution
-    provider on another device copies what it needs when the session is created.
+    ``mmap=True`` (default) maps the file read-only (an ``np.memmap``; the OrtValues view it,
+    no copy): pages load on first use and stay shared with the OS page cache. The OS maps
+    whole page-cache folios, so reading a few rows can make megabytes resident (about 2 MB
+    per touched row on Linux with file THP; docs/exporter.md). The OrtValues live in CPU
+    memory; an execution provider on another device copies what it needs when the session
+    is created.
     """
 
     def __init__(self, folder: str | Path, mmap: bool = True) -> None:

@@ -38,16 +38,18 @@ def test_cli_reports_agreement_and_tau_and_caches_replies(tiny_model_dir, tmp_pa
     monkeypatch.setattr("spaf_edge.models.loading.cache_dir", lambda: tmp_path / "cache")
     prompts = tmp_path / "eval.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": text, "category": "x"}) + "\n" for text in ["Hi", "Tell me"]))
-    model = SpAFModel.from_pretrained(tiny_model_dir, SpAFConfig(cutoff_layer=1))
+    model = SpAFModel.from_pretrained(tiny_model_dir, SpAFConfig(cutoff_layer=1, adapter_layers=[1, 2]))
     model.save_spaf_components(tmp_path / "ckpt")
     args = ["--base-model", tiny_model_dir, "--components", tmp_path / "ckpt", "--prompts", prompts,
             "--max-new-tokens", 12, "--tau-prompts", 1, "--no-progress", "--out", tmp_path / "report.json"]
     result = CliRunner().invoke(agreement_command, [str(arg) for arg in args])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
-    assert 0 <= report["first"] <= 1 and len(report["aligned"]) == 3
-    assert report["num_prompts"] == 2 and report["tau"] >= 1
-    assert set(report["first_by_category"]) == {"x"}
+    assert report["num_prompts"] == 2 and [entry["exit_layer"] for entry in report["exits"]] == [1, 2]
+    for entry in report["exits"]:
+        assert 0 <= entry["first"] <= 1 and len(entry["aligned"]) == 3
+        assert entry["tau"] >= 1 and set(entry["first_by_category"]) == {"x"}
+        assert 0 < entry["percent_of_base_parameters"] < 100
 
     def no_generation(*args, **kwargs):
         raise AssertionError("replies should come from the cache")
@@ -55,4 +57,4 @@ def test_cli_reports_agreement_and_tau_and_caches_replies(tiny_model_dir, tmp_pa
     monkeypatch.setattr("spaf_edge.training.distill.generate_batch", no_generation)
     again = CliRunner().invoke(agreement_command, [str(arg) for arg in args[:-2]] + ["--tau-prompts", "0"])
     assert again.exit_code == 0, again.output
-    assert json.loads(again.stdout)["first"] == report["first"]
+    assert json.loads(again.stdout)["exits"][0]["first"] == report["exits"][0]["first"]

@@ -90,8 +90,8 @@ def test_fused_adapter_graph_parity(tmp_path):
 
 
 def test_graph_io(llama_export):
-    """v3 layout: no draft head in lower; upper emits top states and logits of its last num_logits positions
-    from its own LM head; the drafter is the AlignmentHead alone."""
+    """v3 layout: no draft head in lower; upper emits top states and logits of its last num_logits positions;
+    the drafter is the AlignmentHead alone."""
     assert not Manifest.load(llama_export).reads_top_state
     lower_in, lower_out = graph_io(llama_export, io_names.LOWER_GRAPH)
     assert lower_in[0] == io_names.INPUT_IDS and lower_out[0] == io_names.CUTOFF_HIDDEN
@@ -102,9 +102,6 @@ def test_graph_io(llama_export):
     upper_in, upper_out = graph_io(llama_export, io_names.UPPER_GRAPH)
     assert upper_in[:2] == [io_names.CUTOFF_HIDDEN, io_names.NUM_LOGITS]
     assert upper_out[:2] == [io_names.LOGITS, io_names.TOP_HIDDEN]
-    upper = onnx.load(str(llama_export / io_names.UPPER_GRAPH), load_external_data=False).graph
-    private = {t.name for t in upper.initializer} - {i.name for i in upper.input}
-    assert "upper.lm_head.0.weight" in private  # its own head: an initializer ONNX Runtime prepacks
     assert graph_io(llama_export, io_names.DRAFTER_GRAPH) == (
         [io_names.TOKEN_IDS, io_names.PREV_HIDDEN], [io_names.PSEUDO_HIDDEN])
     assert graph_io(llama_export, io_names.DRAFT_HEAD_GRAPH) == (
@@ -124,41 +121,6 @@ def test_upper_computes_logits_of_the_last_num_logits_positions(llama_export):
         assert part[io_names.LOGITS].shape == (1, n, 96)
         np.testing.assert_allclose(part[io_names.LOGITS], full[io_names.LOGITS][:, 5 - n:], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(part[io_names.TOP_HIDDEN], full[io_names.TOP_HIDDEN])
-
-
-@pytest.mark.parametrize("head_copy", [True, False])
-def test_upper_head_copy_or_shared_table(head_copy, tmp_path, monkeypatch):
-    """Upper's private head in row blocks (one Gemm each) or, without head_copy, the shared table; both exact."""
-    import spaf_edge.exporters.graphs as graphs
-
-    model = make_tiny_spaf("llama", tie_word_embeddings=True, **EXPORTABLE)
-    monkeypatch.setattr(graphs, "HEAD_BLOCK_BYTES", 96 * 64 * 4 // 5)  # a 24 KB head -> 6 blocks of 16 rows
-    folder = export_model(model, tmp_path / "out", max_length=MAX_LENGTH, progress=False, head_copy=head_copy)
-    report = check_graphs(model, folder)
-    assert report.passed, report.summary()
-    assert report.worst("upper", io_names.LOGITS)["max_rel"] <= 1e-4
-    upper = onnx.load(str(folder / io_names.UPPER_GRAPH), load_external_data=False).graph
-    gemms = [node.name for node in upper.node if node.op_type == "Gemm"]
-    embed_users = {t.name: set(t.graphs) for t in read_index(folder)}["model.embed_tokens.weight"]
-    if head_copy:
-        assert gemms == [f"/lm_head/Gemm_{i}" for i in range(6)]
-        blocks = [stored_initializer(folder, upper, f"upper.lm_head.{i}.weight") for i in range(6)]
-        assert [len(block) for block in blocks] == [16] * 6
-        np.testing.assert_array_equal(np.concatenate(blocks), model.base.model.embed_tokens.weight.detach().numpy())
-        assert io_names.UPPER_GRAPH not in embed_users
-    else:
-        assert gemms == ["/lm_head/Gemm"]
-        assert io_names.UPPER_GRAPH in embed_users
-
-
-def stored_initializer(folder, graph, name: str) -> np.ndarray:
-    """An initializer of ``graph`` (a GraphProto loaded without external data) read from ``folder``."""
-    from onnx.external_data_helper import load_external_data_for_tensor
-    from onnx.numpy_helper import to_array
-
-    tensor = next(t for t in graph.initializer if t.name == name)
-    load_external_data_for_tensor(tensor, str(folder))
-    return to_array(tensor)
 
 
 def test_parity_check_catches_a_wrong_graph(tiny_llama, llama_export):
@@ -211,7 +173,6 @@ def test_quantized_export_runs_close_to_float(quantization, bound, tmp_path):
     ops = [node.op_type for node in graph.node]
     assert ops.count("MatMulNBits") == 2 * 4  # qkv/o/gate_up/down of layers 2 and 3
     assert "MatMul" not in ops
-    assert ops.count("Gemm") == 1  # the LM head keeps the float dtype
     report = check_graphs(model, folder, threshold=bound)
     assert report.passed, report.summary()
     # quantization really changed the numbers (the check compares with the float model)
@@ -264,29 +225,24 @@ def test_export_is_deterministic(tiny_llama, llama_export, tmp_path):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("head_copy", [True, False])
-def test_shared_weights_are_stored_once(tied, head_copy, tmp_path):
-    """Shared tables once in shared_weights.bin; with head_copy upper's private head is the one other copy."""
+def test_shared_weights_are_stored_once(tied, tmp_path):
     model = make_tiny_spaf("llama", tie_word_embeddings=tied, **EXPORTABLE)
-    folder = export_model(model, tmp_path / "out", max_length=MAX_LENGTH, progress=False, head_copy=head_copy)
-    embed, head = model.base.model.embed_tokens.weight, model.base.lm_head.weight
-    tables = {"model.embed_tokens.weight": embed} if tied else {"model.embed_tokens.weight": embed,
-                                                                 "lm_head.weight": head}
-    for name, table in tables.items():
+    folder = export_model(model, tmp_path / "out", max_length=MAX_LENGTH, progress=False)
+    tables = {"model.embed_tokens.weight": model.base.model.embed_tokens.weight}
+    if not tied:
+        tables["lm_head.weight"] = model.base.lm_head.weight
+    for table in tables.values():
         data = table.detach().numpy().tobytes()
-        holders = [io_names.SHARED_WEIGHTS] + ([f"{io_names.UPPER_GRAPH}.data"] if head_copy and table is head else [])
-        assert sorted(p.name for p in folder.iterdir() if data in p.read_bytes()) == sorted(holders)
+        assert [p.name for p in folder.iterdir() if data in p.read_bytes()] == [io_names.SHARED_WEIGHTS]
     graphs = {t.name: set(t.graphs) for t in read_index(folder)}
     heads = {io_names.UPPER_GRAPH, io_names.DRAFT_HEAD_GRAPH}  # the final norm + LM head users
     assert graphs["model.norm.weight"] == heads
-    table_users = {io_names.DRAFT_HEAD_GRAPH} | (set() if head_copy else {io_names.UPPER_GRAPH})
-    if tied:  # embedding of lower/drafter, LM head of draft head (and upper without head_copy): one tensor
-        assert graphs["model.embed_tokens.weight"] == {io_names.LOWER_GRAPH, io_names.DRAFTER_GRAPH} | table_users
-        assert "lm_head.weight" not in graphs
-    else:  # the draft head's full head stays mapped even when no other graph reads it
+    if tied:  # embedding of lower/drafter, LM head of upper and draft head: one tensor
+        assert graphs["model.embed_tokens.weight"] == set(io_names.GRAPHS) and "lm_head.weight" not in graphs
+    else:
         assert graphs["model.embed_tokens.weight"] == {io_names.LOWER_GRAPH, io_names.DRAFTER_GRAPH}
-        assert graphs["lm_head.weight"] == table_users
-    assert not any(name.startswith(("model.layers.", "spaf.", "upper.")) for name in graphs)
+        assert graphs["lm_head.weight"] == heads
+    assert not any(name.startswith(("model.layers.", "spaf.")) for name in graphs)
 
 
 def test_shared_weights_feed_every_session_the_same_buffer(llama_export):
@@ -408,10 +364,9 @@ def test_default_model_fp32_export_parity(default_base, tmp_path):
     report = check_graphs(model, folder)
     assert report.passed, report.summary()
     param_bytes = 4 * (model.num_base_parameters() + model.num_trainable_parameters())
-    head_bytes = 4 * model.base.lm_head.weight.numel()  # upper's private, prepacked copy of the LM head
     folder_bytes = sum(p.stat().st_size for p in folder.iterdir())
-    assert folder_bytes < 1.05 * param_bytes + head_bytes + 8e6  # + tokenizer; a third copy would add 113 MB
+    assert folder_bytes < 1.05 * param_bytes + 8e6  # + tokenizer; a second embedding copy would add 113 MB
     shared = {t.name: t for t in read_index(folder)}
-    assert len(shared["model.embed_tokens.weight"].graphs) == 3  # tied: lower/drafter embedding = draft head
+    assert len(shared["model.embed_tokens.weight"].graphs) == 4  # tied: embedding = LM head = draft head
     manifest = Manifest.load(folder, verify_files=False)
     assert manifest.chat_template and manifest.eos_token_ids

@@ -32,7 +32,6 @@ def command(base_model, components, prompts_file, limit, max_new_tokens, aligned
     """
     from spaf_edge.bench.prompts import encode_prompts, load_prompts
     from spaf_edge.errors import ConfigError
-    from spaf_edge.generation.reference import spaf_generate
     from spaf_edge.model import SpAFModel
     from spaf_edge.models.loading import cache_dir, resolve_components
     from spaf_edge.prompts import encode_prompt
@@ -46,24 +45,40 @@ def command(base_model, components, prompts_file, limit, max_new_tokens, aligned
     encoded = encode_prompts(chosen, lambda text: encode_prompt(model.tokenizer, text))
     pairs = [(prompt.category, ids) for prompt, ids in zip(chosen, encoded)]
     replies = reference_replies(model, pairs, max_new_tokens, cache=cache_dir() / "agreement", progress=progress)
-    report = measure_agreement(model, replies, aligned_steps).to_dict()
-    report.update({"components": components, "prompts": prompts_file or "MT-Bench (packaged)",
-                   "num_prompts": len(pairs),
-                   "trainable_percent": round(100 * model.trainable_fraction(), 3)})
-    if tau_prompts:
-        new_tokens = steps = 0
-        for ids in encoded[:tau_prompts]:
-            result = spaf_generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0,
-                                   num_draft_tokens=num_draft_tokens,
-                                   serial_parallel_transition=serial_parallel_transition,
-                                   draft_stop_threshold=draft_stop_threshold)
-            new_tokens += result.stats.new_tokens
-            steps += result.stats.verify_steps
-        report["tau"] = round(new_tokens / max(steps, 1), 3)
-        report["tau_prompts"] = min(tau_prompts, len(encoded))
+    report = {"components": components, "prompts": prompts_file or "MT-Bench (packaged)", "num_prompts": len(pairs),
+              "max_new_tokens": max_new_tokens, "exits": []}
+    for exit_layer in model.config.adapter_layers:  # every trained exit, each as the cutoff
+        model.config = model.config.replace(cutoff_layer=exit_layer)
+        entry = measure_agreement(model, replies, aligned_steps, exit_layer).to_dict()
+        entry["percent_of_base_parameters"] = round(100 * exit_parameters(model, exit_layer)
+                                                    / model.num_base_parameters(), 3)
+        if tau_prompts:
+            entry.update(measure_tau(model, encoded[:tau_prompts], max_new_tokens, num_draft_tokens,
+                                     serial_parallel_transition, draft_stop_threshold))
+        report["exits"].append(entry)
     text = json.dumps(report, indent=2)
     if out:
         from spaf_edge.atomic import atomic_write_text
 
         atomic_write_text(Path(out), text + "\n")
     click.echo(text)
+
+
+def exit_parameters(model, exit_layer: int) -> int:
+    """SpAF parameters one exit uses (its adapter and AlignmentHead): what an export of it carries."""
+    modules = [model.adapters[str(exit_layer)], model.alignment_heads[str(exit_layer)]]
+    return sum(p.numel() for module in modules for p in module.parameters())
+
+
+def measure_tau(model, prompts, max_new_tokens, num_draft_tokens, transition, stop_threshold) -> dict:
+    """τ of the PyTorch reference decoder (greedy) over ``prompts`` (token id lists)."""
+    from spaf_edge.generation.reference import spaf_generate
+
+    new_tokens = steps = 0
+    for ids in prompts:
+        result = spaf_generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0,
+                               num_draft_tokens=num_draft_tokens, serial_parallel_transition=transition,
+                               draft_stop_threshold=stop_threshold)
+        new_tokens += result.stats.new_tokens
+        steps += result.stats.verify_steps
+    return {"tau": round(new_tokens / max(steps, 1), 3), "tau_prompts": len(prompts)}

@@ -40,7 +40,6 @@ def export_model(
     exit_layer: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
-    head_copy: bool = True,
 ) -> Path:
     """Write ``model`` as lower/upper/drafter/draft-head graphs + manifest to ``out_dir`` atomically.
 
@@ -48,9 +47,7 @@ def export_model(
     ``quantization``: None | int8 | int4, weight-only (decoder MatMuls). ``max_length``:
     KV buffer rows, default ``min(model.max_context, 2048)``. ``exit_layer``: the trained
     exit to export, default the config's cutoff. An existing ``out_dir`` is replaced only
-    with ``overwrite`` and only when it is empty or an earlier export. ``head_copy``:
-    ``upper.onnx`` holds its own, prepacked copy of the LM head (faster decoding, one more
-    copy on disk) instead of reading the shared table (docs/exporter.md, "Shared weights").
+    with ``overwrite`` and only when it is empty or an earlier export.
     """
     dtype = check_dtype(dtype)
     quantization = check_quantization(quantization)
@@ -60,7 +57,7 @@ def export_model(
     out_dir = Path(out_dir)
     replace = check_out_dir(out_dir, overwrite)
     start = time.perf_counter()
-    plan = GraphPlan(model, exit_layer, np.dtype(dtype), max_length, head_copy)
+    plan = GraphPlan(model, exit_layer, np.dtype(dtype), max_length)
     builders = build_graphs(plan, progress)
     transform = partial(quantize_graph, quantization=quantization) if quantization else None
     with atomic_directory(out_dir, overwrite=replace) as tmp:
@@ -102,13 +99,11 @@ def export_pretrained(
     overwrite: bool = False,
     check: bool = False,
     progress: bool = True,
-    head_copy: bool = True,
 ) -> ExportResult:
     """Load a base model (+ trained components) and export it; what ``spaf-edge export`` runs.
 
     ``cutoff_layer`` places untrained components (no ``components``); ``exit_layer`` picks
-    one of the trained exits. ``check`` runs graph parity on the result. ``head_copy``: as
-    in :func:`export_model`.
+    one of the trained exits. ``check`` runs graph parity on the result.
     """
     from spaf_edge.config import SpAFConfig
 
@@ -122,7 +117,7 @@ def export_pretrained(
         base_model, None if components else SpAFConfig(cutoff_layer=cutoff_layer), components=components
     )
     start = time.perf_counter()
-    path = export_model(model, out_dir, dtype, quantization, max_length, exit_layer, progress, overwrite, head_copy)
+    path = export_model(model, out_dir, dtype, quantization, max_length, exit_layer, progress, overwrite)
     result = ExportResult(path, time.perf_counter() - start, sum(f.stat().st_size for f in path.iterdir()))
     if check:
         from spaf_edge.validation.graph_parity import check_graphs

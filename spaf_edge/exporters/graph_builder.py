@@ -47,26 +47,19 @@ class GraphBuilder:
     dtype: np.dtype
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     weights: dict[str, np.ndarray] = field(default_factory=dict)  # candidates for sharing across graphs
-    mapped: set[str] = field(default_factory=set)  # stored with the shared weights even if only this graph uses them
     constants: dict[str, np.ndarray] = field(default_factory=dict)  # small per-graph tensors (shapes, caches)
     inputs: list[onnx.ValueInfoProto] = field(default_factory=list)
     outputs: list[onnx.ValueInfoProto] = field(default_factory=list)
 
     # ---- tensors -------------------------------------------------------
-    def weight(self, name: str, array: np.ndarray, mapped: bool = False) -> str:
-        """Register a float weight (cast to the graph dtype). Returns its name.
-
-        ``mapped``: store it in the shared weights (memory-mapped, not prepacked, paged in on
-        first use) even when no other graph uses it.
-        """
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """Register a float weight (cast to the graph dtype). Returns its name."""
         array = np.ascontiguousarray(array, dtype=self.dtype)
         known = self.weights.get(name)
         differs = known is not None and known is not array
         if differs and (known.shape != array.shape or not np.array_equal(known, array)):
             raise ValueError(f"weight {name} registered twice with different values")
         self.weights[name] = array
-        if mapped:
-            self.mapped.add(name)
         return name
 
     def constant(self, name: str, array: np.ndarray) -> str:

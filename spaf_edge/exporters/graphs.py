@@ -3,8 +3,7 @@
 ``lower`` and ``upper`` are the two halves of the base (KV-cached); ``drafter`` is one
 AlignmentHead step and ``draft_head`` the adapter + final norm + draft LM head on one
 state. Splitting the draft head off keeps it out of prefill, verify and plain decoding.
-``upper`` computes logits for its last ``num_logits`` positions only (prefill asks for
-none) and, by default, holds its own copy of the LM head, which ONNX Runtime prepacks.
+``upper`` computes logits for its last ``num_logits`` positions only: prefill asks for none.
 """
 
 from __future__ import annotations
@@ -36,11 +35,6 @@ LM_HEAD_BIAS = "lm_head.bias"
 DRAFT_HEAD = "spaf.draft_head.weight"
 DRAFT_HEAD_BIAS = "spaf.draft_head.bias"
 FINAL_NORM = "model.norm"
-UPPER_HEAD = "upper.lm_head"  # upper's private copy of the LM head: upper.lm_head.{i}.weight / .bias per row block
-# Largest row block of upper's private head. ONNX Runtime holds a block's unpacked original
-# next to its prepacked copy until the block is packed: small blocks keep that transient
-# small at session creation (one 113 MB block raised the peak RSS by 113 MB; docs/exporter.md).
-HEAD_BLOCK_BYTES = 16 << 20
 
 
 @dataclass
@@ -51,7 +45,6 @@ class GraphPlan:
     exit_layer: int  # k
     dtype: np.dtype
     max_length: int
-    head_copy: bool = True  # upper.onnx holds its own (prepacked) LM head instead of reading the shared table
 
     def __post_init__(self) -> None:
         self._arrays: dict[str, np.ndarray] = {}
@@ -107,42 +100,21 @@ class GraphPlan:
 
     # ---- shared pieces -------------------------------------------------
     def embed(self, b: GraphBuilder, token_ids: str, path: str) -> str:
-        """Token ids [1, S] -> embeddings [1, S, H], gathered from the shared, mapped table (reads those rows only)."""
-        table = b.weight(EMBED, self.array(EMBED, self.model.arch.embed_tokens(self.base).weight), mapped=True)
+        """Token ids [1, S] -> embeddings [1, S, H]."""
+        table = b.weight(EMBED, self.array(EMBED, self.model.arch.embed_tokens(self.base).weight))
         (out,) = b.make_node("Gather", [table, token_ids], f"{path}/Gather")
         return out
 
-    @property
-    def head_table(self) -> tuple[str, np.ndarray]:
-        """(name, [V, H] array) of the full LM head; a tied head is the embedding table itself."""
+    def lm_head_weight(self, b: GraphBuilder) -> tuple[str, str | None]:
+        """The full LM head; a tied head is the embedding table itself (one tensor, one name)."""
         head = self.model.arch.lm_head(self.base)
         embed = self.model.arch.embed_tokens(self.base)
-        name = EMBED if head.weight.data_ptr() == embed.weight.data_ptr() else LM_HEAD
-        return name, self.array(name, head.weight)
-
-    def lm_head_weight(self, b: GraphBuilder) -> tuple[str, str | None]:
-        """The full LM head as a shared, memory-mapped tensor (one tensor, one name; paged in on first use)."""
-        name, table = self.head_table
-        bias = self.model.arch.lm_head(self.base).bias
-        return b.weight(name, table, mapped=True), b.weight(LM_HEAD_BIAS, to_numpy(bias)) if bias is not None else None
-
-    def upper_head_weights(self, b: GraphBuilder) -> list[tuple[str, str | None]]:
-        """Upper's LM head as (weight, bias) row blocks: a private copy (``head_copy``) or the shared table.
-
-        The private copy is upper's own initializer, which ONNX Runtime prepacks at session
-        creation and then frees (docs/exporter.md, "Shared weights").
-        """
-        if not self.head_copy:
-            return [self.lm_head_weight(b)]
-        _, table = self.head_table
-        bias = self.model.arch.lm_head(self.base).bias
-        count = max(1, -(-table.nbytes // HEAD_BLOCK_BYTES))
-        rows = np.array_split(np.arange(len(table)), count)
-        return [
-            (b.weight(f"{UPPER_HEAD}.{i}.weight", table[block[0] : block[-1] + 1]),
-             b.weight(f"{UPPER_HEAD}.{i}.bias", to_numpy(bias[block[0] : block[-1] + 1])) if bias is not None else None)
-            for i, block in enumerate(rows)
-        ]
+        if head.weight.data_ptr() == embed.weight.data_ptr():
+            name = b.weight(EMBED, self.array(EMBED, embed.weight))
+        else:
+            name = b.weight(LM_HEAD, self.array(LM_HEAD, head.weight))
+        bias = b.weight(LM_HEAD_BIAS, to_numpy(head.bias)) if head.bias is not None else None
+        return name, bias
 
     @property
     def adapter(self):
@@ -156,9 +128,7 @@ class GraphPlan:
         """LM-head rows of the draft vocabulary (the full, shared head when there is none).
 
         The rows are used by the draft-head graph only, so they stay a private initializer
-        that ONNX Runtime can prepack. Without a draft vocabulary the draft head reads the
-        shared, mapped table: with upper's private head copy that is a second copy of the
-        head in memory once drafting has paged it in (docs/exporter.md).
+        that ONNX Runtime can prepack.
         """
         vocab = self.model.draft_vocab
         if vocab.numel() == 0:
@@ -202,7 +172,8 @@ def build_upper(plan: GraphPlan, on_layer: Callable[[], None] | None = None) -> 
     make_skip_rms_norm(b, mlp_out, residual, FINAL_NORM, plan.model.arch.final_norm(plan.base).weight, plan.eps,
                        normed=io_names.TOP_HIDDEN)
     last = make_last_rows(b, io_names.TOP_HIDDEN, num_logits, "/lm_head/last_rows")  # [1, num_logits, H]
-    make_lm_head(b, last, "/lm_head", plan.upper_head_weights(b), config.vocab_size, io_names.LOGITS)
+    weight, bias = plan.lm_head_weight(b)
+    make_lm_head(b, last, "/lm_head", weight, bias, config.vocab_size, io_names.LOGITS)
     b.output(io_names.LOGITS, TensorProto.FLOAT, [1, "num_logits", config.vocab_size])
     b.output(io_names.TOP_HIDDEN, b.float_type, [1, "sequence_length", config.hidden_size])
     plan.kv_outputs(b, layer_ids)
@@ -240,7 +211,8 @@ def build_draft_head(plan: GraphPlan) -> GraphBuilder:
     )
     make_rms_norm(b, adapted, FINAL_NORM, plan.model.arch.final_norm(plan.base).weight, plan.eps,
                   output=io_names.DRAFTED_TOP)
-    make_lm_head(b, io_names.DRAFTED_TOP, "/spaf/draft_head", [plan.draft_head_weight(b)], plan.draft_vocab_size,
+    weight, bias = plan.draft_head_weight(b)
+    make_lm_head(b, io_names.DRAFTED_TOP, "/spaf/draft_head", weight, bias, plan.draft_vocab_size,
                  io_names.DRAFT_LOGITS)
     b.output(io_names.DRAFT_LOGITS, TensorProto.FLOAT, [1, 1, plan.draft_vocab_size])
     b.output(io_names.DRAFTED_TOP, b.float_type, [1, 1, hidden_size])

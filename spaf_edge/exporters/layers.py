@@ -7,7 +7,7 @@ so a tensor used by several graphs has one name and is stored once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,21 +180,16 @@ def make_last_rows(b: GraphBuilder, x: str, count: str, path: str) -> str:
 
 
 def make_lm_head(
-    b: GraphBuilder, normed: str, path: str, blocks: Sequence[tuple[str, str | None]], vocab: int, output: str
+    b: GraphBuilder, normed: str, path: str, weight: str, bias: str | None, vocab: int, output: str
 ) -> str:
-    """Logits float32 [1, n, V] from normed states [1, n, H] and the head's (weight, bias) row blocks.
+    """Logits float32 [1, n, V] from normed states [1, n, H] and a [V, H] weight.
 
-    Each block is a [V_i, H] weight (blocks in vocabulary order, ``sum V_i = V``) read by
-    Gemm(transB=1) in place: a tied embedding serves as LM head without a transposed copy.
-    Several blocks give one Gemm each and a Concat of their logits.
+    Gemm(transB=1) reads the [V, H] table in place: a tied embedding serves as LM head
+    without a transposed copy.
     """
-    hidden = b.weights[blocks[0][0]].shape[1]
+    hidden = b.weights[weight].shape[1]
     (flat,) = b.make_node("Reshape", [normed, b.int64s(f"{path}/flat_shape", [-1, hidden])], f"{path}/Reshape")
-    parts = []
-    for index, (weight, bias) in enumerate(blocks):
-        name = f"{path}/Gemm" if len(blocks) == 1 else f"{path}/Gemm_{index}"
-        parts += b.make_node("Gemm", [flat, weight] + ([bias] if bias else []), name, transB=1)
-    (logits,) = parts if len(parts) == 1 else b.make_node("Concat", parts, f"{path}/Concat", axis=1)
+    (logits,) = b.make_node("Gemm", [flat, weight] + ([bias] if bias else []), f"{path}/Gemm", transB=1)
     shape = b.int64s(f"{path}/logits_shape", [1, -1, vocab])
     if b.dtype == np.float32:
         b.make_node("Reshape", [logits, shape], f"{path}/Reshape_1", outputs=[output])

@@ -18,13 +18,12 @@ INLINE_LIMIT = 1024  # bytes: smaller initializers stay inside the .onnx file
 
 
 def find_shared(builders: dict[str, GraphBuilder]) -> dict[str, list[str]]:
-    """Weight name -> graph files using it, for weights that more than one graph uses (or marked ``mapped``)."""
+    """Weight name -> graph files using it, for weights that more than one graph uses."""
     users: dict[str, list[str]] = {}
     for file_name, builder in builders.items():
         for name in builder.weights:
             users.setdefault(name, []).append(file_name)
-    mapped = set().union(*(builder.mapped for builder in builders.values()))
-    return {name: files for name, files in users.items() if len(files) > 1 or name in mapped}
+    return {name: files for name, files in users.items() if len(files) > 1}
 
 
 def write_shared_weights(folder: Path, builders: dict[str, GraphBuilder]) -> dict[str, TensorProto]:
