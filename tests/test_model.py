@@ -171,3 +171,20 @@ def test_bad_draft_vocab_is_refused():
         model.set_draft_vocab(torch.tensor([3, 500]))
     with pytest.raises(ConfigError, match="draft vocabulary"):
         model.set_draft_vocab(torch.tensor([], dtype=torch.long))
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    """Checkpoints and exports are shared files: mode follows the umask, not mkstemp's 0600."""
+    import os
+
+    from spaf_edge.atomic import atomic_directory, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        with atomic_directory(tmp_path / "folder") as tmp:
+            (tmp / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755

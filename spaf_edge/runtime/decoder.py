@@ -63,7 +63,7 @@ class TargetProbs:
 
     :func:`spaf_edge.sampling.accept` reads rows in order and stops at the first
     rejection, so rows after it are never computed (each costs a float64 pass over the
-    vocabulary, a sort with top-p). Row ``j`` equals ``logits_to_probs(logits, params)[j]``.
+    vocabulary, plus a partial sort with top-p). Row ``j`` equals ``logits_to_probs(logits, params)[j]``.
     """
 
     def __init__(self, logits: np.ndarray, params: SamplingParams) -> None:
