@@ -11,9 +11,10 @@ usage: python scripts/ship_exit.py CHECKPOINT EXIT OUT [num_draft_tokens=N ...]
 from __future__ import annotations
 
 import json
+import shutil
 import sys
-
-import torch
+import tempfile
+from pathlib import Path
 
 from spaf_edge.model import SpAFModel
 
@@ -26,8 +27,13 @@ def main(checkpoint: str, exit_layer: int, out: str, overrides: dict) -> None:
     model.build_spaf_modules(config)
     model.load_state_dict({k: v for k, v in state.items() if k != "draft_vocab"}, strict=False)
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.spaf_state_dict().items()}
-    model.save_spaf_components(out, extra_meta={"source_checkpoint": checkpoint, "stored_dtype": "float16"},
-                               state=half)
+    # Written beside whatever else OUT holds (README, training data): component files only.
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = model.save_spaf_components(Path(tmp) / "components", state=half,
+                                           extra_meta={"source_checkpoint": checkpoint, "stored_dtype": "float16"})
+        Path(out).mkdir(parents=True, exist_ok=True)
+        for file in saved.iterdir():
+            shutil.copyfile(file, Path(out) / file.name)
     print(json.dumps({"out": out, "exit": exit_layer, "parameters": model.num_trainable_parameters(),
                       "percent_of_base": round(100 * model.trainable_fraction(), 3)}))
 
