@@ -232,3 +232,14 @@ def test_tuning_never_imports_torch(tiny, export_copy):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "LOADED []" in done.stdout
     assert manifest_data(export_copy)["tuned"]["num_draft_tokens"] in (2, 5)
+
+
+def test_run_notes_when_the_tuning_was_measured_on_another_setup(capsys):
+    from spaf_edge.cli.run import warn_if_tuned_elsewhere
+
+    warn_if_tuned_elsewhere({"provider": "cpu", "threads": None}, "cpu", None)
+    warn_if_tuned_elsewhere(None, "cuda", 4)
+    assert capsys.readouterr().err == ""
+    warn_if_tuned_elsewhere({"provider": "cpu", "threads": 2}, "cuda", 2)
+    err = capsys.readouterr().err
+    assert "provider 'cpu' (now 'cuda')" in err and "threads" not in err  # only what differs is named
