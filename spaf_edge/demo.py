@@ -9,7 +9,6 @@ decoding, and reports both speeds, τ, and whether the tokens are identical (the
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 from spaf_edge.errors import ModelNotFoundError
 
 DEMO_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-DEMO_MAX_LENGTH = 1024  # KV rows of the demo export
+DEMO_MAX_LENGTH = 1024  # KV rows of the demo export (capped at the base's context)
 
 
 @dataclass
@@ -69,8 +68,7 @@ def run_demo(
         )
     say(f"[2/4] SpAF components: {components}")
     say("[3/4] ONNX export (once; cached under ~/.cache/spaf-edge/exports) ...")
-    context = json.loads((base / "config.json").read_text()).get("max_position_embeddings") or DEMO_MAX_LENGTH
-    export_dir = cached_export(base, components, "fp32", min(DEMO_MAX_LENGTH, int(context)))
+    export_dir = cached_export(base, components, "fp32", DEMO_MAX_LENGTH)
     say(f"      {export_dir}")
     say("[4/4] generating (ONNX Runtime, CPU) ...\n")
     engine = Engine.from_folder(export_dir, threads=threads)

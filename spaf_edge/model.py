@@ -205,7 +205,11 @@ class SpAFModel(nn.Module):
 
     def head(self, hidden: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Base final norm + LM head; with ``vocab_ids`` only those rows. [..., H] -> [..., V]"""
-        return self.lm_head_rows(self.arch.final_norm(self.base)(hidden), vocab_ids)
+        return self.lm_head_rows(self.top_state(hidden), vocab_ids)
+
+    def top_state(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The base's final norm: a last-layer (or adapted) state -> the top state the LM head reads. [..., H]"""
+        return self.arch.final_norm(self.base)(hidden)
 
     def adapt(
         self, hidden: torch.Tensor, exit_layer: int | None = None, prev_top: torch.Tensor | None = None
@@ -214,6 +218,7 @@ class SpAFModel(nn.Module):
         return self.adapters[str(exit_layer or self.cutoff)](hidden, prev_top)
 
     def reads_top_state(self, exit_layer: int | None = None) -> bool:
+        """Whether the exit's adapter reads the previous top state (its export then has a ``prev_top`` input)."""
         return bool(getattr(self.adapters[str(exit_layer or self.cutoff)], "reads_top_state", False))
 
     def draft_logits(
@@ -229,7 +234,7 @@ class SpAFModel(nn.Module):
 
         The top state feeds the next chained draft step as its ``prev_top``.
         """
-        top = self.arch.final_norm(self.base)(self.adapt(hidden, exit_layer, prev_top))
+        top = self.top_state(self.adapt(hidden, exit_layer, prev_top))
         return self.lm_head_rows(top, self.draft_vocab), top
 
     def lm_head_rows(self, normed: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:

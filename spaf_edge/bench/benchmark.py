@@ -252,8 +252,6 @@ def _resolve_export(options: BenchOptions, base: Path | None, say: Callable[[str
         say(f"No SpAF export: torch is needed to export one ({exc}); pass --export-dir instead.")
         return None
     max_length = max(EXPORT_MIN_LENGTH, -(-needed // 256) * 256)  # rounded up: fewer distinct cached exports
-    context = json.loads((base / "config.json").read_text()).get("max_position_embeddings")
-    max_length = min(max_length, context) if context else max_length
     say(f"Exporting (or reusing the cached export of) {base} + {options.components or 'untrained SpAF modules'}")
     return cached_export(base, options.components, options.precision, max_length)
 

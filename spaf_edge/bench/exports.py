@@ -7,6 +7,7 @@ the exporter's own source code, so a changed exporter re-exports.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from spaf_edge.bench.cache import cached_folder, source_key
@@ -16,7 +17,12 @@ DTYPES = {"fp32": "float32", "fp16": "float16"}
 
 
 def cached_export(base_model: str | Path, components: str | Path | None, precision: str, max_length: int) -> Path:
-    """Export ``base_model`` + ``components`` (untrained modules when None) once; return the folder."""
+    """Export ``base_model`` + ``components`` (untrained modules when None) once; return the folder.
+
+    ``max_length`` (KV rows) is capped at the base's context (``max_position_embeddings``).
+    """
+    context = json.loads((Path(base_model) / "config.json").read_text()).get("max_position_embeddings")
+    max_length = min(max_length, int(context)) if context else max_length
 
     def build(tmp: Path) -> None:
         from spaf_edge.exporters import export_model

@@ -39,11 +39,6 @@ def builder_for(registry: dict[str, Callable[..., str]], module: nn.Module, what
     return registry[kind]
 
 
-def reads_top_state(module: nn.Module) -> bool:
-    """Whether an adapter reads the previous top state (its graph then has a ``prev_top`` input)."""
-    return bool(getattr(module, "reads_top_state", False))
-
-
 @_register(ADAPTER_BUILDERS, "bottleneck")
 def make_bottleneck_adapter(b: GraphBuilder, hidden: str, prev_top: str | None, module: nn.Module, name: str) -> str:
     """``h + up(silu(down(norm(h))))``; hidden: [1, S, H] -> [1, S, H]. No top state."""

@@ -15,7 +15,7 @@ import numpy as np
 from onnx import TensorProto
 
 from spaf_edge import io_names
-from spaf_edge.exporters.drafters import ADAPTER_BUILDERS, ALIGNMENT_HEAD_BUILDERS, builder_for, reads_top_state
+from spaf_edge.exporters.drafters import ADAPTER_BUILDERS, ALIGNMENT_HEAD_BUILDERS, builder_for
 from spaf_edge.exporters.graph_builder import GraphBuilder
 from spaf_edge.exporters.layers import (
     AttentionShape,
@@ -122,7 +122,7 @@ class GraphPlan:
 
     @property
     def reads_top_state(self) -> bool:
-        return reads_top_state(self.adapter)
+        return self.model.reads_top_state(self.exit_layer)
 
     def draft_head_weight(self, b: GraphBuilder) -> tuple[str, str | None]:
         """LM-head rows of the draft vocabulary (the full, shared head when there is none).

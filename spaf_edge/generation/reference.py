@@ -78,13 +78,8 @@ def prefill(model: SpAFModel, prompt: Sequence[int], max_length: int) -> DecodeS
     if len(prompt) > 1:
         ids = torch.tensor([list(prompt[:-1])], device=model.base_device)  # [1, P-1]
         hidden = model.run_layers(model.embed(ids), state.lower)
-        state.top = top_states(model, model.run_layers(hidden, state.upper))[:, -1:]
+        state.top = model.top_state(model.run_layers(hidden, state.upper))[:, -1:]
     return state
-
-
-def top_states(model: SpAFModel, upper_out: torch.Tensor) -> torch.Tensor:
-    """Post-final-norm states (what the LM head reads). [1, S, H] -> [1, S, H]"""
-    return model.arch.final_norm(model.base)(upper_out)
 
 
 def _draft_distribution(model: SpAFModel, logits: torch.Tensor, params: SamplingParams, vocab_size: int) -> np.ndarray:
@@ -148,7 +143,7 @@ def spaf_verify(model: SpAFModel, state: DecodeState, draft: Draft) -> np.ndarra
         ids = torch.tensor([sequence[exact:]], device=model.base_device)  # [1, D+1-e]
         pieces.append(model.run_layers(model.embed(ids), state.lower))
     hidden = torch.cat(pieces, dim=1)  # [1, D+1, H]
-    draft.verified_top = top_states(model, model.run_layers(hidden, state.upper))
+    draft.verified_top = model.top_state(model.run_layers(hidden, state.upper))
     return model.lm_head_rows(draft.verified_top)[0].float().cpu().numpy()
 
 

@@ -25,10 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
-
 from spaf_edge.model import SpAFModel
-from spaf_edge.training.features import compute_base_features
+from spaf_edge.training.features import compute_base_features, previous_top_states
 
 
 @dataclass
@@ -90,7 +88,6 @@ def measure_agreement(
 ) -> AgreementReport:
     """Top-1 agreement of the first and aligned drafts with the base's greedy token (see module doc)."""
     k = exit_layer or model.cutoff
-    norm = model.arch.final_norm(model.base)
     vocab = model.draft_vocab if model.draft_vocab.numel() else None
     hits = torch.zeros(aligned_steps + 1, dtype=torch.float64)
     counts = torch.zeros_like(hits)
@@ -106,23 +103,23 @@ def measure_agreement(
         scored[:, len(reply.prompt_ids) - 1:-1] = True  # positions whose next token is a reply token
 
         def draft_tokens(states: torch.Tensor) -> torch.Tensor:
-            logits = model.lm_head_rows(norm(states), vocab)
+            logits = model.lm_head_rows(model.top_state(states), vocab)
             best = logits.argmax(-1)
             return vocab[best] if vocab is not None else best
 
-        states = model.adapt(hidden, k, F.pad(final[:, :-1], (0, 0, 1, 0)))  # [1, S, H]
-        match = (draft_tokens(states) == target) & scored
-        hits[0] += match.sum().item()
-        counts[0] += scored.sum().item()
-        categories.setdefault(reply.category, [0.0, 0.0])
-        categories[reply.category][0] += match.sum().item()
-        categories[reply.category][1] += scored.sum().item()
+        states = model.adapt(hidden, k, previous_top_states(final))  # [1, S, H]
+        matched, positions = ((draft_tokens(states) == target) & scored).sum().item(), scored.sum().item()
+        hits[0] += matched
+        counts[0] += positions
+        category = categories.setdefault(reply.category, [0.0, 0.0])
+        category[0] += matched
+        category[1] += positions
         previous = hidden
         for step in range(1, aligned_steps + 1):
             if step >= ids.shape[1]:
                 break
             predicted = model.align(ids[:, step:], previous[:, :-1], k)  # positions step .. S-1
-            states = model.adapt(predicted, k, norm(states[:, :-1]))  # reads the top drafted one step earlier
+            states = model.adapt(predicted, k, model.top_state(states[:, :-1]))  # the top drafted a step earlier
             valid = scored[:, step:]
             hits[step] += ((draft_tokens(states) == target[:, step:]) & valid).sum().item()
             counts[step] += valid.sum().item()

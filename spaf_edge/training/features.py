@@ -47,6 +47,12 @@ def compute_base_features(
     return BaseFeatures({k: hidden_states[k] for k in model.config.adapter_layers}, hidden_states[-1])
 
 
+def previous_top_states(final: torch.Tensor) -> torch.Tensor:
+    """The exact top state of the position before each one, zeros at position 0 (as at the
+    start of generation): what a top-aware adapter reads for a first draft. [B, S, H] -> [B, S, H]"""
+    return torch.nn.functional.pad(final[:, :-1], (0, 0, 1, 0))
+
+
 def batch_features(model: SpAFModel, batch: dict[str, torch.Tensor]) -> BaseFeatures:
     """Features from a cached batch when present, else from a base forward."""
     if FINAL in batch:

@@ -49,7 +49,7 @@ from torch.nn import functional as F
 
 from spaf_edge.config import SpAFConfig
 from spaf_edge.model import SpAFModel
-from spaf_edge.training.features import BaseFeatures
+from spaf_edge.training.features import BaseFeatures, previous_top_states
 
 DEFAULT_CHUNK_ROWS = 512
 
@@ -175,7 +175,7 @@ def spaf_losses(
     batch_size, seq_len = input_ids.shape
     num_rows = batch_size * seq_len
     head_weight, head_bias, targets = draft_head(model, input_ids)
-    norm = model.arch.final_norm(model.base)
+    norm = model.top_state
     teacher = features.final.reshape(num_rows, -1)  # [N, H]
     with_ce = weights.adapter_ce > 0
     with_alignment = weights.alignment > 0 or weights.alignment_token > 0
@@ -188,12 +188,12 @@ def spaf_losses(
     divisors = normalize(counts) if normalize is not None else counts.clamp(min=1)  # [C] fp32
     losses: dict[str, torch.Tensor] = {}
     total = features.final.new_zeros(())
+    exact_top = previous_top_states(features.final)  # [B, S, H], shared by every exit
     for k in config.adapter_layers:
         hidden = features.cutoff[k]  # [B, S, H]
-        # Variant 0: the adapter on exact states, reading the exact top state of the position before
-        # (zeros at position 0, as at the start of generation).
-        exact_top = F.pad(features.final[:, :-1], (0, 0, 1, 0))  # [B, S, H]
-        states = [model.adapt(hidden, k, exact_top)]
+        reads_top = model.reads_top_state(k)
+        # Variant 0: the adapter on exact states, reading the exact top state of the position before.
+        states = [model.adapt(hidden, k, exact_top if reads_top else None)]
         kl_masks = [mask if weights.adapter_base > 0 else torch.zeros_like(mask)]
         kl_divisors = [divisors[0]]
         state_losses = []
@@ -205,7 +205,7 @@ def spaf_losses(
                                                      config.alignment_loss_type, divisors[index]))
             if weights.alignment_token > 0:
                 # Chained drafting: the top state read here is the previous step's drafted one.
-                drafted_top = norm(states[-1][:, step - 1:-1])  # positions step-1 .. S-2
+                drafted_top = norm(states[-1][:, step - 1:-1]) if reads_top else None  # positions step-1 .. S-2
                 states.append(F.pad(model.adapt(predicted, k, drafted_top), (0, 0, step, 0)))  # [B, S, H]
                 kl_masks.append(F.pad(step_mask, (step, 0)))
                 kl_divisors.append(divisors[index])

@@ -32,7 +32,6 @@ import torch
 
 from spaf_edge import io_names
 from spaf_edge.errors import ConfigError
-from spaf_edge.generation.reference import top_states
 from spaf_edge.manifest import Manifest
 from spaf_edge.model import SpAFModel
 from spaf_edge.shared_weights import SharedWeights
@@ -151,7 +150,7 @@ def check_graphs(
             cursor += length
             ids_t = torch.as_tensor(ids, device=device)
             hidden = model.run_layers(model.embed(ids_t), lower_cache)  # [1, S, H]
-            top = top_states(model, model.run_layers(hidden, upper_cache))  # [1, S, H]
+            top = model.top_state(model.run_layers(hidden, upper_cache))  # [1, S, H]
             lower = graphs.run_lower(ids)
             upper = graphs.run_upper(_numpy(hidden, dtype))
             graphs.advance(length)
