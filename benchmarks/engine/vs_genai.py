@@ -1,11 +1,18 @@
 """Plain greedy: SpAF engine vs onnxruntime-genai in one process, back to back, order alternating.
 
 Reports decode tok/s (wall, tokens after the first) and CPU ms per decoded token (process time,
-robust against other jobs). Usage: vs_genai.py EXPORT_DIR [rounds]
+robust against other jobs). Needs onnxruntime-genai (the `baselines` extra).
+
+usage: python benchmarks/engine/vs_genai.py EXPORT_DIR [ROUNDS] [THREADS]
 """
-import math, sys, time
+
+import math
+import sys
+import time
+
 import numpy as np
 import onnxruntime_genai as og
+
 from spaf_edge.bench.genai_model import build_genai_model, genai_config
 from spaf_edge.models.loading import cache_dir
 from spaf_edge.runtime import Engine
@@ -31,16 +38,18 @@ def run_engine(p):
 def run_genai(p):
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(p) + N, do_sample=False)
-    c0 = time.process_time(); start = time.perf_counter()
+    c0 = time.process_time()
     g = og.Generator(model, params)
     g.append_tokens(np.asarray([p], dtype=np.int32))
     toks, first = [], 0.0
     while len(toks) < N and not g.is_done():
-        g.generate_next_token(); toks.append(int(g.get_next_tokens()[0]))
+        g.generate_next_token()
+        toks.append(int(g.get_next_tokens()[0]))
         first = first or time.perf_counter()
     return len(toks), time.perf_counter() - first, time.process_time() - c0, toks
 
-run_engine(ids[0][:20]); run_genai(ids[0][:20])  # warm up
+run_engine(ids[0][:20])  # warm up both
+run_genai(ids[0][:20])
 acc = {"engine": [0, 0.0, 0.0], "genai": [0, 0.0, 0.0]}
 ratios, same = [], 0
 for r in range(rounds):
@@ -52,10 +61,13 @@ for r in range(rounds):
         for name, fn in order:
             n, dec, cpu, toks = fn(p)
             out[name] = (n, dec, toks)
-            acc[name][0] += n - 1; acc[name][1] += dec; acc[name][2] += cpu
+            acc[name][0] += n - 1
+            acc[name][1] += dec
+            acc[name][2] += cpu
         ratios.append(((out["engine"][0] - 1) / out["engine"][1]) / ((out["genai"][0] - 1) / out["genai"][1]))
         same += out["engine"][2][: len(out["genai"][2])] == out["genai"][2]
 for name, (n, dec, cpu) in acc.items():
     print(f"{name}: decode {n / dec:.1f} tok/s (wall), {1e3 * cpu / n:.1f} ms CPU per token (incl. prefill)")
 geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
-print(f"engine/genai decode speed, geomean over {len(ratios)} pairs: {geo:.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}); identical tokens {same}/{len(ratios)}")
+print(f"engine/genai decode speed, geomean over {len(ratios)} pairs: {geo:.2f}x "
+      f"(range {min(ratios):.2f}-{max(ratios):.2f}); identical tokens {same}/{len(ratios)}")
