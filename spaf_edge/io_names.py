@@ -7,7 +7,7 @@ Torch-free.
 from __future__ import annotations
 
 # Graph files in an export folder.
-LOWER_GRAPH = "lower.onnx"  # embedding + layers 0..k-1 -> cutoff states
+LOWER_GRAPH = "lower.onnx"  # layers 0..k-1 on token embeddings -> cutoff states
 UPPER_GRAPH = "upper.onnx"  # layers k..L-1 + final norm (-> top states) + LM head on the last num_logits rows
 DRAFTER_GRAPH = "drafter.onnx"  # one AlignmentHead step -> pseudo cutoff state
 DRAFT_HEAD_GRAPH = "draft_head.onnx"  # adapter + final norm + draft LM head on one (exact or pseudo) state
@@ -17,15 +17,16 @@ TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SHARED_WEIGHTS = "shared_weights.bin"  # external data holding weights used by several graphs
 SHARED_WEIGHTS_INDEX = "shared_weights.json"  # name -> dtype, shape, offset, graphs (spaf_edge.shared_weights)
+EMBEDDINGS = "embeddings.bin"  # raw [V, H] token embedding rows (export dtype); the runtime reads rows
 DRAFT_VOCAB = "draft_vocab.npy"  # int64 [V_d] token ids of the draft vocabulary (absent = all)
 
 # Inputs.
-INPUT_IDS = "input_ids"  # int64 [1, S]
+INPUTS_EMBEDS = "inputs_embeds"  # float [1, S, H]: embedding rows of the tokens (read from EMBEDDINGS)
 SEQLENS_K = "seqlens_k"  # int32 [1]: past_length + S - 1 (GroupQueryAttention convention)
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 []: past_length + S
 CUTOFF_HIDDEN = "cutoff_hidden"  # float [1, S, H]: output of lower, input of upper
 NUM_LOGITS = "num_logits"  # int64 [1]: upper input n, logits of the last n positions only (0 <= n <= S)
-TOKEN_IDS = "token_ids"  # int64 [1, 1]: drafter input, the previous draft d_{j-1}
+TOKEN_EMBEDS = "token_embeds"  # float [1, 1, H]: drafter input, the embedding of the previous draft d_{j-1}
 PREV_HIDDEN = "prev_hidden"  # float [1, 1, H]: drafter input h̄(t)
 DRAFT_HIDDEN = "draft_hidden"  # float [1, 1, H]: draft-head input, an exact h or a pseudo ĥ
 PREV_TOP = "prev_top"  # float [1, 1, H]: draft-head input f̄ (only for adapters that read the top state)

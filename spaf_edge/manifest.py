@@ -16,7 +16,9 @@ from typing import Any
 from spaf_edge.errors import ExportFormatError, ModelNotFoundError
 from spaf_edge.io_names import MANIFEST
 
-FORMAT_VERSION = 3  # 2: draft head in its own graph, top states; 3: upper's num_logits input (docs/export_format.md)
+# 2: draft head in its own graph, top states; 3: upper's num_logits input; 4: embedding rows read by the
+# runtime from embeddings.bin, a private prepacked LM head in upper (docs/export_format.md)
+FORMAT_VERSION = 4
 DTYPES = ("float32", "float16")
 QUANTIZATIONS = (None, "int8", "int4")
 

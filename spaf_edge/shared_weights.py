@@ -1,8 +1,8 @@
 """Weights used by several graphs of an export, stored once and loaded once.
 
-``shared_weights.bin`` holds the tensors (embedding / tied LM head, untied LM head, final
-norm, rotary caches) that more than one graph uses; ``shared_weights.json``
-indexes them. Each graph references them as ONNX external data *and* lists them as
+``shared_weights.bin`` holds the tensors (untied LM head, final norm, rotary caches) that
+more than one graph uses; a tied LM head shared by two graphs stays in ``embeddings.bin``,
+where the embedding rows are. ``shared_weights.json`` indexes them with their files. Each graph references them as ONNX external data *and* lists them as
 graph inputs, which makes them overridable initializers: ONNX Runtime then does not
 prepack or constant-fold them. The runtime maps the file once and hands the same
 OrtValues to every session with ``SessionOptions.add_initializer``, so no session loads
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from spaf_edge.errors import ExportFormatError
-from spaf_edge.io_names import SHARED_WEIGHTS, SHARED_WEIGHTS_INDEX
+from spaf_edge.io_names import SHARED_WEIGHTS_INDEX
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: each tensor names its file
 ALIGNMENT = 4096  # offsets in the .bin are page-aligned (mappable, SIMD-aligned)
 
 
@@ -31,18 +31,18 @@ class SharedTensor:
     name: str
     dtype: str  # numpy dtype name, e.g. "float32"
     shape: tuple[int, ...]
-    offset: int  # bytes into shared_weights.bin
+    file: str  # the folder's file holding it (shared_weights.bin or embeddings.bin)
+    offset: int  # bytes into that file
     nbytes: int
     graphs: tuple[str, ...]  # graph files that use it
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "shape": list(self.shape), "offset": self.offset, "nbytes": self.nbytes,
-                "graphs": list(self.graphs)}
+        return {"dtype": self.dtype, "shape": list(self.shape), "file": self.file, "offset": self.offset,
+                "nbytes": self.nbytes, "graphs": list(self.graphs)}
 
 
 def write_index(path: str | Path, tensors: list[SharedTensor]) -> None:
-    data = {"format_version": INDEX_VERSION, "file": SHARED_WEIGHTS,
-            "tensors": {t.name: t.to_dict() for t in tensors}}
+    data = {"format_version": INDEX_VERSION, "tensors": {t.name: t.to_dict() for t in tensors}}
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -56,7 +56,8 @@ def read_index(folder: str | Path) -> list[SharedTensor]:
         if data.get("format_version") != INDEX_VERSION:
             raise ValueError(f"unknown index version {data.get('format_version')!r}")
         return [
-            SharedTensor(name, t["dtype"], tuple(t["shape"]), int(t["offset"]), int(t["nbytes"]), tuple(t["graphs"]))
+            SharedTensor(name, t["dtype"], tuple(t["shape"]), _plain_name(t["file"]), int(t["offset"]),
+                         int(t["nbytes"]), tuple(t["graphs"]))
             for name, t in data["tensors"].items()
         ]
     except (ValueError, KeyError, TypeError) as exc:
@@ -75,10 +76,11 @@ class SharedWeights:
     outlive every session using them (a freed one crashes the process). ``open_session``
     pins it to the session; with :meth:`add_to` that is the caller's job.
 
-    ``mmap=True`` (default) maps the file read-only (an ``np.memmap``; the OrtValues view it,
+    ``mmap=True`` (default) maps each file read-only (an ``np.memmap``; the OrtValues view it,
     no copy): pages load on first use and stay shared with the OS page cache. The OS maps
     whole page-cache folios, so reading a few rows can make megabytes resident (about 2 MB
-    per touched row on Linux with file THP; docs/exporter.md). The OrtValues live in CPU
+    per touched row on Linux with file THP; docs/exporter.md): a shared head is read whole
+    anyway, and no graph gathers embedding rows (the runtime reads them). The OrtValues live in CPU
     memory; an execution provider on another device copies what it needs when the session
     is created.
     """
@@ -92,14 +94,15 @@ class SharedWeights:
         self.values: dict[str, Any] = {}
         if not self.tensors:
             return
-        path = folder / SHARED_WEIGHTS
-        if not path.is_file():
-            raise ExportFormatError(f"{path} is missing but {SHARED_WEIGHTS_INDEX} lists tensors. Re-run export.")
-        size = path.stat().st_size
-        blob = np.memmap(path, dtype=np.uint8, mode="r") if mmap else np.fromfile(path, dtype=np.uint8)
+        blobs: dict[str, np.ndarray] = {}  # one mapping per file
         for tensor in self.tensors.values():
-            if tensor.offset + tensor.nbytes > size:
-                raise ExportFormatError(f"{path} is truncated ({tensor.name} ends past its end). Re-run export.")
+            blob = blobs.get(tensor.file)
+            if blob is None:
+                blob = blobs[tensor.file] = _load(folder / tensor.file, mmap)
+            if tensor.offset + tensor.nbytes > blob.size:
+                raise ExportFormatError(
+                    f"{folder / tensor.file} is truncated ({tensor.name} ends past its end). Re-run export."
+                )
             raw = blob[tensor.offset : tensor.offset + tensor.nbytes]
             array = raw.view(np.dtype(tensor.dtype)).reshape(tensor.shape)
             self.arrays[tensor.name] = array
@@ -121,8 +124,10 @@ class SharedWeights:
         """An ``onnxruntime.InferenceSession`` of ``folder/graph`` on the shared buffers (kept alive by it)."""
         import onnxruntime as ort
 
+        from spaf_edge.runtime.session import compatible_session_options
+
         if options is None:
-            options = ort.SessionOptions()
+            options = compatible_session_options()
             options.log_severity_level = 3  # ORT warns about overridable initializers, which are by design here
         self.add_to(options, graph)
         session = ort.InferenceSession(str(self.folder / graph), options, providers=list(providers), **kwargs)
@@ -132,3 +137,16 @@ class SharedWeights:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+def _load(path: Path, mmap: bool) -> np.ndarray:
+    if not path.is_file():
+        raise ExportFormatError(f"{path} is missing but {SHARED_WEIGHTS_INDEX} lists tensors in it. Re-run export.")
+    return np.memmap(path, dtype=np.uint8, mode="r") if mmap else np.fromfile(path, dtype=np.uint8)
+
+
+def _plain_name(name: str) -> str:
+    """A file name inside the export folder (the index must not point elsewhere)."""
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise ValueError(f"file {name!r} is not a file name inside the export folder")
+    return name

@@ -342,6 +342,7 @@ def tuned_entry(engine, chosen: Measurement, default: Measurement, plain: Measur
         "provider": engine.provider.name,
         "device": describe_device(engine.provider.name),
         "threads": options.threads,  # null: the engine's default (every usable core)
+        "thread_pool": engine.thread_pool,
         "calibration": {
             "prompts": str(prompt_path),
             "prompts_sha256": hashlib.sha256(prompt_path.read_bytes()).hexdigest(),

@@ -8,6 +8,10 @@ import pytest
 
 # Two cores: keep each test process from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Per-session ORT pools, also for CLI commands run in-process: ORT's global pool, once created, makes every
+# later session of the process use it, which the tests' own plain sessions do not (test_threads.py covers it
+# in subprocesses).
+os.environ["SPAF_EDGE_THREAD_POOL"] = "session"
 
 TINY = dict(
     vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,

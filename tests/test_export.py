@@ -90,11 +90,12 @@ def test_fused_adapter_graph_parity(tmp_path):
 
 
 def test_graph_io(llama_export):
-    """v3 layout: no draft head in lower; upper emits top states and logits of its last num_logits positions;
-    the drafter is the AlignmentHead alone."""
+    """v4 layout: lower and drafter take embedding rows (no graph gathers from the table); no draft head in
+    lower; upper emits top states and logits of its last num_logits positions; the drafter is the
+    AlignmentHead alone."""
     assert not Manifest.load(llama_export).reads_top_state
     lower_in, lower_out = graph_io(llama_export, io_names.LOWER_GRAPH)
-    assert lower_in[0] == io_names.INPUT_IDS and lower_out[0] == io_names.CUTOFF_HIDDEN
+    assert lower_in[0] == io_names.INPUTS_EMBEDS and lower_out[0] == io_names.CUTOFF_HIDDEN
     assert all(name.startswith("present.") for name in lower_out[1:])
     lower_ops = {node.op_type for node in onnx.load(str(llama_export / io_names.LOWER_GRAPH),
                                                     load_external_data=False).graph.node}
@@ -103,9 +104,12 @@ def test_graph_io(llama_export):
     assert upper_in[:2] == [io_names.CUTOFF_HIDDEN, io_names.NUM_LOGITS]
     assert upper_out[:2] == [io_names.LOGITS, io_names.TOP_HIDDEN]
     assert graph_io(llama_export, io_names.DRAFTER_GRAPH) == (
-        [io_names.TOKEN_IDS, io_names.PREV_HIDDEN], [io_names.PSEUDO_HIDDEN])
+        [io_names.TOKEN_EMBEDS, io_names.PREV_HIDDEN], [io_names.PSEUDO_HIDDEN])
     assert graph_io(llama_export, io_names.DRAFT_HEAD_GRAPH) == (
         [io_names.DRAFT_HIDDEN], [io_names.DRAFT_LOGITS, io_names.DRAFTED_TOP])
+    for graph in io_names.GRAPHS:
+        nodes = onnx.load(str(llama_export / graph), load_external_data=False).graph.node
+        assert "Gather" not in {node.op_type for node in nodes}, graph
 
 
 def test_upper_computes_logits_of_the_last_num_logits_positions(llama_export):
@@ -201,8 +205,9 @@ def test_manifest_describes_the_folder(tiny_llama, llama_export):
     manifest = Manifest.load(llama_export)  # verifies every sha256
     on_disk = {p.name for p in llama_export.iterdir()} - {io_names.MANIFEST}
     assert set(manifest.files) == on_disk
-    assert {*io_names.GRAPHS, io_names.SHARED_WEIGHTS, io_names.TOKENIZER, io_names.TOKENIZER_CONFIG} <= on_disk
-    assert manifest.format_version == 3
+    assert {*io_names.GRAPHS, io_names.EMBEDDINGS, io_names.SHARED_WEIGHTS, io_names.TOKENIZER,
+            io_names.TOKENIZER_CONFIG} <= on_disk
+    assert manifest.format_version == 4
     assert manifest.base_fingerprint == tiny_llama.fingerprint
     assert (manifest.cutoff_layer, manifest.exits, manifest.dtype, manifest.quantization) == (2, [2], "float32", None)
     assert manifest.sizes.max_length == MAX_LENGTH and manifest.sizes.head_dim == 16
@@ -224,25 +229,55 @@ def test_export_is_deterministic(tiny_llama, llama_export, tmp_path):
     assert Manifest.load(again).files == Manifest.load(llama_export).files
 
 
+def files_holding(folder, tensor: torch.Tensor) -> list[str]:
+    data = tensor.detach().numpy().tobytes()
+    return sorted(p.name for p in folder.iterdir() if data in p.read_bytes())
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_shared_weights_are_stored_once(tied, tmp_path):
+    """Without a draft vocabulary the draft head reads the full LM head: upper and draft head share it."""
     model = make_tiny_spaf("llama", tie_word_embeddings=tied, **EXPORTABLE)
     folder = export_model(model, tmp_path / "out", max_length=MAX_LENGTH, progress=False)
-    tables = {"model.embed_tokens.weight": model.base.model.embed_tokens.weight}
-    if not tied:
-        tables["lm_head.weight"] = model.base.lm_head.weight
-    for table in tables.values():
-        data = table.detach().numpy().tobytes()
-        assert [p.name for p in folder.iterdir() if data in p.read_bytes()] == [io_names.SHARED_WEIGHTS]
-    graphs = {t.name: set(t.graphs) for t in read_index(folder)}
-    heads = {io_names.UPPER_GRAPH, io_names.DRAFT_HEAD_GRAPH}  # the final norm + LM head users
-    assert graphs["model.norm.weight"] == heads
-    if tied:  # embedding of lower/drafter, LM head of upper and draft head: one tensor
-        assert graphs["model.embed_tokens.weight"] == set(io_names.GRAPHS) and "lm_head.weight" not in graphs
-    else:
-        assert graphs["model.embed_tokens.weight"] == {io_names.LOWER_GRAPH, io_names.DRAFTER_GRAPH}
-        assert graphs["lm_head.weight"] == heads
-    assert not any(name.startswith(("model.layers.", "spaf.")) for name in graphs)
+    assert files_holding(folder, model.base.model.embed_tokens.weight) == [io_names.EMBEDDINGS]
+    shared = {t.name: t for t in read_index(folder)}
+    heads = (io_names.UPPER_GRAPH, io_names.DRAFT_HEAD_GRAPH)  # the final norm + LM head users
+    assert shared["model.norm.weight"].graphs == heads
+    if tied:  # the LM head is the embedding: one tensor, read in place from embeddings.bin
+        embed = shared["model.embed_tokens.weight"]
+        assert (embed.graphs, embed.file, embed.offset) == (heads, io_names.EMBEDDINGS, 0)
+        assert "lm_head.weight" not in shared
+    else:  # the embedding serves no graph (the runtime reads its rows); the head is shared
+        assert "model.embed_tokens.weight" not in shared
+        assert (shared["lm_head.weight"].graphs, shared["lm_head.weight"].file) == (heads, io_names.SHARED_WEIGHTS)
+        assert files_holding(folder, model.base.lm_head.weight) == [io_names.SHARED_WEIGHTS]
+    assert not any(name.startswith(("model.layers.", "spaf.")) for name in shared)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_private_lm_head_in_blocks_is_prepackable(tied, tmp_path, monkeypatch):
+    """With a draft vocabulary only upper uses the full head: private row blocks (ONNX Runtime prepacks them),
+    a tied head's blocks referencing embeddings.bin (no second copy on disk)."""
+    import spaf_edge.exporters.graphs as graphs
+
+    monkeypatch.setattr(graphs, "HEAD_BLOCK_BYTES", 40 * 64 * 4)  # 40 rows -> 32-row page-aligned blocks
+    model = make_tiny_spaf("llama", tie_word_embeddings=tied, **EXPORTABLE)
+    model.set_draft_vocab(torch.arange(3, 96, 3))
+    folder = export_model(model, tmp_path / "out", max_length=MAX_LENGTH, progress=False)
+    report = check_graphs(model, folder)
+    assert report.passed, report.summary()
+    assert report.worst("upper", io_names.LOGITS)["max_rel"] <= 1e-4
+    upper = onnx.load(str(folder / io_names.UPPER_GRAPH), load_external_data=False).graph
+    name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    blocks = [t for t in upper.initializer if t.name.startswith(name)]
+    assert [(t.name, list(t.dims)) for t in blocks] == [
+        (f"{name}.rows_0_32", [32, 64]), (f"{name}.rows_32_64", [32, 64]), (f"{name}.rows_64_96", [32, 64])]
+    assert not {t.name for t in blocks} & {i.name for i in upper.input}  # constant initializers: prepacked
+    assert [n.op_type for n in upper.node].count("Gemm") == 3 and "Concat" in {n.op_type for n in upper.node}
+    locations = {entry.value for t in blocks for entry in t.external_data if entry.key == "location"}
+    assert locations == {io_names.EMBEDDINGS if tied else f"{io_names.UPPER_GRAPH}.data"}
+    assert not {t.name for t in read_index(folder)} & {"model.embed_tokens.weight", "lm_head.weight"}
+    assert files_holding(folder, model.base.model.embed_tokens.weight) == [io_names.EMBEDDINGS]
 
 
 def test_shared_weights_feed_every_session_the_same_buffer(llama_export):
@@ -256,7 +291,7 @@ def test_shared_weights_feed_every_session_the_same_buffer(llama_export):
         session = ort.InferenceSession(str(llama_export / graph), options, providers=["CPUExecutionProvider"])
         overridable = {arg.name for arg in session.get_overridable_initializers()}
         assert set(shared.names_for(graph)) == overridable
-    table = shared.arrays["model.embed_tokens.weight"]
+    table = shared.arrays["lm_head.weight"]  # the tiny model's head is untied, shared by upper and draft head
     assert table.shape == (96, 64) and not table.flags.owndata  # a view of the one mapped file
 
 
@@ -367,6 +402,7 @@ def test_default_model_fp32_export_parity(default_base, tmp_path):
     folder_bytes = sum(p.stat().st_size for p in folder.iterdir())
     assert folder_bytes < 1.05 * param_bytes + 8e6  # + tokenizer; a second embedding copy would add 113 MB
     shared = {t.name: t for t in read_index(folder)}
-    assert len(shared["model.embed_tokens.weight"].graphs) == 4  # tied: embedding = LM head = draft head
+    embed = shared["model.embed_tokens.weight"]  # tied: embedding = LM head = draft head (no draft vocabulary)
+    assert (embed.file, len(embed.graphs)) == (io_names.EMBEDDINGS, 2)
     manifest = Manifest.load(folder, verify_files=False)
     assert manifest.chat_template and manifest.eos_token_ids

@@ -20,8 +20,9 @@ from spaf_edge.config import SpAFConfig
 from spaf_edge.errors import ConfigError, ContextLengthError, ExportFormatError, ProviderUnavailableError
 from spaf_edge.exporters import export_model
 from spaf_edge.generation.reference import spaf_generate
-from spaf_edge.io_names import LOWER_GRAPH, MANIFEST, UPPER_GRAPH
+from spaf_edge.io_names import EMBEDDINGS, LOWER_GRAPH, MANIFEST, UPPER_GRAPH
 from spaf_edge.runtime.decoder import EngineResult, TargetProbs
+from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.engine import Engine
 from spaf_edge.runtime.stream import IncrementalDecoder
 from spaf_edge.runtime.tokenizer import TextTokenizer
@@ -556,7 +557,34 @@ def test_modified_file_fails_the_checksum(export_copy):
         Engine.from_folder(export_copy)
 
 
-@pytest.mark.parametrize("version", [1, 2, 99])  # 1: lower.onnx held the draft head; 2: upper had no num_logits
+def test_truncated_embedding_table(export_copy):
+    path = export_copy / EMBEDDINGS
+    path.write_bytes(path.read_bytes()[:-64])
+    with pytest.raises(ExportFormatError, match="embeddings.bin is corrupt or was modified"):
+        Engine.from_folder(export_copy)
+    with pytest.raises(ExportFormatError, match=r"embeddings.bin has \d+ bytes.*96 x 64 float32.*truncated"):
+        Engine.from_folder(export_copy, verify=False)
+    path.unlink()
+    with pytest.raises(ExportFormatError, match="embeddings.bin is missing"):
+        Engine.from_folder(export_copy, verify=False)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_embedding_rows_are_the_base_embedding(dtype, tmp_path):
+    """The rows the engine feeds the lower graph and the drafter are the base's embedding rows (in the export
+    dtype), read without torch."""
+    model = make_tiny_spaf("qwen2", **EXPORTABLE)
+    folder = export(model, tmp_path / "out", dtype=dtype, max_length=32)
+    table = EmbeddingTable(folder / EMBEDDINGS, 96, 64, np.dtype(dtype))
+    ids = [5, 0, 95, 5, 42]
+    expected = model.base.model.embed_tokens.weight.detach()[ids].numpy().astype(dtype)
+    np.testing.assert_array_equal(table.rows(ids), expected)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        table.rows([96])
+
+
+@pytest.mark.parametrize("version", [1, 2, 3, 99])  # 1: lower.onnx held the draft head; 2: upper had no num_logits;
+# 3: graphs gathered embedding rows themselves
 def test_unknown_manifest_version(export_copy, version):
     edit_manifest(export_copy, lambda data: data.update(format_version=version))
     with pytest.raises(ExportFormatError, match=f"unknown manifest format version {version}.*Re-export"):

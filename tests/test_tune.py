@@ -237,9 +237,11 @@ def test_tuning_never_imports_torch(tiny, export_copy):
 def test_run_notes_when_the_tuning_was_measured_on_another_setup(capsys):
     from spaf_edge.cli.run import warn_if_tuned_elsewhere
 
-    warn_if_tuned_elsewhere({"provider": "cpu", "threads": None}, "cpu", None)
-    warn_if_tuned_elsewhere(None, "cuda", 4)
+    warn_if_tuned_elsewhere({"provider": "cpu", "threads": None, "thread_pool": "global"}, "cpu", None, "global")
+    warn_if_tuned_elsewhere(None, "cuda", 4, "global")
+    warn_if_tuned_elsewhere({"provider": "cpu", "threads": 2}, "cpu", 2, "session")  # older entries lack the pool
     assert capsys.readouterr().err == ""
-    warn_if_tuned_elsewhere({"provider": "cpu", "threads": 2}, "cuda", 2)
+    warn_if_tuned_elsewhere({"provider": "cpu", "threads": 2, "thread_pool": "global"}, "cuda", 2, "session")
     err = capsys.readouterr().err
-    assert "provider 'cpu' (now 'cuda')" in err and "threads" not in err  # only what differs is named
+    assert "provider 'cpu' (now 'cuda')" in err and "thread_pool 'global' (now 'session')" in err
+    assert "threads 2" not in err  # only what differs is named

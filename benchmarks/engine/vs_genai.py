@@ -3,7 +3,9 @@
 Reports decode tok/s (wall, tokens after the first) and CPU ms per decoded token (process time,
 robust against other jobs). Needs onnxruntime-genai (the `baselines` extra).
 
-usage: python benchmarks/engine/vs_genai.py EXPORT_DIR [ROUNDS] [THREADS]
+usage: python benchmarks/engine/vs_genai.py EXPORT_DIR [ROUNDS] [THREADS] [THREAD_POOL]
+
+THREAD_POOL: the engine's, global (the CLI's default) or session (the library's); see docs/runtime.md.
 """
 
 import math
@@ -19,8 +21,10 @@ from spaf_edge.runtime import Engine
 
 folder, rounds = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2
 threads = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+pool = sys.argv[4] if len(sys.argv) > 4 else "global"
 base = str(cache_dir() / "models" / "smollm2-135m-instruct")
-engine = Engine.from_folder(folder, threads=threads, verify=False)
+engine = Engine.from_folder(folder, threads=threads, verify=False, thread_pool=pool)
+print(f"threads={threads}, engine thread pool: {pool}")
 model = og.Model(genai_config(og, build_genai_model(base, "fp32", "cpu"), "cpu", threads))
 N = 64
 prompts = ["Write a short story about a robot learning to paint.", "Explain how a refrigerator works.",

@@ -444,10 +444,10 @@ def _ort_provider_name(provider: str) -> str:
 
 
 def _ort_session_options(context: BenchContext) -> Any:
-    import onnxruntime as ort
+    from spaf_edge.runtime.session import compatible_session_options
 
-    options = ort.SessionOptions()
-    if context.threads:
+    options = compatible_session_options()  # on the engine's global thread pool when it exists
+    if context.threads and options.use_per_session_threads:
         options.intra_op_num_threads = context.threads
     return options
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 
 import click
 
@@ -30,10 +31,19 @@ class _Group(click.Group):
 
 @click.group(cls=_Group)
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@click.option(
+    "--thread-pool", type=click.Choice(["global", "session"]), default="global", show_default=True,
+    envvar="SPAF_EDGE_THREAD_POOL",
+    help="ONNX Runtime threads of the engine's sessions: one process-wide pool (faster with several threads) "
+         "or a pool per session with sleeping workers (safe next to other ONNX Runtime users). Goes before "
+         "the command: spaf-edge --thread-pool session run ...",
+)
 @click.version_option(package_name="spaf-edge")
-def main(verbose: bool) -> None:
+def main(verbose: bool, thread_pool: str) -> None:
     """SpAF edge: self-speculative decoding for LLMs on edge devices."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    # The engine reads its default from there (spaf_edge.runtime.session); set without importing onnxruntime.
+    os.environ["SPAF_EDGE_THREAD_POOL"] = thread_pool
 
 
 for _name in COMMAND_MODULES:

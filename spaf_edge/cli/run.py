@@ -33,7 +33,7 @@ def command(export_dir, prompt, from_stdin, chat_loop, max_new_tokens, chat, tem
     from spaf_edge.runtime.engine import Engine
 
     engine = Engine.from_folder(export_dir, provider=provider, threads=threads)
-    warn_if_tuned_elsewhere(engine.manifest.tuned, engine.provider.name, threads)
+    warn_if_tuned_elsewhere(engine.manifest.tuned, engine.provider.name, threads, engine.thread_pool)
     settings = dict(
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, num_draft_tokens=num_draft_tokens,
         serial_parallel_transition=serial_parallel_transition, draft_stop_threshold=draft_stop_threshold, mode=mode,
@@ -52,12 +52,13 @@ def command(export_dir, prompt, from_stdin, chat_loop, max_new_tokens, chat, tem
     answer(engine, text, max_new_tokens, dict(settings, chat=chat), stats)
 
 
-def warn_if_tuned_elsewhere(tuned: dict | None, provider: str, threads: int | None) -> None:
-    """The stored tuning is a measurement of one provider and thread count: say when this run differs."""
+def warn_if_tuned_elsewhere(tuned: dict | None, provider: str, threads: int | None, thread_pool: str) -> None:
+    """The stored tuning is a measurement of one provider and thread setting: say when this run differs."""
     if not tuned:
         return
-    differences = [f"{name} {tuned.get(name)!r} (now {now!r})"
-                   for name, now in (("provider", provider), ("threads", threads)) if tuned.get(name) != now]
+    now = (("provider", provider), ("threads", threads), ("thread_pool", thread_pool))
+    differences = [f"{name} {tuned.get(name)!r} (now {value!r})" for name, value in now
+                   if name in tuned and tuned[name] != value]
     if differences:
         click.echo(f"[spaf-edge run] note: the stored tuning was measured with {', '.join(differences)}; "
                    "re-run `spaf-edge tune` for this setup.", err=True)

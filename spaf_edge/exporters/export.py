@@ -62,7 +62,9 @@ def export_model(
     transform = partial(quantize_graph, quantization=quantization) if quantization else None
     with atomic_directory(out_dir, overwrite=replace) as tmp:
         _chmod_like_mkdir(tmp)
-        files = write_graphs(tmp, builders, transform)
+        files = write_embeddings(tmp, plan)
+        placed = {name: (io_names.EMBEDDINGS, offset) for name, offset in plan.placements.items()}
+        files += write_graphs(tmp, builders, transform, placed)
         files += write_draft_vocab(tmp, model)
         chat_template, tokenizer_files = write_tokenizer(tmp, model.tokenizer)
         files += tokenizer_files
@@ -165,6 +167,12 @@ def build_manifest(
     )
     manifest.check_consistency()
     return manifest
+
+
+def write_embeddings(folder: Path, plan: GraphPlan) -> list[str]:
+    """The [V, H] embedding rows, raw in the export dtype: the runtime reads token rows from it."""
+    plan.embedding_table().tofile(folder / io_names.EMBEDDINGS)
+    return [io_names.EMBEDDINGS]
 
 
 def write_draft_vocab(folder: Path, model: SpAFModel) -> list[str]:

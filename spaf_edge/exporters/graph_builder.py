@@ -100,22 +100,21 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs), name=name, domain=domain, **attrs))
         return list(outputs)
 
-    def make_model(self, shared: dict[str, TensorProto]) -> onnx.ModelProto:
-        """Serialise: private weights inline, ``shared`` ones as given (external references).
+    def make_model(self, external: dict[str, TensorProto], overridable: set[str]) -> onnx.ModelProto:
+        """Serialise: weights named in ``external`` as given (external references), the rest inline.
 
-        Shared weights are also declared as graph inputs, which makes them *overridable*
-        initializers: ONNX Runtime then neither prepacks nor constant-folds them, so a
-        buffer handed in with ``SessionOptions.add_initializer`` is used as is, once for
-        every session (docs/exporter.md, "Shared weights").
+        Weights in ``overridable`` (the ones several graphs share) are also declared as graph
+        inputs, which makes them *overridable* initializers: ONNX Runtime then neither
+        prepacks nor constant-folds them, so a buffer handed in with
+        ``SessionOptions.add_initializer`` is used as is, once for every session
+        (docs/exporter.md, "Shared weights").
         """
         initializers = []
         inputs = list(self.inputs)
         for name, array in self.weights.items():
-            if name in shared:
-                initializers.append(shared[name])
+            initializers.append(external[name] if name in external else numpy_helper.from_array(array, name))
+            if name in overridable:
                 inputs.append(helper.make_tensor_value_info(name, onnx_dtype(array.dtype), list(array.shape)))
-            else:
-                initializers.append(numpy_helper.from_array(array, name))
         initializers += [numpy_helper.from_array(array, name) for name, array in self.constants.items()]
         graph = helper.make_graph(self.nodes, self.name, inputs, self.outputs, initializer=initializers)
         model = helper.make_model(

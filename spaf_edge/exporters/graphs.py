@@ -4,10 +4,17 @@
 AlignmentHead step and ``draft_head`` the adapter + final norm + draft LM head on one
 state. Splitting the draft head off keeps it out of prefill, verify and plain decoding.
 ``upper`` computes logits for its last ``num_logits`` positions only: prefill asks for none.
+
+No graph gathers token embeddings: ``lower`` and ``drafter`` take embedding rows, which
+the runtime reads from ``embeddings.bin`` (format 4). A tied LM head used by ``upper``
+alone (the draft head has its own draft-vocabulary rows) is then ``upper``'s private
+initializer, which ONNX Runtime prepacks; its bytes stay in ``embeddings.bin``
+(:attr:`GraphPlan.placements`), so the folder holds the table once.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +42,8 @@ LM_HEAD_BIAS = "lm_head.bias"
 DRAFT_HEAD = "spaf.draft_head.weight"
 DRAFT_HEAD_BIAS = "spaf.draft_head.bias"
 FINAL_NORM = "model.norm"
+HEAD_BLOCK_BYTES = 16 * 2**20  # a private LM head is split into row blocks of at most this size
+PAGE = 4096  # block offsets in embeddings.bin stay page-aligned (ONNX Runtime can map them)
 
 
 @dataclass
@@ -48,6 +57,8 @@ class GraphPlan:
 
     def __post_init__(self) -> None:
         self._arrays: dict[str, np.ndarray] = {}
+        # weight name -> byte offset in embeddings.bin for weights that are rows of the table
+        self.placements: dict[str, int] = {EMBED: 0}
 
     def array(self, name: str, tensor) -> np.ndarray:
         """A weight used by several graphs, converted once (and kept as one array)."""
@@ -98,23 +109,47 @@ class GraphPlan:
         shape = self.shape
         return [1, shape.kv_heads, shape.max_length, shape.head_dim]
 
-    # ---- shared pieces -------------------------------------------------
-    def embed(self, b: GraphBuilder, token_ids: str, path: str) -> str:
-        """Token ids [1, S] -> embeddings [1, S, H]."""
-        table = b.weight(EMBED, self.array(EMBED, self.model.arch.embed_tokens(self.base).weight))
-        (out,) = b.make_node("Gather", [table, token_ids], f"{path}/Gather")
-        return out
+    # ---- embedding and LM head -----------------------------------------
+    def embedding_table(self) -> np.ndarray:
+        """The [V, H] embedding in the export dtype: the bytes of ``embeddings.bin``."""
+        return self.array(EMBED, self.model.arch.embed_tokens(self.base).weight)
 
-    def lm_head_weight(self, b: GraphBuilder) -> tuple[str, str | None]:
-        """The full LM head; a tied head is the embedding table itself (one tensor, one name)."""
+    @property
+    def tied(self) -> bool:
+        head, embed = self.model.arch.lm_head(self.base), self.model.arch.embed_tokens(self.base)
+        return head.weight.data_ptr() == embed.weight.data_ptr()
+
+    @property
+    def head_is_private(self) -> bool:
+        """Only ``upper`` uses the full LM head: the draft head has draft-vocabulary rows of its own."""
+        return self.model.draft_vocab.numel() > 0
+
+    def lm_head_blocks(self, b: GraphBuilder) -> list[tuple[str, str | None]]:
+        """The full LM head as (weight [rows, H], bias) blocks; a tied head is the embedding table itself.
+
+        A head shared with the draft head stays one tensor (one shared buffer, read in place).
+        A private one is split into row blocks of at most :data:`HEAD_BLOCK_BYTES`: ONNX
+        Runtime prepacks and frees each block in turn, so creating the session never holds
+        the whole unpacked head next to the packed one. Tied blocks are placed in
+        ``embeddings.bin`` at their rows' offsets.
+        """
         head = self.model.arch.lm_head(self.base)
-        embed = self.model.arch.embed_tokens(self.base)
-        if head.weight.data_ptr() == embed.weight.data_ptr():
-            name = b.weight(EMBED, self.array(EMBED, embed.weight))
-        else:
-            name = b.weight(LM_HEAD, self.array(LM_HEAD, head.weight))
-        bias = b.weight(LM_HEAD_BIAS, to_numpy(head.bias)) if head.bias is not None else None
-        return name, bias
+        name = EMBED if self.tied else LM_HEAD
+        table = self.embedding_table() if self.tied else self.array(LM_HEAD, head.weight)
+        bias = to_numpy(head.bias) if head.bias is not None else None
+        if not self.head_is_private:
+            return [(b.weight(name, table), b.weight(LM_HEAD_BIAS, bias) if bias is not None else None)]
+        row_bytes = table.shape[1] * table.dtype.itemsize
+        rows = block_rows(row_bytes)
+        blocks = []
+        for start in range(0, table.shape[0], rows):
+            stop = min(start + rows, table.shape[0])
+            suffix = f".rows_{start}_{stop}"
+            if self.tied:
+                self.placements[name + suffix] = start * row_bytes
+            block_bias = b.weight(LM_HEAD_BIAS + suffix, bias[start:stop]) if bias is not None else None
+            blocks.append((b.weight(name + suffix, table[start:stop]), block_bias))
+        return blocks
 
     @property
     def adapter(self):
@@ -124,7 +159,7 @@ class GraphPlan:
     def reads_top_state(self) -> bool:
         return self.model.reads_top_state(self.exit_layer)
 
-    def draft_head_weight(self, b: GraphBuilder) -> tuple[str, str | None]:
+    def draft_head_blocks(self, b: GraphBuilder) -> list[tuple[str, str | None]]:
         """LM-head rows of the draft vocabulary (the full, shared head when there is none).
 
         The rows are used by the draft-head graph only, so they stay a private initializer
@@ -132,23 +167,28 @@ class GraphPlan:
         """
         vocab = self.model.draft_vocab
         if vocab.numel() == 0:
-            return self.lm_head_weight(b)
+            return self.lm_head_blocks(b)
         head = self.model.arch.lm_head(self.base)
         ids = vocab.to(head.weight.device)
         name = b.weight(DRAFT_HEAD, to_numpy(head.weight[ids]))
         bias = b.weight(DRAFT_HEAD_BIAS, to_numpy(head.bias[ids])) if head.bias is not None else None
-        return name, bias
+        return [(name, bias)]
+
+
+def block_rows(row_bytes: int) -> int:
+    """Rows per LM-head block: at most HEAD_BLOCK_BYTES, a whole number of pages (at least one block of them)."""
+    step = PAGE // math.gcd(PAGE, row_bytes)
+    return max(step, HEAD_BLOCK_BYTES // row_bytes // step * step)
 
 
 def build_lower(plan: GraphPlan, on_layer: Callable[[], None] | None = None) -> GraphBuilder:
-    """Embedding + layers 0..k-1; cutoff states of every position."""
+    """Layers 0..k-1 on embedding rows; cutoff states of every position."""
     b = plan.new_builder("spaf_lower")
     hidden_size = plan.config.hidden_size
-    ids = b.input(io_names.INPUT_IDS, TensorProto.INT64, [1, "sequence_length"])
+    hidden = b.input(io_names.INPUTS_EMBEDS, b.float_type, [1, "sequence_length", hidden_size])
     layer_ids = range(0, plan.exit_layer)
     plan.kv_inputs(b, layer_ids)
     rotary = make_rotary_caches(b, plan.model.arch.rotary(plan.base), plan.shape.head_dim, plan.max_length)
-    hidden = plan.embed(b, ids, "/model/embed_tokens")
     layers = plan.model.arch.layers(plan.base)
     mlp_out, residual = make_decoder_layers(b, hidden, layers, layer_ids, plan.eps, plan.shape, rotary, on_layer)
     b.make_node("Add", [mlp_out, residual], f"/model/layers.{plan.exit_layer - 1}/residual",
@@ -172,8 +212,7 @@ def build_upper(plan: GraphPlan, on_layer: Callable[[], None] | None = None) -> 
     make_skip_rms_norm(b, mlp_out, residual, FINAL_NORM, plan.model.arch.final_norm(plan.base).weight, plan.eps,
                        normed=io_names.TOP_HIDDEN)
     last = make_last_rows(b, io_names.TOP_HIDDEN, num_logits, "/lm_head/last_rows")  # [1, num_logits, H]
-    weight, bias = plan.lm_head_weight(b)
-    make_lm_head(b, last, "/lm_head", weight, bias, config.vocab_size, io_names.LOGITS)
+    make_lm_head(b, last, "/lm_head", plan.lm_head_blocks(b), config.vocab_size, io_names.LOGITS)
     b.output(io_names.LOGITS, TensorProto.FLOAT, [1, "num_logits", config.vocab_size])
     b.output(io_names.TOP_HIDDEN, b.float_type, [1, "sequence_length", config.hidden_size])
     plan.kv_outputs(b, layer_ids)
@@ -181,12 +220,11 @@ def build_upper(plan: GraphPlan, on_layer: Callable[[], None] | None = None) -> 
 
 
 def build_drafter(plan: GraphPlan) -> GraphBuilder:
-    """One aligned-draft step: ``ĥ = AH(e(d), h̄)``."""
+    """One aligned-draft step: ``ĥ = AH(e(d), h̄)`` on the embedding row ``e(d)``."""
     b = plan.new_builder("spaf_drafter")
     hidden_size = plan.config.hidden_size
-    token_ids = b.input(io_names.TOKEN_IDS, TensorProto.INT64, [1, 1])
+    embeds = b.input(io_names.TOKEN_EMBEDS, b.float_type, [1, 1, hidden_size])
     prev_hidden = b.input(io_names.PREV_HIDDEN, b.float_type, [1, 1, hidden_size])
-    embeds = plan.embed(b, token_ids, "/spaf/drafter/embed_tokens")
     head = plan.model.alignment_heads[str(plan.exit_layer)]
     pseudo = builder_for(ALIGNMENT_HEAD_BUILDERS, head, "alignment head")(
         b, embeds, prev_hidden, head, f"spaf.alignment_heads.{plan.exit_layer}"
@@ -211,8 +249,7 @@ def build_draft_head(plan: GraphPlan) -> GraphBuilder:
     )
     make_rms_norm(b, adapted, FINAL_NORM, plan.model.arch.final_norm(plan.base).weight, plan.eps,
                   output=io_names.DRAFTED_TOP)
-    weight, bias = plan.draft_head_weight(b)
-    make_lm_head(b, io_names.DRAFTED_TOP, "/spaf/draft_head", weight, bias, plan.draft_vocab_size,
+    make_lm_head(b, io_names.DRAFTED_TOP, "/spaf/draft_head", plan.draft_head_blocks(b), plan.draft_vocab_size,
                  io_names.DRAFT_LOGITS)
     b.output(io_names.DRAFT_LOGITS, TensorProto.FLOAT, [1, 1, plan.draft_vocab_size])
     b.output(io_names.DRAFTED_TOP, b.float_type, [1, 1, hidden_size])

@@ -180,16 +180,21 @@ def make_last_rows(b: GraphBuilder, x: str, count: str, path: str) -> str:
 
 
 def make_lm_head(
-    b: GraphBuilder, normed: str, path: str, weight: str, bias: str | None, vocab: int, output: str
+    b: GraphBuilder, normed: str, path: str, blocks: list[tuple[str, str | None]], vocab: int, output: str
 ) -> str:
-    """Logits float32 [1, n, V] from normed states [1, n, H] and a [V, H] weight.
+    """Logits float32 [1, n, V] from normed states [1, n, H] and the head's (weight [rows, H], bias) blocks.
 
-    Gemm(transB=1) reads the [V, H] table in place: a tied embedding serves as LM head
-    without a transposed copy.
+    Gemm(transB=1) reads a [V, H] table in place: a tied embedding serves as LM head
+    without a transposed copy. Several blocks (consecutive row ranges) give one Gemm each,
+    concatenated along the vocabulary axis.
     """
-    hidden = b.weights[weight].shape[1]
+    hidden = b.weights[blocks[0][0]].shape[1]
     (flat,) = b.make_node("Reshape", [normed, b.int64s(f"{path}/flat_shape", [-1, hidden])], f"{path}/Reshape")
-    (logits,) = b.make_node("Gemm", [flat, weight] + ([bias] if bias else []), f"{path}/Gemm", transB=1)
+    pieces = []
+    for index, (weight, bias) in enumerate(blocks):
+        name = f"{path}/Gemm" if len(blocks) == 1 else f"{path}/Gemm_{index}"
+        pieces += b.make_node("Gemm", [flat, weight] + ([bias] if bias else []), name, transB=1)
+    logits = pieces[0] if len(pieces) == 1 else b.make_node("Concat", pieces, f"{path}/Concat", axis=1)[0]
     shape = b.int64s(f"{path}/logits_shape", [1, -1, vocab])
     if b.dtype == np.float32:
         b.make_node("Reshape", [logits, shape], f"{path}/Reshape_1", outputs=[output])

@@ -26,8 +26,11 @@ def find_shared(builders: dict[str, GraphBuilder]) -> dict[str, list[str]]:
     return {name: files for name, files in users.items() if len(files) > 1}
 
 
-def write_shared_weights(folder: Path, builders: dict[str, GraphBuilder]) -> dict[str, TensorProto]:
-    """Write ``shared_weights.bin`` + its index; return the external references for the graphs."""
+def write_shared_weights(
+    folder: Path, builders: dict[str, GraphBuilder], placed: dict[str, tuple[str, int]]
+) -> dict[str, TensorProto]:
+    """Index the shared weights (writing ``shared_weights.bin`` for those not ``placed`` in
+    another file already); return their external references for the graphs."""
     shared = find_shared(builders)
     if not shared:
         return {}
@@ -36,9 +39,10 @@ def write_shared_weights(folder: Path, builders: dict[str, GraphBuilder]) -> dic
     with open(folder / SHARED_WEIGHTS, "wb") as handle:
         for name, files in shared.items():
             array = builders[files[0]].weights[name]
-            offset = _append_aligned(handle, array.tobytes())
-            index.append(SharedTensor(name, array.dtype.name, tuple(array.shape), offset, array.nbytes, tuple(files)))
-            references[name] = _external_tensor(name, array, SHARED_WEIGHTS, offset)
+            location, offset = placed.get(name) or (SHARED_WEIGHTS, _append_aligned(handle, array.tobytes()))
+            index.append(SharedTensor(name, array.dtype.name, tuple(array.shape), location, offset, array.nbytes,
+                                      tuple(files)))
+            references[name] = _external_tensor(name, array, location, offset)
     write_index(folder / SHARED_WEIGHTS_INDEX, index)
     return references
 
@@ -72,12 +76,21 @@ def write_graphs(
     folder: Path,
     builders: dict[str, GraphBuilder],
     transform: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
+    placed: dict[str, tuple[str, int]] | None = None,
 ) -> list[str]:
-    """Write every graph (after ``transform``, e.g. quantization) and the shared weights. Returns files."""
-    references = write_shared_weights(folder, builders)
-    files = [SHARED_WEIGHTS, SHARED_WEIGHTS_INDEX] if references else []
+    """Write every graph (after ``transform``, e.g. quantization) and the shared weights. Returns files.
+
+    ``placed``: weight name -> (file, offset) of weights whose bytes the caller already wrote
+    to a file of ``folder`` (the embedding rows in ``embeddings.bin``); graphs reference them
+    there instead of storing a copy.
+    """
+    placed = placed or {}
+    shared = write_shared_weights(folder, builders, placed)
+    files = [SHARED_WEIGHTS, SHARED_WEIGHTS_INDEX] if shared else []
     for file_name, builder in builders.items():
-        model = builder.make_model(references)
+        external = {name: _external_tensor(name, builder.weights[name], *placed[name])
+                    for name in builder.weights if name in placed}
+        model = builder.make_model({**external, **shared}, set(shared))
         if transform is not None:
             model = transform(model)
         files += save_graph(model, folder, file_name)

@@ -8,7 +8,9 @@ sample equals the reference's sample. State between steps: committed tokens
 
 Cutoff states never leave host buffers that ONNX Runtime reads and writes in place:
 serial draft steps write ``h(T+j-1)`` into hidden row ``j-1``, the verify pass's lower
-stack writes the remaining rows, and the upper stack reads rows ``0 .. D``.
+stack writes the remaining rows, and the upper stack reads rows ``0 .. D``. The lower
+stack and the drafter read token embedding rows that the decoder copies out of
+``embeddings.bin`` (:class:`spaf_edge.runtime.embeddings.EmbeddingTable`).
 
 Top states (post-final-norm, what the LM head reads) chain through ``prev_tops``: row 0
 holds the exact top state of position ``T-1`` (kept from the last upper call: the last
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
+from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.graphs import DraftHeadGraph, DrafterGraph, HostBuffer, LowerGraph, UpperGraph
 from spaf_edge.sampling import SamplingParams, accept, choose, logits_to_probs, softmax
 from spaf_edge.stats import GenerationStats
@@ -91,7 +94,7 @@ class HostBuffers:
     def __init__(
         self, rows: int, logit_rows: int, hidden_size: int, vocab_size: int, draft_vocab_size: int, dtype: type
     ) -> None:
-        self.ids = HostBuffer((1, rows), np.int64)  # [1, R]
+        self.embeds = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: embedding rows of the lower call's tokens
         self.hidden = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: exact cutoff states of T ..
         self.pseudo = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: AlignmentHead states
         self.logits = HostBuffer((1, logit_rows, vocab_size), np.float32)  # [1, R_l, V]
@@ -99,7 +102,7 @@ class HostBuffers:
         self.prev_tops = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: f(T-1), then drafted tops
         self.draft_logits = np.zeros((1, 1, draft_vocab_size), dtype=np.float32)  # [1, 1, V_d]
         self.draft_logits_value = ort.OrtValue.ortvalue_from_numpy(self.draft_logits)  # bound once
-        self.token = np.zeros((1, 1), dtype=np.int64)  # the drafter's input d_{j-1}
+        self.token_embeds = np.zeros((1, 1, hidden_size), dtype=dtype)  # [1, 1, H]: the drafter's e(d_{j-1})
 
     @property
     def rows(self) -> int:
@@ -107,7 +110,7 @@ class HostBuffers:
 
     def ensure_rows(self, rows: int, logit_rows: int = 0) -> None:
         """Grow the row buffers to ``rows``, the logits to ``logit_rows`` (between generations: contents dropped)."""
-        names = ("ids", "hidden", "pseudo", "top_hidden", "prev_tops") if rows > self.rows else ()
+        names = ("embeds", "hidden", "pseudo", "top_hidden", "prev_tops") if rows > self.rows else ()
         names += ("logits",) if logit_rows > self.logits.rows else ()
         for name in names:
             old: HostBuffer = getattr(self, name)
@@ -122,6 +125,7 @@ class Decoder:
         upper: UpperGraph,
         drafter: DrafterGraph,
         draft_head: DraftHeadGraph,
+        embeddings: EmbeddingTable,
         buffers: HostBuffers,
         vocab_size: int,
         draft_vocab: np.ndarray | None,
@@ -129,6 +133,7 @@ class Decoder:
         prefill_chunk: int,
     ) -> None:
         self.lower, self.upper, self.drafter, self.draft_head = lower, upper, drafter, draft_head
+        self.embeddings = embeddings  # token rows for the lower stack and the drafter
         self.buffers = buffers
         self.vocab_size = vocab_size
         self.draft_vocab = draft_vocab  # int64 [V_d] token ids, None = every token
@@ -231,7 +236,7 @@ class Decoder:
                 draft.exact = j
                 hidden = buffers.hidden.view(j - 1, j)
             else:
-                buffers.token[0, 0] = token
+                self.embeddings.lookup([token], buffers.token_embeds[0])
                 source = buffers.hidden if j - 1 == serial_parallel_transition else buffers.pseudo
                 self.drafter.run(source.view(j - 2, j - 1), buffers.pseudo.view(j - 1, j))  # ĥ(T+j-1)
                 hidden = buffers.pseudo.view(j - 1, j)
@@ -280,8 +285,8 @@ class Decoder:
     def _run_lower(self, tokens: Sequence[int], row: int) -> None:
         """Lower stack on ``tokens`` at the next positions; cutoff states into hidden rows ``row ..``."""
         new, buffers = len(tokens), self.buffers
-        buffers.ids.array[0, :new] = tokens
-        self.lower.run(buffers.ids.view(0, new), new, buffers.hidden.view(row, row + new))
+        self.embeddings.lookup(tokens, buffers.embeds.array[0, :new])
+        self.lower.run(buffers.embeds.view(0, new), new, buffers.hidden.view(row, row + new))
 
     def _run_upper(self, new: int, num_logits: int) -> np.ndarray:
         """Upper stack on hidden rows ``0 .. new-1``: top states of all, logits of the last ``num_logits``.

@@ -20,12 +20,28 @@ import numpy as np
 
 from spaf_edge.config import validate_drafting
 from spaf_edge.errors import ConfigError, ContextLengthError, ExportFormatError
-from spaf_edge.io_names import DRAFT_HEAD_GRAPH, DRAFT_VOCAB, DRAFTER_GRAPH, GRAPHS, LOWER_GRAPH, TOKENIZER, UPPER_GRAPH
+from spaf_edge.io_names import (
+    DRAFT_HEAD_GRAPH,
+    DRAFT_VOCAB,
+    DRAFTER_GRAPH,
+    EMBEDDINGS,
+    GRAPHS,
+    LOWER_GRAPH,
+    TOKENIZER,
+    UPPER_GRAPH,
+)
 from spaf_edge.manifest import Manifest
 from spaf_edge.runtime.decoder import MODES, Decoder, DecodeSettings, EngineResult, HostBuffers
+from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.graphs import DraftHeadGraph, DrafterGraph, LowerGraph, UpperGraph
 from spaf_edge.runtime.kv import KVCache
-from spaf_edge.runtime.session import Provider, open_session, resolve_provider, session_options
+from spaf_edge.runtime.session import (
+    Provider,
+    check_thread_pool,
+    open_session,
+    resolve_provider,
+    session_options,
+)
 from spaf_edge.runtime.signatures import check_graphs
 from spaf_edge.runtime.stream import IncrementalDecoder
 from spaf_edge.runtime.tokenizer import TextTokenizer
@@ -44,9 +60,11 @@ class Engine:
     """Build with :meth:`from_folder`; then :meth:`generate` or :meth:`stream`."""
 
     def __init__(
-        self, folder: Path, manifest: Manifest, provider: Provider, decoder: Decoder, tokenizer: TextTokenizer | None
+        self, folder: Path, manifest: Manifest, provider: Provider, decoder: Decoder, tokenizer: TextTokenizer | None,
+        thread_pool: str = "session",
     ) -> None:
         self.folder = folder
+        self.thread_pool = thread_pool  # "session" | "global" (spaf_edge.runtime.session.session_options)
         self.manifest = manifest
         self.provider = provider
         self.decoder = decoder
@@ -64,8 +82,16 @@ class Engine:
         threads: int | None = None,
         verify: bool = True,
         prefill_chunk: int = PREFILL_CHUNK,
+        thread_pool: str | None = None,
     ) -> Engine:
-        """Load an export folder: manifest (+ sha256 of every file with ``verify``), graphs, tokenizer."""
+        """Load an export folder: manifest (+ sha256 of every file with ``verify``), graphs, tokenizer.
+
+        ``thread_pool``: ``"session"`` or ``"global"`` (ONNX Runtime's process-wide pool: faster
+        with several threads, but every later session of the process must use it), default the
+        process default (``"session"``; the CLI sets ``"global"``). See
+        :func:`spaf_edge.runtime.session.session_options`.
+        """
+        thread_pool = check_thread_pool(thread_pool)
         for name, value in (("threads", threads), ("prefill_chunk", prefill_chunk)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"Invalid {name}={value!r}: expected an integer >= 1.")
@@ -74,7 +100,7 @@ class Engine:
         chosen = resolve_provider(provider)
         sizes = manifest.sizes
         dtype = np.float16 if manifest.dtype == "float16" else np.float32
-        sessions = open_sessions(folder, manifest, chosen, threads, dtype)
+        sessions = open_sessions(folder, manifest, chosen, threads, dtype, thread_pool)
         buffers = HostBuffers(
             max(prefill_chunk, LOGIT_ROWS), LOGIT_ROWS, sizes.hidden_size, sizes.vocab_size, sizes.draft_vocab_size,
             dtype,
@@ -87,14 +113,15 @@ class Engine:
         decoder = Decoder(
             LowerGraph(sessions[LOWER_GRAPH], cache(range(0, k))),
             UpperGraph(sessions[UPPER_GRAPH], cache(range(k, sizes.num_layers))),
-            DrafterGraph(sessions[DRAFTER_GRAPH], buffers.token),
+            DrafterGraph(sessions[DRAFTER_GRAPH], buffers.token_embeds),
             DraftHeadGraph(sessions[DRAFT_HEAD_GRAPH], buffers.draft_logits_value, manifest.reads_top_state),
+            EmbeddingTable(folder / EMBEDDINGS, sizes.vocab_size, sizes.hidden_size, dtype),
             buffers, sizes.vocab_size, load_draft_vocab(folder, manifest), frozenset(manifest.eos_token_ids),
             prefill_chunk,
         )
         has_tokenizer = (folder / TOKENIZER).is_file()
         tokenizer = TextTokenizer.from_folder(folder, manifest.chat_template) if has_tokenizer else None
-        return cls(folder, manifest, chosen, decoder, tokenizer)
+        return cls(folder, manifest, chosen, decoder, tokenizer, thread_pool)
 
     # ---- settings -------------------------------------------------------
     @property
@@ -231,13 +258,13 @@ class TextStream:
 
 
 def open_sessions(
-    folder: Path, manifest: Manifest, provider: Provider, threads: int | None, dtype: type
+    folder: Path, manifest: Manifest, provider: Provider, threads: int | None, dtype: type, thread_pool: str
 ) -> dict[str, Any]:
     """The graphs' sessions on the shared weights (mapped once), checked against the manifest."""
     shared = SharedWeights(folder)
     sessions = {}
     for name in GRAPHS:
-        session = open_session(folder / name, shared.add_to(session_options(threads), name), provider)
+        session = open_session(folder / name, shared.add_to(session_options(threads, thread_pool), name), provider)
         session.spaf_shared_weights = shared  # ORT does not own those buffers: they must outlive it
         sessions[name] = session
     check_graphs(folder, manifest, dtype, sessions)

@@ -18,14 +18,14 @@ from spaf_edge.io_names import (
     DRAFT_HIDDEN,
     DRAFT_LOGITS,
     DRAFTED_TOP,
-    INPUT_IDS,
+    INPUTS_EMBEDS,
     LOGITS,
     NUM_LOGITS,
     PREV_HIDDEN,
     PREV_TOP,
     PSEUDO_HIDDEN,
     SEQLENS_K,
-    TOKEN_IDS,
+    TOKEN_EMBEDS,
     TOP_HIDDEN,
     TOTAL_SEQUENCE_LENGTH,
 )
@@ -86,11 +86,11 @@ class StackGraph:
 
 
 class LowerGraph(StackGraph):
-    """Embedding + layers ``0..k-1``: cutoff states."""
+    """Layers ``0..k-1`` on embedding rows: cutoff states."""
 
-    def run(self, input_ids: ort.OrtValue, new: int, cutoff_hidden: ort.OrtValue) -> None:
-        # input_ids: [1, S] int64 -> cutoff_hidden: [1, S, H]
-        self.binding.bind_ortvalue_input(INPUT_IDS, input_ids)
+    def run(self, inputs_embeds: ort.OrtValue, new: int, cutoff_hidden: ort.OrtValue) -> None:
+        # inputs_embeds: [1, S, H] -> cutoff_hidden: [1, S, H]
+        self.binding.bind_ortvalue_input(INPUTS_EMBEDS, inputs_embeds)
         self.binding.bind_ortvalue_output(CUTOFF_HIDDEN, cutoff_hidden)
         self._run(new)
 
@@ -118,15 +118,15 @@ class UpperGraph(StackGraph):
 class DrafterGraph:
     """One aligned-draft step: ``ĥ = AH(e(d), h̄)``. No KV cache."""
 
-    def __init__(self, session: ort.InferenceSession, token: np.ndarray) -> None:
+    def __init__(self, session: ort.InferenceSession, token_embeds: np.ndarray) -> None:
         self.session = session
         self.binding = session.io_binding()
-        self.token = token  # [1, 1] int64, written by the caller before run()
-        self.token_value = ort.OrtValue.ortvalue_from_numpy(token)
+        self.token_embeds = token_embeds  # [1, 1, H] e(d), written by the caller before run()
+        self.token_value = ort.OrtValue.ortvalue_from_numpy(token_embeds)
 
     def run(self, prev_hidden: ort.OrtValue, pseudo_hidden: ort.OrtValue) -> None:
-        # token: [1, 1], prev_hidden: [1, 1, H] -> pseudo_hidden: [1, 1, H]
-        self.binding.bind_ortvalue_input(TOKEN_IDS, self.token_value)  # rebound: device providers copy it
+        # token_embeds: [1, 1, H], prev_hidden: [1, 1, H] -> pseudo_hidden: [1, 1, H]
+        self.binding.bind_ortvalue_input(TOKEN_EMBEDS, self.token_value)  # rebound: device providers copy it
         self.binding.bind_ortvalue_input(PREV_HIDDEN, prev_hidden)
         self.binding.bind_ortvalue_output(PSEUDO_HIDDEN, pseudo_hidden)
         self.session.run_with_iobinding(self.binding)

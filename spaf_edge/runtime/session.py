@@ -67,6 +67,11 @@ def provider_list(provider: Provider) -> list[str]:
 
 
 # ---- threads -------------------------------------------------------------
+THREAD_POOLS = ("session", "global")
+THREAD_POOL_ENV = "SPAF_EDGE_THREAD_POOL"  # the default when none is asked for (the CLI sets "global")
+_state = {"global_threads": None}  # process-wide, as ORT's global pool is
+
+
 def default_threads() -> int:
     """Cores this process may use (affinity-aware)."""
     try:
@@ -75,25 +80,72 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def check_thread_pool(kind: str | None) -> str:
+    """``kind``, or the process default: ``$SPAF_EDGE_THREAD_POOL``, else ``session``."""
+    source = "thread_pool"
+    if kind is None:
+        source, kind = THREAD_POOL_ENV, os.environ.get(THREAD_POOL_ENV) or "session"
+    if kind not in THREAD_POOLS:
+        raise ConfigError(f"Invalid {source}={kind!r}: expected one of {', '.join(THREAD_POOLS)}.")
+    return kind
+
+
+def global_pool_threads() -> int | None:
+    """Threads of ONNX Runtime's process-wide pool once this process created it, else None."""
+    return _state["global_threads"]
+
+
+def _create_global_pool(threads: int) -> None:
+    current = _state["global_threads"]
+    if current is None:
+        ort.set_global_thread_pool_sizes(threads, 1)
+        _state["global_threads"] = threads
+    elif current != threads:
+        raise ConfigError(
+            f"ONNX Runtime's process-wide thread pool already has {current} threads and cannot be resized; "
+            f"use threads={current}, or thread_pool='session' in a process without the global pool."
+        )
+
+
+def session_options(threads: int | None = None, thread_pool: str | None = None) -> ort.SessionOptions:
     """Options for one of the engine's sessions.
 
-    The sessions run strictly one after another, so each gets a pool of ``threads``
-    intra-op threads whose idle workers sleep instead of spinning: a spinning pool of
-    the session that just ran would steal the cores the next session needs. (ORT's
-    process-wide shared pool avoids that too, but forces every other session in the
-    process to use it, which breaks sessions the engine does not own; docs/runtime.md
-    has the measurements.)
+    The sessions run strictly one after another, so their pools must not compete for
+    cores. ``thread_pool``:
+
+    - ``"session"`` (the library's default): each session gets ``threads`` intra-op threads
+      whose idle workers sleep instead of spinning (a spinning pool of the session that
+      just ran steals the cores the next one needs). Safe next to any other ORT user.
+    - ``"global"`` (the CLI's default): ONNX Runtime's process-wide pool of ``threads``,
+      shared by all sessions, with spinning workers; about 30 % faster decoding at two
+      threads here (docs/runtime.md, "Threads"). Once it exists, ONNX Runtime refuses
+      every session of the process that keeps per-session threads: sessions made here,
+      and options from :func:`compatible_session_options`, comply; other code's may not.
+
+    With one thread there is no pool to share and ``"global"`` changes nothing.
     """
-    options = ort.SessionOptions()
+    threads = threads or default_threads()
+    pool = check_thread_pool(thread_pool)
+    if pool == "global" and threads > 1:
+        _create_global_pool(threads)
+    options = compatible_session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads or default_threads()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if options.use_per_session_threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     # Errors only: shared weights are overridable initializers by design, which ORT warns about.
     options.log_severity_level = 3
+    return options
+
+
+def compatible_session_options() -> ort.SessionOptions:
+    """Fresh ``SessionOptions`` that ONNX Runtime accepts in this process (on the global pool once it exists)."""
+    options = ort.SessionOptions()
+    if global_pool_threads() is not None:
+        options.use_per_session_threads = False
     return options
 
 

@@ -23,7 +23,7 @@ from spaf_edge.io_names import (
     DRAFT_LOGITS,
     DRAFTED_TOP,
     DRAFTER_GRAPH,
-    INPUT_IDS,
+    INPUTS_EMBEDS,
     LOGITS,
     LOWER_GRAPH,
     NUM_LOGITS,
@@ -31,7 +31,7 @@ from spaf_edge.io_names import (
     PREV_TOP,
     PSEUDO_HIDDEN,
     SEQLENS_K,
-    TOKEN_IDS,
+    TOKEN_EMBEDS,
     TOP_HIDDEN,
     TOTAL_SEQUENCE_LENGTH,
     UPPER_GRAPH,
@@ -75,7 +75,7 @@ def expected_io(manifest: Manifest, dtype: type) -> dict[str, tuple[list[Expecte
     top = [Expected(PREV_TOP, dtype, [1, 1, hidden])] if manifest.reads_top_state else []
     return {
         LOWER_GRAPH: (
-            [Expected(INPUT_IDS, np.int64, [1, None]), *positions, *lower_past],
+            [Expected(INPUTS_EMBEDS, dtype, [1, None, hidden]), *positions, *lower_past],
             [Expected(CUTOFF_HIDDEN, dtype, [1, None, hidden]), *lower_present],
         ),
         UPPER_GRAPH: (
@@ -85,7 +85,7 @@ def expected_io(manifest: Manifest, dtype: type) -> dict[str, tuple[list[Expecte
              *upper_present],
         ),
         DRAFTER_GRAPH: (
-            [Expected(TOKEN_IDS, np.int64, [1, 1]), Expected(PREV_HIDDEN, dtype, [1, 1, hidden])],
+            [Expected(TOKEN_EMBEDS, dtype, [1, 1, hidden]), Expected(PREV_HIDDEN, dtype, [1, 1, hidden])],
             [Expected(PSEUDO_HIDDEN, dtype, [1, 1, hidden])],
         ),
         DRAFT_HEAD_GRAPH: (

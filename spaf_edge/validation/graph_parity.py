@@ -34,6 +34,7 @@ from spaf_edge import io_names
 from spaf_edge.errors import ConfigError
 from spaf_edge.manifest import Manifest
 from spaf_edge.model import SpAFModel
+from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.shared_weights import SharedWeights
 
 # Bounds on max_rel of the logits; a quantized export is compared with the float model,
@@ -190,6 +191,7 @@ class GraphSessions:
         self.shared = SharedWeights(folder)
         self.dtype = np.dtype(manifest.dtype)
         sizes = manifest.sizes
+        self.embeddings = EmbeddingTable(folder / io_names.EMBEDDINGS, sizes.vocab_size, sizes.hidden_size, self.dtype)
         kv_shape = (1, sizes.num_kv_heads, sizes.max_length, sizes.head_dim)
         self.length = 0  # valid cache rows (P), the same in both stacks
 
@@ -215,8 +217,14 @@ class GraphSessions:
     def advance(self, rows: int) -> None:
         self.length += rows
 
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [1, S] -> their rows of embeddings.bin [1, S, H], as the engine reads them."""
+        return self.embeddings.rows(ids[0])[None]
+
     def run_lower(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        return self._run_stack(self.lower, self.lower_kv, {io_names.INPUT_IDS: ids}, [io_names.CUTOFF_HIDDEN])
+        """ids: [1, S] -> cutoff states of the lower graph on their embedding rows."""
+        feeds = {io_names.INPUTS_EMBEDS: self.embed(ids)}
+        return self._run_stack(self.lower, self.lower_kv, feeds, [io_names.CUTOFF_HIDDEN])
 
     def run_upper(self, hidden: np.ndarray, num_logits: int | None = None) -> dict[str, np.ndarray]:
         """hidden: [1, S, H]; logits of the last ``num_logits`` positions (default all S)."""
@@ -226,7 +234,8 @@ class GraphSessions:
 
     def run_drafter(self, token_ids: np.ndarray, prev_hidden: np.ndarray) -> dict[str, np.ndarray]:
         names = [io_names.PSEUDO_HIDDEN]
-        values = self.drafter.run(names, {io_names.TOKEN_IDS: token_ids, io_names.PREV_HIDDEN: prev_hidden})
+        feeds = {io_names.TOKEN_EMBEDS: self.embed(token_ids), io_names.PREV_HIDDEN: prev_hidden}
+        values = self.drafter.run(names, feeds)
         return dict(zip(names, values))
 
     def run_draft_head(self, hidden: np.ndarray, prev_top: np.ndarray | None) -> dict[str, np.ndarray]:

@@ -1,0 +1,68 @@
+"""Token embedding rows read from ``embeddings.bin`` with positioned reads. Torch-free.
+
+No graph gathers from the embedding table (export format 4): the engine copies the rows
+of the tokens it feeds into a host buffer. A ``Gather`` on a memory-mapped table makes
+whole page-cache folios resident (about 2 MB per touched row on Linux with file THP,
+docs/exporter.md), so a few hundred distinct tokens map most of the table; a read copies
+only the row's bytes and leaves the rest in the (reclaimable) page cache. That is what
+lets the tied LM head live once, prepacked, in ``upper.onnx``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from spaf_edge.errors import ExportFormatError
+
+
+class EmbeddingTable:
+    """The ``[V, H]`` rows of ``path`` (raw, row-major, ``dtype``); :meth:`lookup` copies rows out."""
+
+    def __init__(self, path: str | Path, vocab_size: int, hidden_size: int, dtype: type) -> None:
+        self.path = Path(path)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.dtype = np.dtype(dtype)
+        self.row_bytes = hidden_size * self.dtype.itemsize
+        if not self.path.is_file():
+            raise ExportFormatError(f"{self.path} is missing. The export is incomplete: re-run `spaf-edge export`.")
+        size = self.path.stat().st_size
+        if size != vocab_size * self.row_bytes:
+            raise ExportFormatError(
+                f"{self.path} has {size} bytes; the manifest's {vocab_size} x {hidden_size} {self.dtype.name} "
+                f"table needs {vocab_size * self.row_bytes}. The file is truncated or from another export: "
+                "re-run `spaf-edge export`."
+            )
+        self._file = open(self.path, "rb", buffering=0)  # unbuffered: reads go straight into the rows
+        self._fd = self._file.fileno()
+
+    def lookup(self, token_ids: Sequence[int], out: np.ndarray) -> np.ndarray:
+        """Rows of ``token_ids`` into ``out`` [n, H] (C-contiguous, the table's dtype). Returns ``out``."""
+        rows = memoryview(out).cast("B")
+        for index, token in enumerate(token_ids):
+            start = index * self.row_bytes
+            self._read_row(int(token), rows[start : start + self.row_bytes])
+        return out
+
+    def rows(self, token_ids: Sequence[int]) -> np.ndarray:
+        """A new [n, H] array holding the rows of ``token_ids``."""
+        return self.lookup(token_ids, np.empty((len(token_ids), self.hidden_size), self.dtype))
+
+    def _read_row(self, token: int, target: memoryview) -> None:
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f"token id {token} is outside the vocabulary 0..{self.vocab_size - 1}")
+        offset = token * self.row_bytes
+        if hasattr(os, "preadv"):
+            count = os.preadv(self._fd, [target], offset)
+        else:  # Windows: no positioned reads in os
+            self._file.seek(offset)
+            count = self._file.readinto(target)
+        if count != self.row_bytes:
+            raise ExportFormatError(f"{self.path} ended inside row {token}: re-run `spaf-edge export`.")
+
+    def close(self) -> None:
+        self._file.close()
