@@ -135,6 +135,20 @@ def test_draft_vocabulary_export_is_lossless(tmp_path):
     assert len(sampled.tokens) >= 1
 
 
+@pytest.mark.parametrize("dtype, quantization", [("float16", None), ("float32", "int4")])
+def test_spaf_equals_plain_greedy_of_the_same_fp16_or_quantized_export(dtype, quantization, tmp_path):
+    """Lossless against the export's own target model: fp16 rows of embeddings.bin, MatMulNBits layers."""
+    model = make_tiny_spaf("llama", **EXPORTABLE)
+    model.set_draft_vocab(torch.arange(0, 96, 2))  # the private, prepacked LM-head layout
+    engine = Engine.from_folder(export(model, tmp_path / "export", dtype=dtype, quantization=quantization,
+                                       max_length=64))
+    for prompt in PROMPTS:
+        plain = engine.generate(prompt, max_new_tokens=16, mode="greedy").tokens
+        for n, s in PAIRS:
+            spaf = engine.generate(prompt, max_new_tokens=16, num_draft_tokens=n, serial_parallel_transition=s)
+            assert spaf.tokens == plain, (prompt, n, s)
+
+
 # ---- the KV caches --------------------------------------------------------
 def test_cache_rows_after_rejections_equal_a_fresh_prefill(tiny):
     engine = Engine.from_folder(tiny[1])
