@@ -117,12 +117,13 @@ def session_options(threads: int | None = None, thread_pool: str | None = None) 
       whose idle workers sleep instead of spinning (a spinning pool of the session that
       just ran steals the cores the next one needs). Safe next to any other ORT user.
     - ``"global"`` (the CLI's default): ONNX Runtime's process-wide pool of ``threads``,
-      shared by all sessions, with spinning workers; about 30 % faster decoding at two
+      shared by all sessions, with spinning workers; 15 % faster plain decoding at two
       threads here (docs/runtime.md, "Threads"). Once it exists, ONNX Runtime refuses
       every session of the process that keeps per-session threads: sessions made here,
       and options from :func:`compatible_session_options`, comply; other code's may not.
 
-    With one thread there is no pool to share and ``"global"`` changes nothing.
+    With one thread there is no pool to share and ``"global"`` creates none; but once the
+    process has the global pool, every session runs on it, whatever it asks for.
     """
     threads = threads or default_threads()
     pool = check_thread_pool(thread_pool)
