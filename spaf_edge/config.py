@@ -20,6 +20,11 @@ from typing import Any
 from spaf_edge.atomic import atomic_write_text
 from spaf_edge.errors import ConfigError
 
+# ONNX Runtime thread pools of the engine's sessions (spaf_edge.runtime.session.session_options),
+# here so the CLI can offer them without importing onnxruntime.
+THREAD_POOLS = ("session", "global")
+THREAD_POOL_ENV = "SPAF_EDGE_THREAD_POOL"  # the default when none is asked for (the CLI sets "global")
+
 CONFIG_FILE = "spaf_config.json"
 ALIGNMENT_LOSS_TYPES = ("mse", "cosine")
 

@@ -15,9 +15,10 @@ import textwrap
 import pytest
 from conftest import make_tiny_spaf
 
+from spaf_edge.config import THREAD_POOL_ENV
 from spaf_edge.errors import ConfigError
 from spaf_edge.exporters import export_model
-from spaf_edge.runtime.session import THREAD_POOL_ENV, check_thread_pool, session_options
+from spaf_edge.runtime.session import check_thread_pool, session_options
 
 GLOBAL_POOL_SCRIPT = textwrap.dedent("""
     import json, sys

@@ -11,6 +11,7 @@ import os
 
 import click
 
+from spaf_edge.config import THREAD_POOL_ENV, THREAD_POOLS
 from spaf_edge.errors import SpAFError
 
 # Modules under spaf_edge.cli, each defining a click command named ``command``.
@@ -32,8 +33,8 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 @click.option(
-    "--thread-pool", type=click.Choice(["global", "session"]), default="global", show_default=True,
-    envvar="SPAF_EDGE_THREAD_POOL",
+    "--thread-pool", type=click.Choice(THREAD_POOLS), default="global", show_default=True,
+    envvar=THREAD_POOL_ENV,
     help="ONNX Runtime threads of the engine's sessions: one process-wide pool (faster with several threads) "
          "or a pool per session with sleeping workers (safe next to other ONNX Runtime users). Goes before "
          "the command: spaf-edge --thread-pool session run ...",
@@ -43,7 +44,7 @@ def main(verbose: bool, thread_pool: str) -> None:
     """SpAF edge: self-speculative decoding for LLMs on edge devices."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     # The engine reads its default from there (spaf_edge.runtime.session); set without importing onnxruntime.
-    os.environ["SPAF_EDGE_THREAD_POOL"] = thread_pool
+    os.environ[THREAD_POOL_ENV] = thread_pool
 
 
 for _name in COMMAND_MODULES:

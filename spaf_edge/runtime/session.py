@@ -14,6 +14,7 @@ from pathlib import Path
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
+from spaf_edge.config import THREAD_POOL_ENV, THREAD_POOLS
 from spaf_edge.errors import ConfigError, ExportFormatError, ProviderUnavailableError
 
 
@@ -67,8 +68,6 @@ def provider_list(provider: Provider) -> list[str]:
 
 
 # ---- threads -------------------------------------------------------------
-THREAD_POOLS = ("session", "global")
-THREAD_POOL_ENV = "SPAF_EDGE_THREAD_POOL"  # the default when none is asked for (the CLI sets "global")
 _state = {"global_threads": None}  # process-wide, as ORT's global pool is
 
 
