@@ -2,11 +2,12 @@
 
 ``shared_weights.bin`` holds the tensors (untied LM head, final norm, rotary caches) that
 more than one graph uses; a tied LM head shared by two graphs stays in ``embeddings.bin``,
-where the embedding rows are. ``shared_weights.json`` indexes them with their files. Each graph references them as ONNX external data *and* lists them as
-graph inputs, which makes them overridable initializers: ONNX Runtime then does not
-prepack or constant-fold them. The runtime maps the file once and hands the same
-OrtValues to every session with ``SessionOptions.add_initializer``, so no session loads
-its own copy (measured: docs/exporter.md). Torch-free: numpy + onnxruntime only.
+where the embedding rows are. ``shared_weights.json`` indexes them with their files. Each
+graph references them as ONNX external data *and* lists them as graph inputs, which makes
+them overridable initializers: ONNX Runtime then does not prepack or constant-fold them.
+The runtime maps each file once and hands the same OrtValues to every session with
+``SessionOptions.add_initializer``, so no session loads its own copy (measured:
+docs/exporter.md). Torch-free: numpy + onnxruntime only.
 """
 
 from __future__ import annotations

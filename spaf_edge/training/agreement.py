@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from spaf_edge.model import SpAFModel
 from spaf_edge.training.features import compute_base_features, previous_top_states
 
