@@ -61,6 +61,23 @@ def test_distill_then_train_then_resume(tiny_model_dir, tmp_path):
              if json.loads(line)["split"] == "train"]
     assert steps == list(range(1, 7))
 
+    # A new run fine-tuning the trained components: their config, weights and draft vocabulary, fresh optimizer.
+    tuned_dir = tmp_path / "tuned"
+    result = invoke("train", "--base-model", tiny_model_dir, "--out", tuned_dir, "--no-progress", "--data", data,
+                    "--init-from", run_dir / "final", "--cutoff-layer", 3)
+    assert result.exit_code != 0 and "--init-from keeps" in result.output
+    result = invoke("train", "--base-model", tiny_model_dir, "--out", tuned_dir, "--no-progress", "--data", data,
+                    "--init-from", run_dir / "final", "--steps", 1, "--batch-size", 2, "--seq-len", 16,
+                    "--eval-every", 1, "--lr", 1e-9, "--warmup", 0)
+    assert result.exit_code == 0, result.output
+    started = SpAFModel.from_pretrained(tiny_model_dir, components=run_dir / "final")
+    tuned = SpAFModel.from_pretrained(tiny_model_dir, components=tuned_dir / "final")
+    assert tuned.cutoff == 2 and tuned.draft_vocab.tolist() == started.draft_vocab.tolist()
+    for name, value in started.spaf_state_dict().items():  # lr 1e-9: one step leaves the weights where they were
+        torch.testing.assert_close(tuned.spaf_state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
+    saved = json.loads((tuned_dir / "settings.json").read_text())
+    assert saved["train"]["init_from"] == str(run_dir / "final") and saved["train"]["steps"] == 1
+
 
 def test_cli_refuses_mt_bench(tiny_model_dir, tmp_path):
     bench = tmp_path / "mt_bench_question.jsonl"

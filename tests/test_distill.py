@@ -101,3 +101,27 @@ def test_sampled_distill_is_seeded(tiny, prompts, tmp_path):
     second = run(tiny, prompts, tmp_path / "b.jsonl", temperature=1.0, seed=3)
     assert first.written == second.written == 7
     assert read_rows(tmp_path / "a.jsonl") == read_rows(tmp_path / "b.jsonl")
+
+
+def test_resume_reads_rows_holding_unicode_line_separators(tiny, prompts, tmp_path):
+    # json.dumps(ensure_ascii=False) keeps U+2028 raw; it must not split the row on resume.
+    out = tmp_path / "out.jsonl"
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\u2028b\u0085c"}],
+           "prompt_index": 0, "finish_reason": "eos"}
+    out.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    summary = run(tiny, prompts, out)
+    assert summary.already_done == 1 and summary.written == 6
+    assert sorted(r["prompt_index"] for r in map(json.loads, out.read_text().split("\n")[:-1])) == list(range(7))
+
+
+def test_distill_device_errors_name_the_fix(tiny, prompts, tmp_path):
+    with pytest.raises(ConfigError, match="not a torch device"):
+        run(tiny, prompts, tmp_path / "out.jsonl", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+            run(tiny, prompts, tmp_path / "out.jsonl", device="cuda")
+
+
+def test_distill_device_cpu_moves_a_passed_model(tiny, prompts, tmp_path):
+    summary = run(tiny, prompts, tmp_path / "out.jsonl", device="cpu")
+    assert summary.device == "cpu" and summary.written == 7

@@ -323,3 +323,44 @@ def test_draft_vocab_is_built_from_data_and_saved(tokenizer, text_data, tmp_path
     fresh = tiny_spaf(tokenizer)
     fresh.load_spaf_components(result.final)
     assert fresh.draft_vocab.tolist() == model.draft_vocab.tolist()
+
+
+class TickingClock:
+    """A perf_counter that advances a fixed amount per call: every step 'takes' the same time."""
+
+    def __init__(self, tick):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self):
+        self.now += self.tick
+        return self.now
+
+
+def test_time_budget_cuts_steps_and_the_schedule_follows(tokenizer, text_data, tmp_path, monkeypatch):
+    from spaf_edge.training import trainer
+
+    clock = TickingClock(0.25)
+    monkeypatch.setattr(trainer, "time", clock)
+    settings = small_settings(steps=500, warmup=2, time_budget=40.0)
+    result = train(tiny_spaf(tokenizer), text_data, tmp_path, settings, progress=False)
+    rows = read_log(tmp_path)
+    budget = [row for row in rows if row["split"] == "budget"]
+    assert len(budget) == 1 and budget[0]["step"] == 25 and budget[0]["planned_steps"] == 500
+    assert 25 < result.steps == budget[0]["steps"] < 500
+    train_rows = [row for row in rows if row["split"] == "train"]
+    assert [row["step"] for row in train_rows] == list(range(1, result.steps + 1))
+    # The cosine schedule was re-planned for the cut: its last step is near the floor.
+    assert train_rows[-1]["lr"] == pytest.approx(settings.lr * settings.min_lr_ratio, rel=0.05)
+    assert clock.now <= 40.0 * 1.1  # the loop ended close to the budget
+
+
+def test_time_budget_longer_than_the_run_changes_nothing(tokenizer, text_data, tmp_path):
+    result = train(tiny_spaf(tokenizer), text_data, tmp_path, small_settings(steps=30, time_budget=3600.0),
+                   progress=False)
+    assert result.steps == 30
+    assert not [row for row in read_log(tmp_path) if row["split"] == "budget"]
+
+
+def test_time_budget_must_be_positive():
+    with pytest.raises(ConfigError, match="time_budget"):
+        small_settings(time_budget=0.0).validate()

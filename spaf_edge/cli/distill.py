@@ -24,9 +24,11 @@ from spaf_edge.cli import options
 @options.top_p
 @click.option("--max-prompt-tokens", type=int, default=1024, show_default=True,
               help="Skip prompts longer than this (in chat-template tokens).")
+@click.option("--device", default="auto", show_default=True,
+              help="torch device of the generation: auto (cuda when available, else cpu), cpu, cuda, cuda:N.")
 @options.progress
 def command(prompts, out, base_model, max_new_tokens, batch_size, limit, shuffle, seed, temperature, top_p,
-            max_prompt_tokens, progress):
+            max_prompt_tokens, device, progress):
     """Generate the base model's replies to training prompts (resumable)."""
     from spaf_edge.config import validate_sampling
     from spaf_edge.training.distill import distill
@@ -35,10 +37,11 @@ def command(prompts, out, base_model, max_new_tokens, batch_size, limit, shuffle
     summary = distill(
         prompts, out, base_model, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, seed=seed,
         temperature=temperature, top_p=top_p, shuffle=shuffle, max_prompt_tokens=max_prompt_tokens,
-        progress=progress,
+        device=device, progress=progress,
     )
     click.echo(json.dumps({
         "out": str(summary.out), "written": summary.written, "already_done": summary.already_done,
         "skipped_long": summary.skipped_long, "new_tokens": summary.new_tokens,
         "seconds": round(summary.seconds, 1), "tokens_per_second": round(summary.tokens_per_second, 1),
+        "device": summary.device,
     }, indent=2))

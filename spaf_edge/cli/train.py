@@ -41,6 +41,9 @@ from spaf_edge.cli import options
 @click.option("--seed", type=int, default=None, help="Seed of the SpAF initial weights, the data split and order [0].")
 @click.option("--logit-chunk-rows", type=int, default=None, help="Positions whose vocabulary logits are held at once [512].")
 @click.option("--max-examples", type=int, default=None, help="Use only the first N rows of --data.")
+@click.option("--time-budget", type=float, default=None,
+              help="Seconds of training steps: the step time is measured over steps 5-25 and --steps is cut "
+                   "to what fits (the cosine schedule follows). Default: no limit.")
 @click.option("--packing/--no-packing", default=None, help="Pack rows into full sequences [packing].")
 @click.option("--feature-cache", type=click.Path(file_okay=False), default=None,
               help="Cache the frozen base's features (fp16) here and reuse them every epoch.")
@@ -52,9 +55,12 @@ from spaf_edge.cli import options
 @click.option("--deepspeed", "deepspeed_config", default=None,
               help="DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); 'auto' values come from these options.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--init-from", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Start from these trained components (config, weights, draft vocabulary) with a fresh "
+                   "optimizer and schedule, e.g. to fine-tune them on new data.")
 @options.progress
 def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_size, rollout_steps, mixed_precision,
-            base_dtype, deepspeed_config, resume, progress, **settings):
+            base_dtype, deepspeed_config, resume, init_from, progress, **settings):
     """Train SpAF components (only they train; the base stays frozen)."""
     from spaf_edge.config import SpAFConfig
     from spaf_edge.errors import ConfigError
@@ -63,10 +69,13 @@ def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_si
 
     overrides = {name: value for name, value in settings.items() if value is not None}
     config = None
-    if resume:
+    if resume and init_from:
+        raise ConfigError("--resume continues a run's checkpoint; --init-from starts a new run. Pass one of them.")
+    if resume or init_from:
         if config_path or cutoff_layer is not None or draft_vocab_size is not None or rollout_steps is not None:
-            raise ConfigError("--resume keeps the saved SpAF config: drop --config/--cutoff-layer/"
-                              "--draft-vocab-size/--rollout-steps, or start a new run.")
+            source = "--resume keeps the saved" if resume else "--init-from keeps its components'"
+            raise ConfigError(f"{source} SpAF config: drop --config/--cutoff-layer/--draft-vocab-size/"
+                              "--rollout-steps, or start a new run without it.")
     else:
         config = SpAFConfig.load(config_path) if config_path else SpAFConfig()
         changes = {"cutoff_layer": cutoff_layer, "draft_vocab_size": draft_vocab_size,
@@ -74,7 +83,7 @@ def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_si
         config = config.replace(**{k: v for k, v in changes.items() if v is not None})
     distributed = DistributedSettings(mixed_precision, base_dtype, deepspeed_config)
     result = train_run(base_model, data, run_dir, overrides, config, resume=resume, progress=progress,
-                       distributed=distributed)
+                       distributed=distributed, init_from=init_from)
     if not result.main_process:
         return
     click.echo(json.dumps({

@@ -47,6 +47,7 @@ class DistillSummary:
     skipped_long: int  # prompts longer than max_prompt_tokens
     new_tokens: int
     seconds: float
+    device: str = "cpu"
 
     @property
     def tokens_per_second(self) -> float:
@@ -86,7 +87,8 @@ def repair_and_read_done(out: Path) -> set[int]:
         with out.open("r+b") as handle:
             handle.truncate(end)
     done = set()
-    for number, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+    # Split on "\n" only: replies may hold U+2028 and kin, which str.splitlines() would also split on.
+    for number, line in enumerate(data[:end].decode("utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -111,6 +113,7 @@ def distill(
     top_p: float = 1.0,
     shuffle: bool = False,
     max_prompt_tokens: int = 1024,
+    device: str = "auto",
     progress: bool = True,
     model: Any = None,
     tokenizer: Any = None,
@@ -118,6 +121,8 @@ def distill(
     """Generate the base model's replies to the prompts and append them to ``out_path``.
 
     ``model``/``tokenizer`` may be passed already loaded (then ``base_model`` is unused).
+    ``device`` "auto" keeps a passed model where it is and puts a loaded one on CUDA when
+    there is a GPU.
     """
     import torch
     from tqdm.auto import tqdm
@@ -129,17 +134,22 @@ def distill(
     rows = select_prompts(read_prompts(prompts_path), limit, shuffle, seed)
     done = repair_and_read_done(out)
     pending = [row for row in rows if row.index not in done]
+    target = None if device == "auto" else torch_device(device)  # a bad --device fails before the load
     if model is None:
         from spaf_edge.models.loading import load_base_model
 
         model, tokenizer = load_base_model(base_model)
+        target = target or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if target is not None:
+        model.to(target)
     encoded = [(row, encode_prompt(tokenizer, row.prompt)) for row in pending]
     kept = [(row, ids) for row, ids in encoded if len(ids) <= max_prompt_tokens]
     kept.sort(key=lambda item: len(item[1]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = eos_token_ids(model, tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = DistillSummary(out, 0, len(rows) - len(pending), len(encoded) - len(kept), 0, 0.0)
+    summary = DistillSummary(out, 0, len(rows) - len(pending), len(encoded) - len(kept), 0, 0.0,
+                             str(next(model.parameters()).device))
     started = time.perf_counter()
     with out.open("a", encoding="utf-8") as handle, tqdm(
         total=len(kept), desc="distill", unit="prompt", disable=not progress
@@ -163,6 +173,19 @@ def distill(
             bar.set_postfix({"tok/s": f"{summary.tokens_per_second:.0f}"})
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def torch_device(name: str) -> Any:
+    """``name`` as a torch.device, or a ConfigError that says what is available."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {name!r} is not a torch device ({exc}). Use auto, cpu, cuda or cuda:N.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this torch build sees no CUDA GPU. Use --device cpu (or auto).")
+    return device
 
 
 def output_row(row: PromptRow, reply: str, finish_reason: str) -> dict[str, Any]:

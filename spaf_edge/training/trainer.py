@@ -63,7 +63,11 @@ LOG_FILE = "train_log.jsonl"
 FINAL = "final"
 # Settings that may differ when resuming (they do not change the optimisation path
 # up to the resumed step; a changed ``steps`` reshapes the rest of the cosine schedule).
-RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "eval_batches")
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "eval_batches", "time_budget")
+# With a time budget, the step time is measured between these two steps (counted from the
+# loop's first step, so start-up kernels and allocator growth are left out) and ``steps``
+# is cut to what fits. The cosine schedule reads ``steps`` live and follows the cut.
+BUDGET_PROBE = (5, 25)
 
 
 @dataclass
@@ -86,6 +90,8 @@ class TrainSettings:
     packing: bool = True
     max_examples: int | None = None  # use only the first rows of the data file
     feature_cache: str | None = None  # folder for cached fp16 base features
+    time_budget: float | None = None  # seconds of optimizer steps; cuts ``steps`` to fit (None: no limit)
+    init_from: str | None = None  # trained components the run started from (recorded by train_run)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainSettings:
@@ -117,6 +123,8 @@ class TrainSettings:
             raise ConfigError(f"Invalid min_lr_ratio={self.min_lr_ratio}: expected a number in [0, 1].")
         if self.grad_clip < 0:
             raise ConfigError(f"Invalid grad_clip={self.grad_clip}: expected a number >= 0 (0 = off).")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ConfigError(f"Invalid time_budget={self.time_budget}: expected seconds > 0, or unset.")
 
 
 @dataclass
@@ -335,6 +343,7 @@ def train(
     started = time.perf_counter()
     train_seconds = 0.0  # optimizer steps only: eval and checkpoint time excluded from tokens/s
     module.train()
+    first_step, probe_started = step, started
     while step < settings.steps:
         step_started = time.perf_counter()
         micro_losses = []
@@ -360,6 +369,20 @@ def train(
             row["grad_norm"] = float(grad_norm)
         logger.write(row)
         recent = (recent + [values])[-20:]
+        if settings.time_budget is not None and step - first_step in BUDGET_PROBE:
+            now = time.perf_counter()
+            if step - first_step == BUDGET_PROBE[0]:
+                probe_started = now
+            else:
+                per_step = (now - probe_started) / (BUDGET_PROBE[1] - BUDGET_PROBE[0])
+                fitted = fit_steps(settings, step, now - started, per_step)
+                if fitted < settings.steps:
+                    log.info("Time budget %.0f s at %.3f s/step: %d steps instead of %d",
+                             settings.time_budget, per_step, fitted, settings.steps)
+                    logger.write({"split": "budget", "step": step, "seconds_per_step": per_step,
+                                  "steps": fitted, "planned_steps": settings.steps})
+                    settings.steps = fitted
+                    bar.total = fitted
         bar.set_postfix({short_name(k): f"{v:.3f}" for k, v in values.items()} | {"tok/s": f"{rate:.0f}"})
         bar.update(1)
         if settings.eval_every and step % settings.eval_every == 0 or step == settings.steps:
@@ -383,6 +406,15 @@ def train(
     rate = tokens / train_seconds if train_seconds else 0.0
     return TrainResult(run_dir, final, step, train_losses, eval_losses, rate, seconds, replica_diff,
                        accelerator.is_main_process)
+
+
+def fit_steps(settings: TrainSettings, step: int, elapsed: float, per_step: float) -> int:
+    """The step count that ends within ``settings.time_budget`` (never below ``step``).
+
+    Keeps 5 % of the remaining time for the evaluations and checkpoints still ahead.
+    """
+    remaining = settings.time_budget - elapsed
+    return min(settings.steps, step + max(0, int(0.95 * remaining / per_step)))
 
 
 def micro_batches(loader, sampler: EpochSampler, per_epoch: int, start: int):
@@ -496,6 +528,7 @@ def train_run(
     progress: bool = True,
     dtype: torch.dtype | None = None,
     distributed: DistributedSettings | None = None,
+    init_from: str | os.PathLike | None = None,
 ) -> TrainResult:
     """What ``spaf-edge train`` does: load the base, build or restore SpAF modules, train.
 
@@ -503,7 +536,9 @@ def train_run(
     A fresh run refuses a run folder that already holds a checkpoint. A resumed run takes
     its SpAF config, settings and (unless given) data path from the checkpoint; overrides
     must then match the saved settings except for :data:`RESUMABLE_CHANGES`. The base is
-    loaded once per process, in ``dtype`` or else ``distributed.base_dtype``.
+    loaded once per process, in ``dtype`` or else ``distributed.base_dtype``. ``init_from``
+    starts a fresh run (new optimizer and schedule) from trained components: their config,
+    weights and draft vocabulary, e.g. to fine-tune them on new data.
     """
     run_dir = Path(run_dir)
     overrides = dict(overrides or {})
@@ -527,7 +562,14 @@ def train_run(
             raise ConfigError("No training data: pass --data FILE.jsonl.")
         settings = TrainSettings.from_dict(overrides)
         torch.manual_seed(settings.seed)  # the SpAF modules' initial weights: the same in every process
-        model = SpAFModel.from_pretrained(base_model, config or SpAFConfig(), dtype=dtype)
+        if init_from is not None:
+            if config is not None:
+                raise ConfigError("--init-from takes the SpAF config of its components: drop --config/"
+                                  "--cutoff-layer/--draft-vocab-size/--rollout-steps.")
+            settings.init_from = str(init_from)
+            model = SpAFModel.from_pretrained(base_model, components=init_from, dtype=dtype)
+        else:
+            model = SpAFModel.from_pretrained(base_model, config or SpAFConfig(), dtype=dtype)
     return train(model, data_path, run_dir, settings, resume=resume, progress=progress, distributed=distributed)
 
 
