@@ -352,6 +352,9 @@ def test_time_budget_cuts_steps_and_the_schedule_follows(tokenizer, text_data, t
     # The cosine schedule was re-planned for the cut: its last step is near the floor.
     assert train_rows[-1]["lr"] == pytest.approx(settings.lr * settings.min_lr_ratio, rel=0.05)
     assert clock.now <= 40.0 * 1.1  # the loop ended close to the budget
+    # A resume continues the cut schedule: the saved settings hold the new step count and no budget.
+    saved = json.loads((tmp_path / ckpt.SETTINGS).read_text())["train"]
+    assert saved["steps"] == result.steps and saved["time_budget"] is None
 
 
 def test_time_budget_longer_than_the_run_changes_nothing(tokenizer, text_data, tmp_path):

@@ -375,7 +375,10 @@ def train(
                 probe_started = now
             else:
                 per_step = (now - probe_started) / (BUDGET_PROBE[1] - BUDGET_PROBE[0])
-                fitted = fit_steps(settings, step, now - started, per_step)
+                # Every rank must stop at the same step: plan with the slowest rank's times.
+                measured = torch.tensor([[now - started, per_step]], dtype=torch.float64, device=accelerator.device)
+                elapsed, per_step = accelerator.gather(measured).max(dim=0).values.tolist()
+                fitted = fit_steps(settings, step, elapsed, per_step)
                 if fitted < settings.steps:
                     log.info("Time budget %.0f s at %.3f s/step: %d steps instead of %d",
                              settings.time_budget, per_step, fitted, settings.steps)
@@ -383,6 +386,11 @@ def train(
                                   "steps": fitted, "planned_steps": settings.steps})
                     settings.steps = fitted
                     bar.total = fitted
+                # The saved settings get the planned steps and no budget: a resume continues this schedule.
+                settings.time_budget = None
+                run_settings["train"] = settings.to_dict()
+                if accelerator.is_main_process:
+                    atomic_write_text(run_dir / ckpt.SETTINGS, json.dumps(run_settings, indent=2) + "\n")
         bar.set_postfix({short_name(k): f"{v:.3f}" for k, v in values.items()} | {"tok/s": f"{rate:.0f}"})
         bar.update(1)
         if settings.eval_every and step % settings.eval_every == 0 or step == settings.steps:
