@@ -307,7 +307,7 @@ def train(
     run_settings = {"train": settings.to_dict(), "data": str(data_path), "spaf": model.config.to_dict()}
     logger = RunLog(run_dir, accelerator.is_main_process, keep_until=step if resume else None)
     if accelerator.is_main_process and not resume:
-        atomic_write_text(run_dir / ckpt.SETTINGS, json.dumps(run_settings, indent=2) + "\n")
+        write_run_settings(run_dir, run_settings)
     if accelerator.is_main_process:
         log.info("SpAF parameters: %d (%.2f%% of the base); %d train / %d eval sequences of %d tokens",
                  num_parameters, 100 * num_parameters / model.num_base_parameters(), len(train_set),
@@ -343,6 +343,28 @@ def train(
     started = time.perf_counter()
     train_seconds = 0.0  # optimizer steps only: eval and checkpoint time excluded from tokens/s
     module.train()
+
+    def fit_to_budget(probe_started: float) -> None:
+        """Cut ``settings.steps`` to what the time budget leaves, from the step time since ``probe_started``."""
+        now = time.perf_counter()
+        per_step = (now - probe_started) / (BUDGET_PROBE[1] - BUDGET_PROBE[0])
+        # Every rank must stop at the same step: plan with the slowest rank's times.
+        measured = torch.tensor([[now - started, per_step]], dtype=torch.float64, device=accelerator.device)
+        elapsed, per_step = accelerator.gather(measured).max(dim=0).values.tolist()
+        fitted = fit_steps(settings, step, elapsed, per_step)
+        if fitted < settings.steps:
+            log.info("Time budget %.0f s at %.3f s/step: %d steps instead of %d",
+                     settings.time_budget, per_step, fitted, settings.steps)
+            logger.write({"split": "budget", "step": step, "seconds_per_step": per_step,
+                          "steps": fitted, "planned_steps": settings.steps})
+            settings.steps = fitted
+            bar.total = fitted
+        # The saved settings get the planned steps and no budget: a resume continues this schedule.
+        settings.time_budget = None
+        run_settings["train"] = settings.to_dict()
+        if accelerator.is_main_process:
+            write_run_settings(run_dir, run_settings)
+
     first_step, probe_started = step, started
     while step < settings.steps:
         step_started = time.perf_counter()
@@ -369,28 +391,10 @@ def train(
             row["grad_norm"] = float(grad_norm)
         logger.write(row)
         recent = (recent + [values])[-20:]
-        if settings.time_budget is not None and step - first_step in BUDGET_PROBE:
-            now = time.perf_counter()
-            if step - first_step == BUDGET_PROBE[0]:
-                probe_started = now
-            else:
-                per_step = (now - probe_started) / (BUDGET_PROBE[1] - BUDGET_PROBE[0])
-                # Every rank must stop at the same step: plan with the slowest rank's times.
-                measured = torch.tensor([[now - started, per_step]], dtype=torch.float64, device=accelerator.device)
-                elapsed, per_step = accelerator.gather(measured).max(dim=0).values.tolist()
-                fitted = fit_steps(settings, step, elapsed, per_step)
-                if fitted < settings.steps:
-                    log.info("Time budget %.0f s at %.3f s/step: %d steps instead of %d",
-                             settings.time_budget, per_step, fitted, settings.steps)
-                    logger.write({"split": "budget", "step": step, "seconds_per_step": per_step,
-                                  "steps": fitted, "planned_steps": settings.steps})
-                    settings.steps = fitted
-                    bar.total = fitted
-                # The saved settings get the planned steps and no budget: a resume continues this schedule.
-                settings.time_budget = None
-                run_settings["train"] = settings.to_dict()
-                if accelerator.is_main_process:
-                    atomic_write_text(run_dir / ckpt.SETTINGS, json.dumps(run_settings, indent=2) + "\n")
+        if settings.time_budget is not None and step - first_step == BUDGET_PROBE[0]:
+            probe_started = time.perf_counter()
+        elif settings.time_budget is not None and step - first_step == BUDGET_PROBE[1]:
+            fit_to_budget(probe_started)
         bar.set_postfix({short_name(k): f"{v:.3f}" for k, v in values.items()} | {"tok/s": f"{rate:.0f}"})
         bar.update(1)
         if settings.eval_every and step % settings.eval_every == 0 or step == settings.steps:
@@ -414,6 +418,10 @@ def train(
     rate = tokens / train_seconds if train_seconds else 0.0
     return TrainResult(run_dir, final, step, train_losses, eval_losses, rate, seconds, replica_diff,
                        accelerator.is_main_process)
+
+
+def write_run_settings(run_dir: Path, run_settings: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / ckpt.SETTINGS, json.dumps(run_settings, indent=2) + "\n")
 
 
 def fit_steps(settings: TrainSettings, step: int, elapsed: float, per_step: float) -> int:
