@@ -6,6 +6,8 @@ Torch-free.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 # Graph files in an export folder.
 LOWER_GRAPH = "lower.onnx"  # layers 0..k-1 on token embeddings -> cutoff states
 UPPER_GRAPH = "upper.onnx"  # layers k..L-1 + final norm (-> top states) + LM head on the last num_logits rows
@@ -28,8 +30,9 @@ CUTOFF_HIDDEN = "cutoff_hidden"  # float [1, S, H]: output of lower, input of up
 NUM_LOGITS = "num_logits"  # int64 [1]: upper input n, logits of the last n positions only (0 <= n <= S)
 TOKEN_EMBEDS = "token_embeds"  # float [1, 1, H]: drafter input, the embedding of the previous draft d_{j-1}
 PREV_HIDDEN = "prev_hidden"  # float [1, 1, H]: drafter input h̄(t)
-DRAFT_HIDDEN = "draft_hidden"  # float [1, 1, H]: draft-head input, an exact h or a pseudo ĥ
-PREV_TOP = "prev_top"  # float [1, 1, H]: draft-head input f̄ (only for adapters that read the top state)
+DRAFT_HIDDEN = "draft_hidden"  # float [1, S, H]: draft-head input, exact h or pseudo ĥ (S = 1 unless it attends)
+PREV_TOP = "prev_top"  # float [1, S, H]: draft-head input f̄ (only for adapters that read the top state)
+ADAPTER_KV = "adapter"  # the "layer" of an attending adapter's KV cache in the draft head: past_key(ADAPTER_KV)
 
 # Outputs.
 DRAFT_LOGITS = "draft_logits"  # float32 [1, 1, V_d]: head(a(h, f)) over the draft vocabulary
@@ -39,22 +42,22 @@ TOP_HIDDEN = "top_hidden"  # float [1, S, H]: post-final-norm states (what the L
 PSEUDO_HIDDEN = "pseudo_hidden"  # float [1, 1, H]: drafter output ĥ(t+1)
 
 
-def past_key(layer: int) -> str:
+def past_key(layer: int | str) -> str:
     return f"past_key_values.{layer}.key"  # [1, kv_heads, max_length, head_dim]
 
 
-def past_value(layer: int) -> str:
+def past_value(layer: int | str) -> str:
     return f"past_key_values.{layer}.value"
 
 
-def present_key(layer: int) -> str:
+def present_key(layer: int | str) -> str:
     return f"present.{layer}.key"  # same buffer as past_key(layer) at run time
 
 
-def present_value(layer: int) -> str:
+def present_value(layer: int | str) -> str:
     return f"present.{layer}.value"
 
 
-def kv_names(layers: range) -> list[tuple[str, str, str, str]]:
+def kv_names(layers: Sequence[int | str]) -> list[tuple[str, str, str, str]]:
     """(past_key, past_value, present_key, present_value) per layer, in layer order."""
     return [(past_key(i), past_value(i), present_key(i), present_value(i)) for i in layers]

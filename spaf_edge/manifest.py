@@ -53,6 +53,9 @@ class Manifest:
     spaf: dict[str, Any] = field(default_factory=dict)  # SpAFConfig.to_dict() (decoding defaults)
     tuned: dict[str, Any] | None = None  # written by `spaf-edge tune`
     reads_top_state: bool = False  # the draft head has a prev_top input (its adapter reads the top state)
+    # {"num_heads", "head_dim"} of an adapter that attends across positions: the draft head then takes
+    # [1, S, H] rows and has a KV cache of its own (io_names.ADAPTER_KV); None for the other kinds
+    adapter_attention: dict[str, int] | None = None
     format_version: int = FORMAT_VERSION
 
     # ---- io ----------------------------------------------------------------
@@ -112,6 +115,10 @@ class Manifest:
             problems.append(f"quantization {self.quantization!r} not in {QUANTIZATIONS}")
         if sizes.num_attention_heads % max(sizes.num_kv_heads, 1):
             problems.append("num_attention_heads is not a multiple of num_kv_heads")
+        if self.adapter_attention is not None and (
+            set(self.adapter_attention) != {"num_heads", "head_dim"} or min(self.adapter_attention.values()) < 1
+        ):
+            problems.append(f"adapter_attention {self.adapter_attention!r} is not {{num_heads, head_dim}} >= 1")
         if not 2 <= sizes.draft_vocab_size <= sizes.vocab_size:
             problems.append(f"draft_vocab_size {sizes.draft_vocab_size} outside 2..{sizes.vocab_size}")
         if problems:

@@ -212,14 +212,57 @@ class SpAFModel(nn.Module):
         return self.arch.final_norm(self.base)(hidden)
 
     def adapt(
-        self, hidden: torch.Tensor, exit_layer: int | None = None, prev_top: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        exit_layer: int | None = None,
+        prev_top: torch.Tensor | None = None,
+        offset: int = 0,
+        context: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: StackKVCache | None = None,
     ) -> torch.Tensor:
-        """``a(h, f)``: the adapter on cutoff states (``prev_top``: see spaf_edge.modules.drafters). [..., H]"""
-        return self.adapters[str(exit_layer or self.cutoff)](hidden, prev_top)
+        """``a(h, f)``: the adapter on cutoff states [B, S, H] at positions ``offset ..``. -> [B, S, H]
+
+        ``prev_top``: see spaf_edge.modules.drafters. ``context`` (from :meth:`adapter_context`)
+        and ``cache`` only matter to kinds that attend across positions.
+        """
+        adapter = self.adapters[str(exit_layer or self.cutoff)]
+        if not getattr(adapter, "attends", False):
+            return adapter(hidden, prev_top)
+        return adapter(hidden, prev_top, self.rope(hidden, offset), context, offset, cache)
+
+    def adapter_context(
+        self, hidden: torch.Tensor, prev_top: torch.Tensor, exit_layer: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Exact keys/values of positions ``0 .. S-1`` for an attending adapter (None for others).
+
+        hidden, prev_top: [B, S, H] (exact cutoff states and previous top states).
+        """
+        adapter = self.adapters[str(exit_layer or self.cutoff)]
+        if not getattr(adapter, "attends", False):
+            return None
+        return adapter.context(hidden, prev_top, self.rope(hidden, 0))
+
+    def rope(self, hidden: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base's rotary cos/sin for positions ``offset .. offset+S-1``. hidden: [B, S, H] -> 2 x [B, S, d]"""
+        batch, length = hidden.shape[:2]
+        positions = torch.arange(offset, offset + length, device=hidden.device).unsqueeze(0).expand(batch, -1)
+        return self.arch.rotary(self.base)(hidden, positions)
 
     def reads_top_state(self, exit_layer: int | None = None) -> bool:
         """Whether the exit's adapter reads the previous top state (its export then has a ``prev_top`` input)."""
         return bool(getattr(self.adapters[str(exit_layer or self.cutoff)], "reads_top_state", False))
+
+    def attends(self, exit_layer: int | None = None) -> bool:
+        """Whether the exit's adapter attends across positions (it then keeps a KV cache of its own)."""
+        return bool(getattr(self.adapters[str(exit_layer or self.cutoff)], "attends", False))
+
+    def new_adapter_cache(self, max_length: int, exit_layer: int | None = None) -> StackKVCache | None:
+        """The KV cache of an attending adapter (None for other kinds)."""
+        adapter = self.adapters[str(exit_layer or self.cutoff)]
+        if not getattr(adapter, "attends", False):
+            return None
+        param = next(self.base.parameters())
+        return StackKVCache(range(1), adapter.num_heads, adapter.head_dim, max_length, param.dtype, param.device)
 
     def draft_logits(
         self, hidden: torch.Tensor, exit_layer: int | None = None, prev_top: torch.Tensor | None = None
@@ -228,13 +271,18 @@ class SpAFModel(nn.Module):
         return self.draft_step(hidden, exit_layer, prev_top)[0]
 
     def draft_step(
-        self, hidden: torch.Tensor, exit_layer: int | None = None, prev_top: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        exit_layer: int | None = None,
+        prev_top: torch.Tensor | None = None,
+        offset: int = 0,
+        cache: StackKVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draft logits [..., V_d] and the drafted top state ``final_norm(a(h, f))`` [..., H].
 
         The top state feeds the next chained draft step as its ``prev_top``.
         """
-        top = self.top_state(self.adapt(hidden, exit_layer, prev_top))
+        top = self.top_state(self.adapt(hidden, exit_layer, prev_top, offset, cache=cache))
         return self.lm_head_rows(top, self.draft_vocab), top
 
     def lm_head_rows(self, normed: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -89,6 +89,27 @@ def test_fused_adapter_graph_parity(tmp_path):
     assert {e.graph for e in check_graphs(model, folder).failures} == {"draft_head"}
 
 
+def test_attention_adapter_graph_parity(tmp_path):
+    """The attention adapter's draft head takes rows with its own KV cache; parity over cached chunks."""
+    config = SpAFConfig(cutoff_layer=2, adapter_kind="attention", adapter_dim_ratio=1.0)
+    model = make_tiny_spaf("llama", spaf_config=config, **EXPORTABLE)
+    folder = export_model(model, tmp_path / "out", max_length=MAX_LENGTH, progress=False)
+    manifest = Manifest.load(folder)
+    assert manifest.reads_top_state and manifest.adapter_attention == {"num_heads": 2, "head_dim": 16}
+    inputs, outputs = graph_io(folder, io_names.DRAFT_HEAD_GRAPH)
+    (past_k, past_v, present_k, present_v), = io_names.kv_names([io_names.ADAPTER_KV])
+    assert inputs == [io_names.DRAFT_HIDDEN, io_names.PREV_TOP, io_names.SEQLENS_K, io_names.TOTAL_SEQUENCE_LENGTH,
+                      past_k, past_v]
+    assert outputs == [io_names.DRAFT_LOGITS, io_names.DRAFTED_TOP, present_k, present_v]
+    report = check_graphs(model, folder)
+    assert report.passed, report.summary()
+    assert report.worst("draft_head", io_names.DRAFT_LOGITS)["max_rel"] <= 1e-4
+    # the check has power on the attention path: wrong keys fail it
+    with torch.no_grad():
+        model.adapters["2"].qkv.weight.mul_(1.5)
+    assert {e.graph for e in check_graphs(model, folder).failures} == {"draft_head"}
+
+
 def test_graph_io(llama_export):
     """v4 layout: lower and drafter take embedding rows (no graph gathers from the table); no draft head in
     lower; upper emits top states and logits of its last num_logits positions; the drafter is the

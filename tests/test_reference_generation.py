@@ -275,3 +275,69 @@ def test_fused_drafts_read_the_exact_top_state_after_a_rejection():
         assert next_draft.tokens == [int(expected_logits[0, -1].argmax())]
         state.lower.rewind_to(state.position)  # undo the probe's lower-stack step
     assert rejected > 0
+
+
+# ---- an adapter that attends across positions ------------------------------------
+def attention_spaf(model_type: str = "llama", seed: int = 0) -> SpAFModel:
+    """A tiny SpAF model whose adapter attends over earlier positions (random weights, its own KV cache)."""
+    return make_tiny_spaf(model_type, seed, spaf_config=SpAFConfig(cutoff_layer=2, adapter_kind="attention",
+                                                                   adapter_dim_ratio=1.0))
+
+
+@pytest.mark.parametrize("num_drafts,transition", [(1, 1), (4, 1), (5, 2)])
+def test_attention_adapter_greedy_equals_hf_generate(model_type, num_drafts, transition):
+    model = attention_spaf(model_type)
+    for prompt in PROMPTS + ([9],):  # a one-token prompt: an empty adapter cache at the first draft
+        expected = hf_greedy(model.base, prompt, NEW_TOKENS)
+        result = greedy(model, prompt, num_draft_tokens=num_drafts, serial_parallel_transition=transition)
+        assert result.tokens == expected
+
+
+@torch.no_grad()
+def test_attention_adapter_cache_holds_exact_entries_after_commit():
+    """After every commit the first draft's distribution equals the adapter on exact states only
+    (the training path): drafted chain entries are dropped and newly exact positions recomputed."""
+    model = attention_spaf(seed=3)
+    params = SamplingParams(temperature=1.0)
+    rng = np.random.default_rng(0)
+    state = prefill(model, PROMPTS[0], 80)
+    rejected = 0
+    for step in range(8):
+        draft = spaf_draft(model, state, 4, 1 + step % 2, params, rng)
+        target = logits_to_probs(spaf_verify(model, state, draft), params)
+        accepted, bonus = accept(draft.tokens, draft.probs, target, params, rng)
+        rejected += accepted < len(draft.tokens)
+        commit(state, draft, accepted, bonus)
+        hidden = model.base_features(torch.tensor([state.tokens]))
+        previous = torch.nn.functional.pad(hidden[-1][:, :-1], (0, 0, 1, 0))
+        adapted = model.adapt(hidden[2], prev_top=previous, context=model.adapter_context(hidden[2], previous))
+        expected = torch.softmax(model.lm_head_rows(model.top_state(adapted))[0, -1].double(), -1).numpy()
+        length, rows = state.adapter.length, list(state.adapter_rows)
+        probe = spaf_draft(model, state, 1, 1, params, np.random.default_rng(1))
+        np.testing.assert_allclose(probe.probs[0], expected, atol=1e-6)
+        state.lower.rewind_to(state.position)  # undo the probe
+        state.adapter.rewind_to(length)
+        state.adapter_rows = rows
+    assert rejected > 0
+
+
+@torch.no_grad()
+def test_attention_training_path_is_the_decoding_path():
+    """``adapt(..., context=...)`` at offset r equals the cached path with exact entries before each query
+    and the query's own (drafted) input: the training approximation of a draft chain, position by position."""
+    model = attention_spaf(seed=1)
+    ids = torch.tensor([PROMPTS[0] + [4, 8, 15]])
+    hidden = model.base_features(ids)
+    exact, previous = hidden[2], torch.nn.functional.pad(hidden[-1][:, :-1], (0, 0, 1, 0))
+    context = model.adapter_context(exact, previous)
+    step = 2
+    drafted = exact[:, step:] + 0.3 * torch.randn_like(exact[:, step:])  # stand-ins for pseudo states
+    drafted_prev = previous[:, step:] + 0.3 * torch.randn_like(previous[:, step:])
+    batched = model.adapt(drafted, prev_top=drafted_prev, offset=step, context=context)
+    for index in range(drafted.shape[1]):
+        position = step + index
+        cache = model.new_adapter_cache(16)
+        model.adapt(exact[:, :position], prev_top=previous[:, :position], cache=cache)  # exact entries 0 .. t-1
+        one = model.adapt(drafted[:, index:index + 1], prev_top=drafted_prev[:, index:index + 1], offset=position,
+                          cache=cache)
+        torch.testing.assert_close(batched[:, index:index + 1], one, rtol=1e-5, atol=1e-6)

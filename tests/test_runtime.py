@@ -713,3 +713,115 @@ def test_default_model_text_matches_transformers(default_export):
     text = "".join(stream)
     assert text == stream.result.text == model.tokenizer.decode(stream.result.tokens, skip_special_tokens=True)
     assert stream.result.tokens == engine.generate("Write one sentence about the sea.", max_new_tokens=24).tokens
+
+
+# ---- an adapter that attends across positions (its own KV cache) --------------
+def make_attention_spaf(seed: int = 0):
+    """Tiny Llama, attention adapter with random non-zero weights (attention and MLP), identity upper layers."""
+    config = SpAFConfig(cutoff_layer=2, adapter_kind="attention", adapter_dim_ratio=1.0)
+    model = make_tiny_spaf("llama", seed, spaf_config=config, **EXPORTABLE)
+    make_upper_identity(model)
+    adapter = model.adapters["2"]
+    generator = torch.Generator().manual_seed(seed + 5)
+    with torch.no_grad():
+        for norm in (adapter.state_norm, adapter.top_norm, adapter.mlp_norm):
+            norm.weight.fill_(1.0)
+        adapter.qkv.weight.copy_(torch.randn(adapter.qkv.weight.shape, generator=generator) * 0.3)
+        adapter.o.weight.copy_(torch.randn(adapter.o.weight.shape, generator=generator) * 0.002)
+        adapter.inner.weight.copy_(torch.randn(adapter.inner.weight.shape, generator=generator) * 64**-0.5)
+        adapter.inner.bias.zero_()
+        adapter.out.weight.copy_(torch.randn(adapter.out.weight.shape, generator=generator) * 0.005)
+        adapter.out.bias.zero_()
+    return model
+
+
+@pytest.fixture(scope="module")
+def attending(tmp_path_factory):
+    model = make_attention_spaf()
+    assert model.attends()
+    with torch.no_grad():  # what the cache holds changes drafts: earlier positions' entries matter
+        hidden, top = fresh_top_states(model, PROMPTS[0])
+        previous = torch.nn.functional.pad(top[:, :-1], (0, 0, 1, 0))
+        exact = model.adapt(hidden, prev_top=previous, context=model.adapter_context(hidden, previous))
+        other = model.adapt(hidden, prev_top=previous, context=model.adapter_context(hidden.flip(1), previous))
+    assert (exact - other)[:, 1:].abs().amax() > 1e-3
+    return model, export(model, tmp_path_factory.mktemp("rt") / "attention")
+
+
+@pytest.fixture(scope="module")
+def attending_engine(attending):
+    return Engine.from_folder(attending[1])
+
+
+@torch.no_grad()
+def exact_first_draft_logits(model, tokens: list[int]) -> np.ndarray:
+    """The first draft at the pending token of ``tokens`` from exact states only (the training path). [V_d]"""
+    hidden, top = fresh_top_states(model, tokens)
+    previous = torch.nn.functional.pad(top[:, :-1], (0, 0, 1, 0))
+    context = model.adapter_context(hidden, previous)
+    adapted = model.adapt(hidden, prev_top=previous, context=context)
+    return model.lm_head_rows(model.top_state(adapted), model.draft_vocab)[0, -1].numpy()
+
+
+@pytest.mark.parametrize("num_drafts,transition", PAIRS)
+def test_attention_adapter_greedy_equals_reference_and_base(attending, attending_engine, num_drafts, transition):
+    model, _ = attending
+    eos = sorted(attending_engine.eos)
+    accepted = 0
+    for prompt in (*PROMPTS, [9]):  # a one-token prompt: nothing to prefill, an empty adapter cache
+        result = attending_engine.generate(prompt, max_new_tokens=30, num_draft_tokens=num_drafts,
+                                           serial_parallel_transition=transition)
+        reference = torch_greedy(model, prompt, 30, eos, num_draft_tokens=num_drafts,
+                                 serial_parallel_transition=transition)
+        assert result.tokens == reference.tokens == base_greedy(model.base, prompt, 30, eos)
+        assert result.stats.accepted == reference.stats.accepted  # the same drafts, from the same adapter cache
+        accepted += sum(result.stats.accepted)
+    assert accepted > 0
+
+
+def test_attention_adapter_sampling_matches_the_reference_draw_for_draw(attending, attending_engine):
+    model, _ = attending
+    eos = sorted(attending_engine.eos)
+    for seed in range(4):
+        options = dict(temperature=0.8, top_k=20, seed=seed, num_draft_tokens=4,
+                       serial_parallel_transition=1 + seed % 2)
+        result = attending_engine.generate(PROMPTS[seed % 2], max_new_tokens=20, **options)
+        reference = spaf_generate(model, PROMPTS[seed % 2], max_new_tokens=20, eos_token_ids=eos, **options)
+        assert result.tokens == reference.tokens
+        assert result.stats.accepted == reference.stats.accepted
+
+
+@torch.no_grad()
+def test_attention_adapter_cache_is_exact_after_every_commit(attending):
+    """After each commit (rejections included) the first draft equals the adapter run on exact states only:
+    the chain's drafted entries were dropped and the newly exact positions recomputed."""
+    model, folder = attending
+    engine = Engine.from_folder(folder, prefill_chunk=3)  # several prefill chunks
+    decoder = engine.decoder
+    settings = engine.settings(num_draft_tokens=4, serial_parallel_transition=1)
+    result = EngineResult(tokens=[], stats=GenerationStats())
+    rng = np.random.default_rng(0)
+    for _ in decoder.steps(list(PROMPTS[0]) + [4, 8], 24, settings, rng, result):
+        kv_length, queued = decoder.draft_head.kv.length, decoder.adapter_rows
+        first = decoder.draft(1, 1, settings.params, rng)  # probe: one serial draft
+        expected = exact_first_draft_logits(model, decoder.tokens)
+        np.testing.assert_allclose(decoder.buffers.draft_logits[0, 0], expected, rtol=1e-4, atol=1e-5)
+        assert first.tokens == [int(expected.argmax())]
+        # undo the probe: the lower step, the adapter entries it wrote, the rows it consumed
+        decoder.lower.kv.rewind_to(decoder.position)
+        decoder.draft_head.kv.rewind_to(kv_length)
+        decoder.adapter_rows = queued
+    assert any(a < d for a, d in zip(result.stats.accepted, result.stats.drafted))  # rejections happened
+    assert sum(result.stats.accepted) > 0
+
+
+def test_attention_adapter_reuse_cache_and_plain_greedy(attending, attending_engine):
+    """reuse_cache recomputes everything for an attending adapter; plain greedy skips its cache entirely."""
+    first = attending_engine.generate(PROMPTS[0], max_new_tokens=12)
+    follow_up = PROMPTS[0] + first.tokens[:6]
+    options = dict(max_new_tokens=12, temperature=0.8, seed=2)
+    reused = attending_engine.generate(follow_up, reuse_cache=True, **options)
+    fresh = attending_engine.generate(follow_up, **options)
+    assert reused.tokens == fresh.tokens and reused.stats.accepted == fresh.stats.accepted
+    plain = attending_engine.generate(PROMPTS[0], max_new_tokens=12, mode="greedy")
+    assert attending_engine.decoder.draft_head.kv.length == 0 and plain.tokens == first.tokens

@@ -2,7 +2,8 @@
 
 A new adapter or AlignmentHead kind registers its builder here; a kind without one
 cannot be exported and says so. Adapter builders get ``prev_top`` (the graph's top-state
-input) only for kinds whose ``reads_top_state`` is True, else None.
+input) only for kinds whose ``reads_top_state`` is True, else None; builders of attending
+kinds also get ``rotary`` (the cos/sin caches) and ``kv`` (their past/present names).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from collections.abc import Callable
 from torch import nn
 
 from spaf_edge.errors import ConfigError
-from spaf_edge.exporters.graph_builder import GraphBuilder, node_path
-from spaf_edge.exporters.layers import make_module_linear, make_rms_norm, make_silu
+from spaf_edge.exporters.graph_builder import MS_DOMAIN, GraphBuilder, node_path
+from spaf_edge.exporters.layers import make_linear, make_module_linear, make_rms_norm, make_silu
+from spaf_edge.io_names import SEQLENS_K, TOTAL_SEQUENCE_LENGTH
 
 # adapter: builder(b, hidden, prev_top, module, name) -> output
 # AlignmentHead: builder(b, token_embeds, prev_hidden, module, name) -> output
@@ -62,6 +64,38 @@ def make_fused_adapter(b: GraphBuilder, hidden: str, prev_top: str | None, modul
     inner = make_silu(b, make_module_linear(b, x, f"{name}.inner", module.inner), f"{path}/act")
     out = make_module_linear(b, inner, f"{name}.out", module.out)
     (y,) = b.make_node("Add", [hidden, out], f"{path}/residual")
+    return y
+
+
+@_register(ADAPTER_BUILDERS, "attention")
+def make_attention_adapter(
+    b: GraphBuilder, hidden: str, prev_top: str | None, module: nn.Module, name: str,
+    rotary: tuple[str, str], kv: tuple[str, str, str, str],
+) -> str:
+    """Causal attention over the fused inputs, then the fused MLP; hidden, prev_top: [1, S, H] -> [1, S, H].
+
+    One GroupQueryAttention (packed QKV, rotary inside, no head grouping) on the adapter's
+    own KV buffer, which it shares in place between past and present like the stacks.
+    """
+    assert prev_top is not None, "the attention adapter reads the previous top state"
+    path = node_path(name)
+    top = make_rms_norm(b, prev_top, f"{name}.top_norm", module.top_norm.weight, module.top_norm.eps)
+    state = make_rms_norm(b, hidden, f"{name}.state_norm", module.state_norm.weight, module.state_norm.eps)
+    (x,) = b.make_node("Concat", [state, top], f"{path}/Concat", axis=-1)  # [1, S, 2H]
+    qkv = make_module_linear(b, x, f"{name}.qkv", module.qkv)  # [1, S, 3 * heads * head_dim]
+    past_k, past_v, present_k, present_v = kv
+    attn_path = f"{path}/attn/GroupQueryAttention"
+    context, _, _ = b.make_node(
+        "GroupQueryAttention", [qkv, "", "", past_k, past_v, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *rotary],
+        attn_path, domain=MS_DOMAIN, outputs=[f"{attn_path}/output_0", present_k, present_v],
+        num_heads=module.num_heads, kv_num_heads=module.num_heads, scale=float(module.head_dim**-0.5),
+        do_rotary=1, rotary_interleaved=0,
+    )
+    (z,) = b.make_node("Add", [hidden, make_linear(b, context, f"{name}.o", module.o.weight)], f"{path}/attn_residual")
+    mlp_in = make_rms_norm(b, z, f"{name}.mlp_norm", module.mlp_norm.weight, module.mlp_norm.eps)
+    (x,) = b.make_node("Concat", [mlp_in, top], f"{path}/mlp_Concat", axis=-1)
+    inner = make_silu(b, make_module_linear(b, x, f"{name}.inner", module.inner), f"{path}/act")
+    (y,) = b.make_node("Add", [z, make_module_linear(b, inner, f"{name}.out", module.out)], f"{path}/residual")
     return y
 
 

@@ -159,6 +159,13 @@ class GraphPlan:
     def reads_top_state(self) -> bool:
         return self.model.reads_top_state(self.exit_layer)
 
+    @property
+    def adapter_attention(self) -> dict[str, int] | None:
+        """The attending adapter's KV sizes (the manifest's ``adapter_attention``), None for other kinds."""
+        if not self.model.attends(self.exit_layer):
+            return None
+        return {"num_heads": int(self.adapter.num_heads), "head_dim": int(self.adapter.head_dim)}
+
     def draft_head_blocks(self, b: GraphBuilder) -> list[tuple[str, str | None]]:
         """LM-head rows of the draft vocabulary (the full, shared head when there is none).
 
@@ -238,19 +245,41 @@ def build_draft_head(plan: GraphPlan) -> GraphBuilder:
     """One draft step's head: ``f' = final_norm(a(h̄, f))`` and ``head_rows(f')`` over the draft vocabulary.
 
     Inputs ``draft_hidden`` [1, 1, H] and, for adapters that read it, ``prev_top`` [1, 1, H];
-    outputs ``draft_logits`` float32 [1, 1, V_d] and ``drafted_top`` [1, 1, H].
+    outputs ``draft_logits`` float32 [1, 1, V_d] and ``drafted_top`` [1, 1, H]. An attending
+    adapter takes [1, S, H] rows at the positions after its KV cache's (the GroupQueryAttention
+    length inputs and ``past/present`` of :data:`io_names.ADAPTER_KV`, shared in place like
+    the stacks'); the outputs are its last row's.
     """
     b = plan.new_builder("spaf_draft_head")
     hidden_size = plan.config.hidden_size
-    hidden = b.input(io_names.DRAFT_HIDDEN, b.float_type, [1, 1, hidden_size])
-    prev_top = b.input(io_names.PREV_TOP, b.float_type, [1, 1, hidden_size]) if plan.reads_top_state else None
+    attention = plan.adapter_attention
+    rows = "sequence_length" if attention else 1
+    hidden = b.input(io_names.DRAFT_HIDDEN, b.float_type, [1, rows, hidden_size])
+    prev_top = b.input(io_names.PREV_TOP, b.float_type, [1, rows, hidden_size]) if plan.reads_top_state else None
+    extra = {}
+    if attention:
+        kv_shape = [1, attention["num_heads"], plan.max_length, attention["head_dim"]]
+        b.input(io_names.SEQLENS_K, TensorProto.INT32, [1])
+        b.input(io_names.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])
+        names = io_names.kv_names([io_names.ADAPTER_KV])
+        for past_k, past_v, _, _ in names:
+            b.input(past_k, b.float_type, kv_shape)
+            b.input(past_v, b.float_type, kv_shape)
+        rotary = make_rotary_caches(b, plan.model.arch.rotary(plan.base), attention["head_dim"], plan.max_length)
+        extra = {"rotary": rotary, "kv": names[0]}
     adapted = builder_for(ADAPTER_BUILDERS, plan.adapter, "adapter")(
-        b, hidden, prev_top, plan.adapter, f"spaf.adapters.{plan.exit_layer}"
+        b, hidden, prev_top, plan.adapter, f"spaf.adapters.{plan.exit_layer}", **extra
     )
+    if attention:
+        adapted = make_last_rows(b, adapted, b.int64s("/spaf/draft_head/one_row", [1]), "/spaf/draft_head/last_row")
     make_rms_norm(b, adapted, FINAL_NORM, plan.model.arch.final_norm(plan.base).weight, plan.eps,
                   output=io_names.DRAFTED_TOP)
     make_lm_head(b, io_names.DRAFTED_TOP, "/spaf/draft_head", plan.draft_head_blocks(b), plan.draft_vocab_size,
                  io_names.DRAFT_LOGITS)
     b.output(io_names.DRAFT_LOGITS, TensorProto.FLOAT, [1, 1, plan.draft_vocab_size])
     b.output(io_names.DRAFTED_TOP, b.float_type, [1, 1, hidden_size])
+    if attention:
+        for _, _, present_k, present_v in io_names.kv_names([io_names.ADAPTER_KV]):
+            b.output(present_k, b.float_type, kv_shape)
+            b.output(present_v, b.float_type, kv_shape)
     return b

@@ -3,6 +3,12 @@
 Batch 1 only (asserted). The acceptance rule is :mod:`spaf_edge.sampling`, shared with
 the ONNX Runtime engine. State between steps: committed tokens ``x_0 .. x_T``; both KV
 caches hold positions ``0 .. T-1``; ``x_T`` is pending.
+
+An attending adapter keeps a KV cache of its own, exact up to its length. The first
+draft of a step (re)computes the positions that became exact since the last one (their
+cutoff and previous top states come from the verify pass, kept as ``adapter_rows``) and
+the pending token's; later drafts of the chain append drafted entries, which commit
+drops again.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ class DecodeState:
     lower: StackKVCache
     upper: StackKVCache
     top: torch.Tensor | None = None  # exact top state of position T-1: [1, 1, H] (None when T == 0)
+    adapter: StackKVCache | None = None  # an attending adapter's cache: exact entries 0 .. length-1
+    # (h(t), f(t-1)), [1, 1, H] each, for t = adapter.length .. T-1: exact states not yet in the adapter cache
+    adapter_rows: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @property
     def pending(self) -> int:
@@ -45,6 +54,7 @@ class Draft:
     probs: list[np.ndarray] = field(default_factory=list)  # q_j over the full vocabulary
     exact_hidden: list[torch.Tensor] = field(default_factory=list)  # h(T .. T+e-1): [1, 1, H] each
     verified_top: torch.Tensor | None = None  # top states of T .. T+D from the verify pass: [1, D+1, H]
+    verified_hidden: torch.Tensor | None = None  # cutoff states of T .. T+D: [1, D+1, H]
 
 
 @dataclass
@@ -74,11 +84,15 @@ def prefill(model: SpAFModel, prompt: Sequence[int], max_length: int) -> DecodeS
         tokens=list(prompt),
         lower=model.new_cache(model.lower_layer_ids(), max_length),
         upper=model.new_cache(model.upper_layer_ids(), max_length),
+        adapter=model.new_adapter_cache(max_length),
     )
     if len(prompt) > 1:
         ids = torch.tensor([list(prompt[:-1])], device=model.base_device)  # [1, P-1]
         hidden = model.run_layers(model.embed(ids), state.lower)
-        state.top = model.top_state(model.run_layers(hidden, state.upper))[:, -1:]
+        tops = model.top_state(model.run_layers(hidden, state.upper))  # [1, P-1, H]
+        state.top = tops[:, -1:]
+        if state.adapter is not None:
+            model.adapt(hidden, prev_top=torch.nn.functional.pad(tops[:, :-1], (0, 0, 1, 0)), cache=state.adapter)
     return state
 
 
@@ -120,7 +134,10 @@ def spaf_draft(
         else:
             ids = torch.tensor([[token]], device=model.base_device)
             hidden_bar = model.align(ids, hidden_bar)  # pseudo ĥ(T+j-1)
-        logits, prev_top = model.draft_step(hidden_bar, prev_top=prev_top)
+        if state.adapter is None:
+            logits, prev_top = model.draft_step(hidden_bar, prev_top=prev_top)
+        else:
+            logits, prev_top = _adapter_draft_step(model, state, hidden_bar, prev_top, first=j == 1)
         logits = logits[0, -1]  # [V_d]
         q = _draft_distribution(model, logits, params, vocab_size)
         if stop_threshold is not None:
@@ -133,6 +150,23 @@ def spaf_draft(
     return draft
 
 
+def _adapter_draft_step(
+    model: SpAFModel, state: DecodeState, hidden: torch.Tensor, prev_top: torch.Tensor | None, first: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attending adapter's draft step at the adapter cache's next position; the first also
+    computes the pending exact positions before it. Returns logits [1, S, V_d] and the last top [1, 1, H]."""
+    if prev_top is None:
+        prev_top = torch.zeros_like(hidden)
+    rows = state.adapter_rows + [(hidden, prev_top)] if first else [(hidden, prev_top)]
+    offset = state.adapter.length
+    hidden_rows = torch.cat([h for h, _ in rows], dim=1)  # [1, S, H]
+    prev_rows = torch.cat([f for _, f in rows], dim=1)  # [1, S, H]
+    logits, tops = model.draft_step(hidden_rows, prev_top=prev_rows, offset=offset, cache=state.adapter)
+    if first:
+        state.adapter_rows = []
+    return logits, tops[:, -1:]
+
+
 @torch.no_grad()
 def spaf_verify(model: SpAFModel, state: DecodeState, draft: Draft) -> np.ndarray:
     """One batched target pass over positions ``T .. T+D``. Returns logits [D+1, V] (float32)."""
@@ -143,6 +177,7 @@ def spaf_verify(model: SpAFModel, state: DecodeState, draft: Draft) -> np.ndarra
         ids = torch.tensor([sequence[exact:]], device=model.base_device)  # [1, D+1-e]
         pieces.append(model.run_layers(model.embed(ids), state.lower))
     hidden = torch.cat(pieces, dim=1)  # [1, D+1, H]
+    draft.verified_hidden = hidden
     draft.verified_top = model.top_state(model.run_layers(hidden, state.upper))
     return model.lm_head_rows(draft.verified_top)[0].float().cpu().numpy()
 
@@ -151,6 +186,14 @@ def commit(state: DecodeState, draft: Draft, num_accepted: int, bonus: int) -> l
     """Append the accepted drafts and the bonus; cut both caches back to the valid length."""
     new = draft.tokens[:num_accepted] + [bonus]
     valid = state.position + num_accepted + 1  # positions T .. T+n now hold accepted tokens
+    if state.adapter is not None:
+        # Exact from here on: positions T .. T+n, reading f(T-1) then the verify pass's tops.
+        state.adapter.rewind_to(min(state.adapter.length, state.position + 1))
+        tops = torch.cat([state.top if state.top is not None else torch.zeros_like(draft.verified_top[:, :1]),
+                          draft.verified_top], dim=1)  # f(T-1 .. T+D)
+        for position in range(state.adapter.length + len(state.adapter_rows), valid):
+            row = position - state.position
+            state.adapter_rows.append((draft.verified_hidden[:, row:row + 1], tops[:, row:row + 1]))
     state.tokens.extend(new)
     if draft.verified_top is not None:
         state.top = draft.verified_top[:, num_accepted:num_accepted + 1]  # top state of T+n, before the bonus

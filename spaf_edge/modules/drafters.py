@@ -9,6 +9,10 @@ state (the base's post-final-norm hidden state, what the LM head reads) of the p
 before ``hidden``'s: exact after a verify pass, or the drafter's own estimate
 ``final_norm(a(...))`` of the previous draft step while drafting chains. Kinds whose
 ``reads_top_state`` is False ignore it (and their exported graphs have no such input).
+
+Kinds whose ``attends`` is True also mix positions: they take the rotary ``rope`` of
+their positions and either a ``context`` (exact keys/values of the whole sequence, in
+training) or a KV ``cache`` (while decoding); see :class:`AttentionAdapter`.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
 
     reads_top_state = False
+    attends = False
 
     def forward(self, hidden: torch.Tensor, prev_top: torch.Tensor | None = None) -> torch.Tensor:
         # hidden: [..., H] -> [..., H]; prev_top is not used by this kind
@@ -93,6 +98,7 @@ class FusedAdapter(nn.Module):
     """
 
     reads_top_state = True
+    attends = False
 
     def __init__(self, config: SpAFConfig, base_config: Any) -> None:
         super().__init__()
@@ -111,6 +117,113 @@ class FusedAdapter(nn.Module):
             prev_top = torch.zeros_like(hidden)
         x = torch.cat([self.state_norm(hidden), self.top_norm(prev_top)], dim=-1)
         return hidden + self.out(nn.functional.silu(self.inner(x)))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotary embedding, halves not interleaved (the Llama convention). x: [B, h, S, d]; cos, sin: [B, S, d]."""
+    cos, sin = (t.unsqueeze(1).to(x.dtype) for t in rope)
+    return x * cos + rotate_half(x) * sin
+
+
+@register(ADAPTER_KINDS, "attention")
+class AttentionAdapter(nn.Module):
+    """The fused adapter after one causal attention block over the fused inputs (as in Kangaroo).
+
+    ``x(t) = [norm(h(t)), norm(f(t-1))]``; ``z = h + W_o · attn(RoPE(W_q x), RoPE(W_k x), W_v x)``;
+    ``a = z + W_2 · silu(W_1 · [norm(z), norm(f)] + b_1) + b_2``. The attention lets the drafter
+    look back at earlier positions (copying, long-range agreement) that a per-position
+    MLP cannot see. Heads: the base's ``num_key_value_heads`` (no grouping), the base's
+    head size and rotary embedding. ``W_o`` and ``W_2`` start at zero (plain early exit).
+
+    Keys and values of a position come from its fused input. While decoding they live in
+    a KV cache: exact for committed positions (the engine recomputes a position once its
+    exact state is known), drafted for the positions of the current draft chain. In
+    training (``context``) every earlier position's keys are the exact ones and only the
+    query's own key comes from its (possibly drafted) input: the chain's few drafted
+    entries are approximated by exact ones.
+    """
+
+    reads_top_state = True
+    attends = True
+
+    def __init__(self, config: SpAFConfig, base_config: Any) -> None:
+        super().__init__()
+        hidden = base_config.hidden_size
+        eps = base_config.rms_norm_eps
+        self.num_heads = base_config.num_key_value_heads
+        self.head_dim = getattr(base_config, "head_dim", None) or hidden // base_config.num_attention_heads
+        inner = max(1, round(config.adapter_dim_ratio * hidden))
+        self.state_norm = RMSNorm(hidden, eps)
+        self.top_norm = RMSNorm(hidden, eps)
+        self.mlp_norm = RMSNorm(hidden, eps)
+        self.qkv = nn.Linear(2 * hidden, 3 * self.num_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.inner = nn.Linear(2 * hidden, inner)
+        self.out = nn.Linear(inner, hidden)
+        nn.init.normal_(self.qkv.weight, std=(2 * hidden) ** -0.5)
+        for layer in (self.o, self.out):
+            nn.init.zeros_(layer.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def project(
+        self, hidden: torch.Tensor, prev_top: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, rotated keys and values. hidden, prev_top: [B, S, H] -> 3 x [B, h, S, d]"""
+        x = torch.cat([self.state_norm(hidden), self.top_norm(prev_top)], dim=-1)
+        batch, length, _ = hidden.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return apply_rope(q, rope), apply_rope(k, rope), v
+
+    def context(
+        self, hidden: torch.Tensor, prev_top: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact keys and values of a whole sequence (positions 0 .. S-1), for training. -> 2 x [B, h, S, d]"""
+        _, k, v = self.project(hidden, prev_top, rope)
+        return k, v
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        prev_top: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        context: tuple[torch.Tensor, torch.Tensor] | None = None,
+        offset: int = 0,
+        cache: Any = None,
+    ) -> torch.Tensor:
+        """hidden, prev_top: [B, S, H] at positions ``offset .. offset+S-1`` -> [B, S, H].
+
+        With ``context`` (exact keys/values of positions ``0 ..``), query ``i`` reads the
+        context's positions before its own and its own key/value. With ``cache`` (a batch-1
+        :class:`~spaf_edge.generation.kv_cache.StackKVCache` of one layer, ``length == offset``),
+        the new keys/values are written at ``offset ..`` and the queries read the cache causally.
+        """
+        if prev_top is None:
+            prev_top = torch.zeros_like(hidden)
+        q, k, v = self.project(hidden, prev_top, rope)
+        scale = self.head_dim**-0.5
+        queries = torch.arange(offset, offset + hidden.shape[1], device=hidden.device)  # [S]
+        if cache is not None:
+            keys, values = cache.update(k, v, 0)  # [1, h, offset+S, d]
+            cache.advance(hidden.shape[1])
+            blocked = torch.arange(keys.shape[2], device=hidden.device)[None, :] > queries[:, None]
+            scores = (q @ keys.transpose(-1, -2) * scale).masked_fill(blocked, float("-inf"))
+            mixed = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ values
+        else:
+            keys, values = context if context is not None else (k, v)
+            before = torch.arange(keys.shape[2], device=hidden.device)[None, :] < queries[:, None]  # [S, S_ctx]
+            scores = (q @ keys.transpose(-1, -2) * scale).masked_fill(~before, float("-inf"))
+            own = (q * k).sum(-1, keepdim=True) * scale  # [B, h, S, 1]
+            weights = torch.softmax(torch.cat([scores, own], dim=-1).float(), dim=-1).to(v.dtype)
+            mixed = weights[..., :-1] @ values + weights[..., -1:] * v
+        batch, _, length, _ = mixed.shape
+        z = hidden + self.o(mixed.transpose(1, 2).reshape(batch, length, -1))
+        x = torch.cat([self.mlp_norm(z), self.top_norm(prev_top)], dim=-1)
+        return z + self.out(nn.functional.silu(self.inner(x)))
 
 
 @register(ALIGNMENT_HEAD_KINDS, "mlp")

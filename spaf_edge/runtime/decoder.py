@@ -17,6 +17,12 @@ holds the exact top state of position ``T-1`` (kept from the last upper call: th
 prefill row, or verify row ``n`` at commit; zeros for a one-token prompt), and draft step
 ``j`` reads row ``j-1`` and writes its drafted top state into row ``j``, as the reference
 chains ``prev_top``. Batch 1.
+
+An attending adapter (the draft head has a KV cache) keeps exact entries for committed
+positions, as the reference does: ``commit`` copies the cutoff state and previous top
+state of every newly exact position into the ``adapter_hidden``/``adapter_prev`` rows,
+and the first draft of the next step runs the draft head on those rows plus the pending
+token's, in one call. Prefill fills the cache chunk by chunk; plain greedy mode skips it.
 """
 
 from __future__ import annotations
@@ -100,6 +106,8 @@ class HostBuffers:
         self.logits = HostBuffer((1, logit_rows, vocab_size), np.float32)  # [1, R_l, V]
         self.top_hidden = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: the upper call's top states
         self.prev_tops = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: f(T-1), then drafted tops
+        self.adapter_hidden = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: h of positions an attending
+        self.adapter_prev = HostBuffer((1, rows, hidden_size), dtype)  # adapter has to (re)compute, and their f(t-1)
         self.draft_logits = np.zeros((1, 1, draft_vocab_size), dtype=np.float32)  # [1, 1, V_d]
         self.draft_logits_value = ort.OrtValue.ortvalue_from_numpy(self.draft_logits)  # bound once
         self.token_embeds = np.zeros((1, 1, hidden_size), dtype=dtype)  # [1, 1, H]: the drafter's e(d_{j-1})
@@ -110,7 +118,8 @@ class HostBuffers:
 
     def ensure_rows(self, rows: int, logit_rows: int = 0) -> None:
         """Grow the row buffers to ``rows``, the logits to ``logit_rows`` (between generations: contents dropped)."""
-        names = ("embeds", "hidden", "pseudo", "top_hidden", "prev_tops") if rows > self.rows else ()
+        names = ("embeds", "hidden", "pseudo", "top_hidden", "prev_tops", "adapter_hidden", "adapter_prev")
+        names = names if rows > self.rows else ()
         names += ("logits",) if logit_rows > self.logits.rows else ()
         for name in names:
             old: HostBuffer = getattr(self, name)
@@ -141,6 +150,9 @@ class Decoder:
         self.prefill_chunk = prefill_chunk
         self.max_length = lower.kv.max_length
         self.tokens: list[int] = []  # committed x_0 .. x_T of the current generation
+        self.attends = draft_head.kv is not None  # the adapter keeps a KV cache of its own
+        self.adapter_rows = 0  # rows of adapter_hidden/adapter_prev waiting for the next first draft
+        self.drafting = True  # False in plain greedy mode: the adapter's cache is not kept
 
     @property
     def position(self) -> int:
@@ -165,7 +177,8 @@ class Decoder:
         """Generate into ``result``, yielding the tokens each verify step commits."""
         stats, params = result.stats, settings.params
         drafts = settings.num_draft_tokens if settings.mode == "spaf" else 0
-        self.buffers.ensure_rows(drafts + 1, logit_rows=drafts + 1)
+        self.drafting = settings.mode == "spaf"
+        self.buffers.ensure_rows(drafts + 2, logit_rows=drafts + 1)  # + 1: an attending adapter's pending row
         start = time.perf_counter()
         self.prefill(prompt_ids, reuse_cache)
         stats.prefill_seconds = time.perf_counter() - start
@@ -199,20 +212,26 @@ class Decoder:
         With ``reuse_cache``, cached rows of the previous tokens that the prompt starts with are
         kept, except the last prompt row: it is recomputed for its top state (the first draft's
         ``prev_top``). The exact top state of ``T-1`` ends in ``prev_tops`` row 0 (zeros when
-        the prompt has one token).
+        the prompt has one token). An attending adapter's entries need every position's previous
+        top state, which is not kept: with one, nothing is reused.
         """
         body = prompt_ids[:-1]
-        keep = common_prefix(self.tokens[: self.position], body) if reuse_cache else 0
+        keep = common_prefix(self.tokens[: self.position], body) if reuse_cache and not self.attends else 0
         keep = max(0, min(keep, len(body) - 1))
         self.lower.kv.rewind_to(min(keep, self.lower.kv.length))
         self.upper.kv.rewind_to(min(keep, self.upper.kv.length))
         self.tokens = list(prompt_ids)
         self.buffers.ensure_rows(min(len(body), self.prefill_chunk))
         self.buffers.prev_tops.array[:, 0] = 0  # no position before x_0: the reference's zeros
+        if self.attends:
+            self.draft_head.kv.rewind_to(0)
+            self.adapter_rows = 0
         for begin in range(self.lower.kv.length, len(body), self.prefill_chunk):
             chunk = body[begin:begin + self.prefill_chunk]
             self._run_lower(chunk, row=0)
             self._run_upper(len(chunk), num_logits=0)  # prefill needs top states only: no LM head
+            if self.attends and self.drafting:
+                self._adapt_prefill(len(chunk))
             self._keep_top(len(chunk) - 1)
 
     def draft(
@@ -240,7 +259,10 @@ class Decoder:
                 source = buffers.hidden if j - 1 == serial_parallel_transition else buffers.pseudo
                 self.drafter.run(source.view(j - 2, j - 1), buffers.pseudo.view(j - 1, j))  # ĥ(T+j-1)
                 hidden = buffers.pseudo.view(j - 1, j)
-            self.draft_head.run(hidden, buffers.prev_tops.view(j - 1, j), buffers.prev_tops.view(j, j + 1))
+            if self.attends and j == 1:
+                self._adapt_first(hidden)
+            else:
+                self.draft_head.run(hidden, buffers.prev_tops.view(j - 1, j), buffers.prev_tops.view(j, j + 1))
             logits = buffers.draft_logits[0, 0]  # [V_d]
             q = self.draft_distribution(logits, params)
             if stop_threshold is not None:
@@ -266,6 +288,8 @@ class Decoder:
         """
         new = [*draft.tokens[:num_accepted], bonus]
         valid = self.position + num_accepted + 1  # positions T .. T+n now hold accepted tokens
+        if self.attends and self.drafting:
+            self._queue_exact_rows(valid)
         self.tokens.extend(new)
         self._keep_top(num_accepted)
         self.lower.kv.rewind_to(valid)
@@ -297,6 +321,38 @@ class Decoder:
         self.upper.run(buffers.hidden.view(0, new), new, buffers.logits.view(0, num_logits),
                        buffers.top_hidden.view(0, new), num_logits)
         return buffers.logits.array[0, :num_logits]
+
+    # ---- an attending adapter's cache ------------------------------------
+    def _adapt_prefill(self, new: int) -> None:
+        """Adapter entries of the prefill chunk in hidden rows ``0 .. new-1``, each reading its previous top state."""
+        buffers = self.buffers
+        buffers.adapter_prev.array[:, 0] = buffers.prev_tops.array[:, 0]  # f of the position before the chunk
+        buffers.adapter_prev.array[:, 1:new] = buffers.top_hidden.array[:, :new - 1]
+        self.draft_head.run(buffers.hidden.view(0, new), buffers.adapter_prev.view(0, new),
+                            buffers.prev_tops.view(1, 2), new)  # its draft is not used: row 1 is scratch here
+
+    def _adapt_first(self, hidden: ort.OrtValue) -> None:
+        """The first draft: the queued exact rows and the pending token's (hidden and prev_tops row 0), one call."""
+        buffers, rows = self.buffers, self.adapter_rows
+        buffers.adapter_hidden.array[:, rows] = buffers.hidden.array[:, 0]
+        buffers.adapter_prev.array[:, rows] = buffers.prev_tops.array[:, 0]
+        self.draft_head.run(buffers.adapter_hidden.view(0, rows + 1), buffers.adapter_prev.view(0, rows + 1),
+                            buffers.prev_tops.view(1, 2), rows + 1)
+        self.adapter_rows = 0
+
+    def _queue_exact_rows(self, valid: int) -> None:
+        """At commit (before ``_keep_top``): drop the chain's drafted entries and queue positions ``.. valid-1``.
+
+        Verify rows ``r`` hold ``h(T+r)`` and ``f(T+r)``; ``prev_tops`` row 0 still holds ``f(T-1)``.
+        """
+        buffers, kv, start = self.buffers, self.draft_head.kv, self.position
+        kv.rewind_to(min(kv.length, start + 1))
+        for position in range(kv.length + self.adapter_rows, valid):
+            row, rows = position - start, self.adapter_rows
+            buffers.adapter_hidden.array[:, rows] = buffers.hidden.array[:, row]
+            previous = buffers.prev_tops.array[:, 0] if row == 0 else buffers.top_hidden.array[:, row - 1]
+            buffers.adapter_prev.array[:, rows] = previous
+            self.adapter_rows += 1
 
     def _keep_top(self, row: int) -> None:
         """The last upper call's top state of ``row`` becomes the exact top state of ``T-1`` (H values)."""

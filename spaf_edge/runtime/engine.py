@@ -21,6 +21,7 @@ import numpy as np
 from spaf_edge.config import validate_drafting
 from spaf_edge.errors import ConfigError, ContextLengthError, ExportFormatError
 from spaf_edge.io_names import (
+    ADAPTER_KV,
     DRAFT_HEAD_GRAPH,
     DRAFT_VOCAB,
     DRAFTER_GRAPH,
@@ -110,11 +111,17 @@ class Engine:
             return KVCache(layers, sizes.num_kv_heads, sizes.head_dim, sizes.max_length, dtype, chosen.device)
 
         k = manifest.cutoff_layer
+        attention = manifest.adapter_attention
+        adapter_kv = None
+        if attention:  # the attending adapter's own cache, beside the stacks'
+            adapter_kv = KVCache([ADAPTER_KV], attention["num_heads"], attention["head_dim"], sizes.max_length, dtype,
+                                 chosen.device)
         decoder = Decoder(
             LowerGraph(sessions[LOWER_GRAPH], cache(range(0, k))),
             UpperGraph(sessions[UPPER_GRAPH], cache(range(k, sizes.num_layers))),
             DrafterGraph(sessions[DRAFTER_GRAPH], buffers.token_embeds),
-            DraftHeadGraph(sessions[DRAFT_HEAD_GRAPH], buffers.draft_logits_value, manifest.reads_top_state),
+            DraftHeadGraph(sessions[DRAFT_HEAD_GRAPH], buffers.draft_logits_value, manifest.reads_top_state,
+                           adapter_kv),
             EmbeddingTable(folder / EMBEDDINGS, sizes.vocab_size, sizes.hidden_size, dtype),
             buffers, sizes.vocab_size, load_draft_vocab(folder, manifest), frozenset(manifest.eos_token_ids),
             prefill_chunk,

@@ -133,22 +133,36 @@ class DrafterGraph:
 
 
 class DraftHeadGraph:
-    """One draft step's head: ``f' = final_norm(a(h̄, f))`` and its draft logits. No KV cache.
+    """One draft step's head: ``f' = final_norm(a(h̄, f))`` and its draft logits.
 
     ``reads_top_state``: the graph has a ``prev_top`` input (the adapter reads ``f``);
-    otherwise ``prev_top`` passed to :meth:`run` is ignored.
+    otherwise ``prev_top`` passed to :meth:`run` is ignored. ``kv``: the KV cache of an
+    attending adapter (None for other kinds); the graph then takes rows at the positions
+    after the cache's and outputs the last row's draft.
     """
 
-    def __init__(self, session: ort.InferenceSession, draft_logits: ort.OrtValue, reads_top_state: bool) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, draft_logits: ort.OrtValue, reads_top_state: bool,
+        kv: KVCache | None = None,
+    ) -> None:
         self.session = session
         self.binding = session.io_binding()
         self.reads_top_state = reads_top_state
+        self.kv = kv
         self.binding.bind_ortvalue_output(DRAFT_LOGITS, draft_logits)  # [1, 1, V_d]
+        if kv is not None:
+            kv.bind(self.binding)
+            self.positions = _Positions()
 
-    def run(self, draft_hidden: ort.OrtValue, prev_top: ort.OrtValue, drafted_top: ort.OrtValue) -> None:
-        # draft_hidden, prev_top: [1, 1, H] -> draft logits (bound buffer), drafted_top: [1, 1, H]
+    def run(self, draft_hidden: ort.OrtValue, prev_top: ort.OrtValue, drafted_top: ort.OrtValue, new: int = 1) -> None:
+        # draft_hidden, prev_top: [1, S, H] (S = new: 1 unless the adapter attends)
+        #   -> draft logits of the last row (bound buffer), drafted_top: [1, 1, H]
         self.binding.bind_ortvalue_input(DRAFT_HIDDEN, draft_hidden)
         if self.reads_top_state:
             self.binding.bind_ortvalue_input(PREV_TOP, prev_top)
         self.binding.bind_ortvalue_output(DRAFTED_TOP, drafted_top)
+        if self.kv is not None:
+            self.positions.bind(self.binding, self.kv.length, new)
         self.session.run_with_iobinding(self.binding)
+        if self.kv is not None:
+            self.kv.advance(new)

@@ -10,6 +10,8 @@ overwritten). Torch-free.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnxruntime as ort
 
@@ -19,7 +21,8 @@ from spaf_edge.io_names import kv_names
 
 class KVCache(CacheLength):
     def __init__(
-        self, layers: range, num_kv_heads: int, head_dim: int, max_length: int, dtype: type, device: str = "cpu"
+        self, layers: Sequence[int | str], num_kv_heads: int, head_dim: int, max_length: int, dtype: type,
+        device: str = "cpu",
     ) -> None:
         super().__init__(max_length)
         self.layers = layers
@@ -39,7 +42,7 @@ class KVCache(CacheLength):
             binding.bind_ortvalue_output(present_k, key)
             binding.bind_ortvalue_output(present_v, value)
 
-    def rows(self, layer: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def rows(self, layer: int | str, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Host copies of one layer's valid key and value rows: [1, kv_heads, length, head_dim] each."""
         index = self.layers.index(layer)
         length = self.length if length is None else length

@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from spaf_edge.errors import ExportFormatError
 from spaf_edge.io_names import (
+    ADAPTER_KV,
     CUTOFF_HIDDEN,
     DRAFT_HEAD_GRAPH,
     DRAFT_HIDDEN,
@@ -72,7 +73,16 @@ def expected_io(manifest: Manifest, dtype: type) -> dict[str, tuple[list[Expecte
 
     lower_past, lower_present = kv(range(0, k))
     upper_past, upper_present = kv(range(k, sizes.num_layers))
-    top = [Expected(PREV_TOP, dtype, [1, 1, hidden])] if manifest.reads_top_state else []
+    attention = manifest.adapter_attention
+    rows = None if attention else 1  # an attending adapter's draft head takes [1, S, H]
+    top = [Expected(PREV_TOP, dtype, [1, rows, hidden])] if manifest.reads_top_state else []
+    adapter_past: list[Expected] = []
+    adapter_present: list[Expected] = []
+    if attention:
+        shape = [1, attention["num_heads"], sizes.max_length, attention["head_dim"]]
+        ((past_k, past_v, present_k, present_v),) = kv_names([ADAPTER_KV])
+        adapter_past = [*positions, Expected(past_k, dtype, shape), Expected(past_v, dtype, shape)]
+        adapter_present = [Expected(present_k, dtype, shape), Expected(present_v, dtype, shape)]
     return {
         LOWER_GRAPH: (
             [Expected(INPUTS_EMBEDS, dtype, [1, None, hidden]), *positions, *lower_past],
@@ -89,9 +99,9 @@ def expected_io(manifest: Manifest, dtype: type) -> dict[str, tuple[list[Expecte
             [Expected(PSEUDO_HIDDEN, dtype, [1, 1, hidden])],
         ),
         DRAFT_HEAD_GRAPH: (
-            [Expected(DRAFT_HIDDEN, dtype, [1, 1, hidden]), *top],
+            [Expected(DRAFT_HIDDEN, dtype, [1, rows, hidden]), *top, *adapter_past],
             [Expected(DRAFT_LOGITS, np.float32, [1, 1, sizes.draft_vocab_size]),
-             Expected(DRAFTED_TOP, dtype, [1, 1, hidden])],
+             Expected(DRAFTED_TOP, dtype, [1, 1, hidden]), *adapter_present],
         ),
     }
 

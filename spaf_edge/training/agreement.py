@@ -108,7 +108,9 @@ def measure_agreement(
             best = logits.argmax(-1)
             return vocab[best] if vocab is not None else best
 
-        states = model.adapt(hidden, k, previous_top_states(final))  # [1, S, H]
+        exact_top = previous_top_states(final)
+        context = model.adapter_context(hidden, exact_top, k)
+        states = model.adapt(hidden, k, exact_top, context=context)  # [1, S, H]
         matched, positions = ((draft_tokens(states) == target) & scored).sum().item(), scored.sum().item()
         hits[0] += matched
         counts[0] += positions
@@ -120,7 +122,8 @@ def measure_agreement(
             if step >= ids.shape[1]:
                 break
             predicted = model.align(ids[:, step:], previous[:, :-1], k)  # positions step .. S-1
-            states = model.adapt(predicted, k, model.top_state(states[:, :-1]))  # the top drafted a step earlier
+            # The adapter reads the top drafted a step earlier (and exact keys of earlier positions).
+            states = model.adapt(predicted, k, model.top_state(states[:, :-1]), offset=step, context=context)
             valid = scored[:, step:]
             hits[step] += ((draft_tokens(states) == target[:, step:]) & valid).sum().item()
             counts[step] += valid.sum().item()

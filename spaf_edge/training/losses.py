@@ -12,7 +12,8 @@ Per exit ``k``, on the base's cutoff states ``h`` [B, S, H]:
 Rollout: step 1 feeds the exact ``h(t)``; step ``r > 1`` feeds the AH its own
 prediction of step ``r-1`` (as at inference, where aligned drafts chain), giving
 ``ĥ_r`` for positions ``r .. S-1``; the adapter on ``ĥ_r`` reads the top state drafted by
-step ``r-1`` (``final_norm(a(...))``), as chained drafts do. Alignment losses are averaged over the
+step ``r-1`` (``final_norm(a(...))``), as chained drafts do. An attending adapter reads
+the exact keys/values of earlier positions (``model.adapter_context``). Alignment losses are averaged over the
 ``alignment_rollout_steps`` steps. Every position-level term uses the data's loss mask.
 
 Normalisation. Each term is a masked sum divided by its count of trained positions.
@@ -192,8 +193,9 @@ def spaf_losses(
     for k in config.adapter_layers:
         hidden = features.cutoff[k]  # [B, S, H]
         reads_top = model.reads_top_state(k)
+        context = model.adapter_context(hidden, exact_top, k)  # exact keys/values (attending kinds)
         # Variant 0: the adapter on exact states, reading the exact top state of the position before.
-        states = [model.adapt(hidden, k, exact_top if reads_top else None)]
+        states = [model.adapt(hidden, k, exact_top if reads_top else None, context=context)]
         kl_masks = [mask if weights.adapter_base > 0 else torch.zeros_like(mask)]
         kl_divisors = [divisors[0]]
         state_losses = []
@@ -206,7 +208,8 @@ def spaf_losses(
             if weights.alignment_token > 0:
                 # Chained drafting: the top state read here is the previous step's drafted one.
                 drafted_top = norm(states[-1][:, step - 1:-1]) if reads_top else None  # positions step-1 .. S-2
-                states.append(F.pad(model.adapt(predicted, k, drafted_top), (0, 0, step, 0)))  # [B, S, H]
+                adapted = model.adapt(predicted, k, drafted_top, offset=step, context=context)
+                states.append(F.pad(adapted, (0, 0, step, 0)))  # [B, S, H]
                 kl_masks.append(F.pad(step_mask, (step, 0)))
                 kl_divisors.append(divisors[index])
             previous = predicted

@@ -140,6 +140,7 @@ def check_graphs(
     with torch.no_grad():
         lower_cache = model.new_cache(model.lower_layer_ids(exit_layer), manifest.sizes.max_length)
         upper_cache = model.new_cache(model.upper_layer_ids(exit_layer), manifest.sizes.max_length)
+        adapter_cache = model.new_adapter_cache(manifest.sizes.max_length, exit_layer)  # attending kinds only
         tops = torch.zeros(1, 0, manifest.sizes.hidden_size, device=device)  # top states of positions 0 .. P-1
         cursor = 0
         for index, (step, length, rewind) in enumerate(steps):
@@ -147,6 +148,9 @@ def check_graphs(
                 for stack in (lower_cache, upper_cache, graphs):
                     stack.rewind_to(stack.length - rewind)
                 tops = tops[:, : graphs.length]
+                if adapter_cache is not None:
+                    adapter_cache.rewind_to(graphs.length)
+                    graphs.adapter_length = graphs.length
             ids = tokens[cursor : cursor + length][None]  # [1, S]
             cursor += length
             ids_t = torch.as_tensor(ids, device=device)
@@ -159,24 +163,33 @@ def check_graphs(
             report.add("upper", step, upper, {io_names.LOGITS: model.lm_head_rows(top), io_names.TOP_HIDDEN: top})
             tops = torch.cat([tops, top.to(tops.dtype)], dim=1)
             # draft head on the exact state of the chunk's last position, with the exact top state before it
-            prev_top = tops[:, -2:-1] if tops.shape[1] > 1 and index else torch.zeros_like(top[:, -1:])
-            first = _check_draft_head(model, graphs, report, step, hidden[:, -1:], prev_top, exit_layer, dtype)
+            # (an attending adapter: on every position of the chunk, filling its cache; the last row compared)
+            prevs = torch.nn.functional.pad(tops[:, :-1], (0, 0, 1, 0))[:, -length:]  # f(t-1) of the chunk's rows
+            rows = slice(None) if adapter_cache is not None else slice(-1, None)
+            first = _check_draft_head(model, graphs, report, step, hidden[:, rows], prevs[:, rows], exit_layer, dtype,
+                                      adapter_cache)
             # one aligned step from there: drafter, then the draft head on its pseudo state, chained
             token = tokens[total + index]
             pseudo = model.align(torch.tensor([[int(token)]], device=device), hidden[:, -1:], exit_layer)
             drafter = graphs.run_drafter(np.array([[token]], dtype=np.int64), _numpy(hidden[:, -1:], dtype))
             report.add("drafter", step, drafter, {io_names.PSEUDO_HIDDEN: pseudo})
-            _check_draft_head(model, graphs, report, f"{step}/chained", pseudo, first, exit_layer, dtype)
+            _check_draft_head(model, graphs, report, f"{step}/chained", pseudo, first, exit_layer, dtype, adapter_cache)
+            if adapter_cache is not None:  # the chained entry is a drafted one: drop it, as commit does
+                adapter_cache.rewind_to(adapter_cache.length - 1)
+                graphs.adapter_length -= 1
     return report
 
 
 def _check_draft_head(
     model: SpAFModel, graphs: GraphSessions, report: GraphParityReport, step: str,
-    hidden: torch.Tensor, prev_top: torch.Tensor, exit_layer: int, dtype: str,
+    hidden: torch.Tensor, prev_top: torch.Tensor, exit_layer: int, dtype: str, adapter_cache: Any = None,
 ) -> torch.Tensor:
-    """Compare one draft-head call; return PyTorch's drafted top state (the next step's prev_top). [1, 1, H]"""
+    """Compare one draft-head call on rows [1, S, H] (S = 1 unless the adapter attends, then at the
+    positions after ``adapter_cache``'s); return PyTorch's drafted top state of the last row. [1, 1, H]"""
     reads_top = model.reads_top_state(exit_layer)
-    logits, drafted = model.draft_step(hidden, exit_layer, prev_top if reads_top else None)
+    offset = adapter_cache.length if adapter_cache is not None else 0
+    logits, drafted = model.draft_step(hidden, exit_layer, prev_top if reads_top else None, offset, adapter_cache)
+    logits, drafted = logits[:, -1:], drafted[:, -1:]
     actual = graphs.run_draft_head(_numpy(hidden, dtype), _numpy(prev_top, dtype) if reads_top else None)
     report.add("draft_head", step, actual, {io_names.DRAFT_LOGITS: logits, io_names.DRAFTED_TOP: drafted})
     return drafted
@@ -195,11 +208,11 @@ class GraphSessions:
         kv_shape = (1, sizes.num_kv_heads, sizes.max_length, sizes.head_dim)
         self.length = 0  # valid cache rows (P), the same in both stacks
 
-        def caches(layers: range) -> dict[str, Any]:
+        def caches(layers: Sequence[int | str], shape: tuple[int, ...] = kv_shape) -> dict[str, Any]:
             values = {}
             for past_k, past_v, present_k, present_v in io_names.kv_names(layers):
                 for past, present in ((past_k, present_k), (past_v, present_v)):
-                    values[(past, present)] = ort.OrtValue.ortvalue_from_numpy(np.zeros(kv_shape, self.dtype))
+                    values[(past, present)] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype))
             return values
 
         k = manifest.cutoff_layer
@@ -210,6 +223,12 @@ class GraphSessions:
         )
         self.lower_kv = caches(range(0, k))
         self.upper_kv = caches(range(k, sizes.num_layers))
+        self.adapter_kv = None  # an attending adapter's cache, its own length
+        self.adapter_length = 0
+        if manifest.adapter_attention:
+            attention = manifest.adapter_attention
+            shape = (1, attention["num_heads"], sizes.max_length, attention["head_dim"])
+            self.adapter_kv = caches([io_names.ADAPTER_KV], shape)
 
     def rewind_to(self, length: int) -> None:
         self.length = length
@@ -239,20 +258,29 @@ class GraphSessions:
         return dict(zip(names, values))
 
     def run_draft_head(self, hidden: np.ndarray, prev_top: np.ndarray | None) -> dict[str, np.ndarray]:
-        """hidden, prev_top: [1, 1, H] (``prev_top`` None for adapters that do not read it)."""
+        """hidden, prev_top: [1, S, H] (``prev_top`` None for adapters that do not read it; S = 1 unless
+        the adapter attends, whose cache then advances by S)."""
         names = [io_names.DRAFT_LOGITS, io_names.DRAFTED_TOP]
         feeds = {io_names.DRAFT_HIDDEN: hidden}
         if prev_top is not None:
             feeds[io_names.PREV_TOP] = prev_top
-        return dict(zip(names, self.draft_head.run(names, feeds)))
+        if self.adapter_kv is None:
+            return dict(zip(names, self.draft_head.run(names, feeds)))
+        outputs = self._run_cached(self.draft_head, self.adapter_kv, feeds, names, self.adapter_length)
+        self.adapter_length += hidden.shape[1]
+        return outputs
 
     def _run_stack(self, session, kv, feeds, outputs) -> dict[str, np.ndarray]:
         """Positions ``length .. length+S-1``; the caller advances ``length`` once both stacks ran."""
+        return self._run_cached(session, kv, feeds, outputs, self.length)
+
+    def _run_cached(self, session, kv, feeds, outputs, past: int) -> dict[str, np.ndarray]:
+        """A graph with a KV cache of ``past`` valid rows on the new positions ``past .. past+S-1``."""
         length = next(iter(feeds.values())).shape[1]  # S new positions
         binding = session.io_binding()
         feeds = dict(feeds)
-        feeds[io_names.SEQLENS_K] = np.array([self.length + length - 1], dtype=np.int32)
-        feeds[io_names.TOTAL_SEQUENCE_LENGTH] = np.array(self.length + length, dtype=np.int32)
+        feeds[io_names.SEQLENS_K] = np.array([past + length - 1], dtype=np.int32)
+        feeds[io_names.TOTAL_SEQUENCE_LENGTH] = np.array(past + length, dtype=np.int32)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         for (past, present), value in kv.items():  # one buffer: GQA writes the new rows in place
