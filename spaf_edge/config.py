@@ -205,9 +205,9 @@ def validate_drafting(num_draft_tokens: int, serial_parallel_transition: int, st
         "num_draft_tokens", num_draft_tokens, "an integer >= 1",
     )
     _check(
-        _is_int(serial_parallel_transition) and 1 <= serial_parallel_transition <= num_draft_tokens,
+        _is_int(serial_parallel_transition) and 0 <= serial_parallel_transition <= num_draft_tokens,
         "serial_parallel_transition", serial_parallel_transition,
-        f"an integer with 1 <= serial_parallel_transition <= num_draft_tokens ({num_draft_tokens})",
+        f"an integer with 0 <= serial_parallel_transition <= num_draft_tokens ({num_draft_tokens})",
     )
     if stop_threshold is not None:
         _check(

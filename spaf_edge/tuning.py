@@ -73,17 +73,17 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Grid:
-    """Every (N, s, η) with s <= N. Defaults: N 1..8, s 1..3, η in {off, 0.3, 0.5}."""
+    """Every (N, s, η) with s <= N. Defaults: N 1..8, s 0..2, η in {off, 0.3, 0.5}."""
 
     num_draft_tokens: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
-    transitions: tuple[int, ...] = (1, 2, 3)
+    transitions: tuple[int, ...] = (0, 1, 2)
     thresholds: tuple[float | None, ...] = (None, 0.3, 0.5)
 
     def __post_init__(self) -> None:
-        for name, values in (("draft tokens", self.num_draft_tokens), ("transitions", self.transitions)):
-            bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        for name, values, least in (("draft tokens", self.num_draft_tokens, 1), ("transitions", self.transitions, 0)):
+            bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < least]
             if not values or bad:
-                raise ConfigError(f"Invalid tune grid {name} {list(values)}: give integers >= 1, e.g. 1,2,3.")
+                raise ConfigError(f"Invalid tune grid {name} {list(values)}: give integers >= {least}, e.g. 1,2,3.")
         bad = [v for v in self.thresholds if v is not None and not (isinstance(v, (int, float)) and 0 <= v < 1)]
         if not self.thresholds or bad:
             raise ConfigError(

@@ -60,7 +60,7 @@ BAD_SETTINGS = [
     ({"loss_weights": {"alignment": "x"}}, "loss_weights.alignment"),
     ({"alignment_loss_type": "l1"}, "alignment_loss_type"),
     ({"num_draft_tokens": 0}, "num_draft_tokens"),
-    ({"num_draft_tokens": 3, "serial_parallel_transition": 0}, "serial_parallel_transition"),
+    ({"num_draft_tokens": 3, "serial_parallel_transition": -1}, "serial_parallel_transition"),
     ({"num_draft_tokens": 3, "serial_parallel_transition": 4}, "serial_parallel_transition"),
     ({"num_draft_tokens": 3, "serial_parallel_transition": 1.5}, "serial_parallel_transition"),
     ({"draft_stop_threshold": 1.0}, "draft_stop_threshold"),

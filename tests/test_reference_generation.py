@@ -240,7 +240,7 @@ def fused_spaf(model_type: str = "llama", seed: int = 0) -> SpAFModel:
                                                                    adapter_dim_ratio=1.0))
 
 
-@pytest.mark.parametrize("num_drafts,transition", [(1, 1), (4, 1), (5, 2)])
+@pytest.mark.parametrize("num_drafts,transition", [(1, 1), (4, 1), (5, 2), (4, 0)])
 def test_fused_adapter_greedy_equals_hf_generate(model_type, num_drafts, transition):
     model = fused_spaf(model_type)
     for prompt in PROMPTS + ([9],):  # a one-token prompt: no prefill, the first top state is zeros
@@ -284,7 +284,7 @@ def attention_spaf(model_type: str = "llama", seed: int = 0) -> SpAFModel:
                                                                    adapter_dim_ratio=1.0))
 
 
-@pytest.mark.parametrize("num_drafts,transition", [(1, 1), (4, 1), (5, 2)])
+@pytest.mark.parametrize("num_drafts,transition", [(1, 1), (4, 1), (5, 2), (4, 0)])
 def test_attention_adapter_greedy_equals_hf_generate(model_type, num_drafts, transition):
     model = attention_spaf(model_type)
     for prompt in PROMPTS + ([9],):  # a one-token prompt: an empty adapter cache at the first draft
@@ -303,7 +303,7 @@ def test_attention_adapter_cache_holds_exact_entries_after_commit():
     state = prefill(model, PROMPTS[0], 80)
     rejected = 0
     for step in range(8):
-        draft = spaf_draft(model, state, 4, 1 + step % 2, params, rng)
+        draft = spaf_draft(model, state, 4, step % 3, params, rng)  # s = 0, 1, 2
         target = logits_to_probs(spaf_verify(model, state, draft), params)
         accepted, bonus = accept(draft.tokens, draft.probs, target, params, rng)
         rejected += accepted < len(draft.tokens)

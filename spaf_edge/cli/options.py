@@ -73,7 +73,8 @@ def drafting(func):
     for option in reversed([
         click.option("--num-draft-tokens", "-N", type=int, default=None, help="Drafts per verify step."),
         click.option("--serial-parallel-transition", "-s", type=int, default=None,
-                     help="Drafts made through the lower stack before the AlignmentHead takes over."),
+                     help="Drafts made through the lower stack before the AlignmentHead takes over "
+                          "(0: every draft aligned, the backbone runs in the verify pass only)."),
         click.option("--draft-stop-threshold", type=float, default=None,
                      help="Stop drafting when the draft's top probability falls below this."),
     ]):

@@ -38,7 +38,7 @@ def _threshold_list(ctx, param, value: str | None):
 @click.option("--draft-tokens", callback=_int_list, default=None, metavar="LIST",
               help="num_draft_tokens values to try [1,2,3,4,5,6,7,8].")
 @click.option("--transitions", callback=_int_list, default=None, metavar="LIST",
-              help="serial_parallel_transition values to try (those <= N) [1,2,3].")
+              help="serial_parallel_transition values to try (those <= N; 0: every draft aligned) [0,1,2].")
 @click.option("--thresholds", callback=_threshold_list, default=None, metavar="LIST",
               help="Draft-stop thresholds to try, 'none' = off [none,0.3,0.5].")
 @options.chat

@@ -34,6 +34,8 @@ class DecodeState:
     lower: StackKVCache
     upper: StackKVCache
     top: torch.Tensor | None = None  # exact top state of position T-1: [1, 1, H] (None when T == 0)
+    hidden: torch.Tensor | None = None  # exact cutoff state of position T-1: [1, 1, H] (None when T == 0)
+    top2: torch.Tensor | None = None  # exact top state of position T-2: [1, 1, H] (None when T < 2)
     adapter: StackKVCache | None = None  # an attending adapter's cache: exact entries 0 .. length-1
     # (h(t), f(t-1)), [1, 1, H] each, for t = adapter.length .. T-1: exact states not yet in the adapter cache
     adapter_rows: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -90,7 +92,8 @@ def prefill(model: SpAFModel, prompt: Sequence[int], max_length: int) -> DecodeS
         ids = torch.tensor([list(prompt[:-1])], device=model.base_device)  # [1, P-1]
         hidden = model.run_layers(model.embed(ids), state.lower)
         tops = model.top_state(model.run_layers(hidden, state.upper))  # [1, P-1, H]
-        state.top = tops[:, -1:]
+        state.top, state.hidden = tops[:, -1:], hidden[:, -1:]
+        state.top2 = tops[:, -2:-1] if tops.shape[1] > 1 else None
         if state.adapter is not None:
             model.adapt(hidden, prev_top=torch.nn.functional.pad(tops[:, :-1], (0, 0, 1, 0)), cache=state.adapter)
     return state
@@ -120,14 +123,21 @@ def spaf_draft(
 
     Each step's adapter also reads the top state of the position before: exact for the
     first draft (from the last verify pass), then the previous step's drafted top state.
+    With ``serial_parallel_transition`` 0 every draft is aligned: the chain starts at ``T-1``,
+    whose exact cutoff state the last verify pass left; the adapter on it (reading ``f(T-2)``)
+    gives the drafted top state the first draft reads, as in the training rollout's first step.
+    With no position before ``T`` the first draft is serial.
     """
     draft = Draft()
     vocab_size = model.base.config.vocab_size
     token = state.pending
-    hidden_bar = None  # h̄ of the newest drafted position: [1, 1, H]
+    hidden_bar = state.hidden  # h̄ of the newest drafted position (first: the exact h(T-1)): [1, 1, H]
     prev_top = state.top  # f̄ of the position before it: [1, 1, H] or None
+    serial = serial_parallel_transition if state.hidden is not None else max(1, serial_parallel_transition)
+    if serial == 0 and num_drafts > 0:
+        prev_top = _start_chain_before(model, state)
     for j in range(1, num_drafts + 1):
-        if j <= serial_parallel_transition:
+        if j <= serial:
             ids = torch.tensor([[token]], device=model.base_device)
             hidden_bar = model.run_layers(model.embed(ids), state.lower)  # exact h(T+j-1)
             draft.exact_hidden.append(hidden_bar)
@@ -137,7 +147,7 @@ def spaf_draft(
         if state.adapter is None:
             logits, prev_top = model.draft_step(hidden_bar, prev_top=prev_top)
         else:
-            logits, prev_top = _adapter_draft_step(model, state, hidden_bar, prev_top, first=j == 1)
+            logits, prev_top = _adapter_draft_step(model, state, hidden_bar, prev_top, first=j == 1)  # [1, S, V_d]
         logits = logits[0, -1]  # [V_d]
         q = _draft_distribution(model, logits, params, vocab_size)
         if stop_threshold is not None:
@@ -150,6 +160,21 @@ def spaf_draft(
     return draft
 
 
+def _start_chain_before(model: SpAFModel, state: DecodeState) -> torch.Tensor:
+    """The drafted top state of ``T-1`` from its exact states, ``final_norm(a(h(T-1), f(T-2)))``. [1, 1, H]
+
+    An attending adapter computes it with its queued rows, which end at ``T-1`` (re-queued
+    from the cache when they are empty), so that entry stays exact.
+    """
+    before = state.top2 if state.top2 is not None else torch.zeros_like(state.hidden)
+    if state.adapter is None:
+        return model.draft_step(state.hidden, prev_top=before)[1]
+    if not state.adapter_rows:
+        state.adapter.rewind_to(state.adapter.length - 1)
+        state.adapter_rows = [(state.hidden, before)]
+    return _adapter_rows_step(model, state, [])[1]
+
+
 def _adapter_draft_step(
     model: SpAFModel, state: DecodeState, hidden: torch.Tensor, prev_top: torch.Tensor | None, first: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,13 +182,25 @@ def _adapter_draft_step(
     computes the pending exact positions before it. Returns logits [1, S, V_d] and the last top [1, 1, H]."""
     if prev_top is None:
         prev_top = torch.zeros_like(hidden)
-    rows = state.adapter_rows + [(hidden, prev_top)] if first else [(hidden, prev_top)]
-    offset = state.adapter.length
+    rows = [(hidden, prev_top)]
+    return _adapter_rows_step(model, state, rows) if first else _rows_step(model, state, rows)
+
+
+def _adapter_rows_step(
+    model: SpAFModel, state: DecodeState, rows: list[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The queued exact rows, then ``rows``, in one call; the queue empties."""
+    queued, state.adapter_rows = state.adapter_rows, []
+    return _rows_step(model, state, queued + rows)
+
+
+def _rows_step(
+    model: SpAFModel, state: DecodeState, rows: list[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, f) rows at the adapter cache's next positions. Returns logits [1, S, V_d] and the last top [1, 1, H]."""
     hidden_rows = torch.cat([h for h, _ in rows], dim=1)  # [1, S, H]
     prev_rows = torch.cat([f for _, f in rows], dim=1)  # [1, S, H]
-    logits, tops = model.draft_step(hidden_rows, prev_top=prev_rows, offset=offset, cache=state.adapter)
-    if first:
-        state.adapter_rows = []
+    logits, tops = model.draft_step(hidden_rows, prev_top=prev_rows, offset=state.adapter.length, cache=state.adapter)
     return logits, tops[:, -1:]
 
 
@@ -187,8 +224,10 @@ def commit(state: DecodeState, draft: Draft, num_accepted: int, bonus: int) -> l
     new = draft.tokens[:num_accepted] + [bonus]
     valid = state.position + num_accepted + 1  # positions T .. T+n now hold accepted tokens
     if state.adapter is not None:
-        # Exact from here on: positions T .. T+n, reading f(T-1) then the verify pass's tops.
-        state.adapter.rewind_to(min(state.adapter.length, state.position + 1))
+        # Entries past T are drafted, and so is T's after an aligned first draft; exact from there on:
+        # positions .. T+n, reading f(T-1) then the verify pass's tops.
+        first_exact = 1 if draft.exact_hidden else 0
+        state.adapter.rewind_to(min(state.adapter.length, state.position + first_exact))
         tops = torch.cat([state.top if state.top is not None else torch.zeros_like(draft.verified_top[:, :1]),
                           draft.verified_top], dim=1)  # f(T-1 .. T+D)
         for position in range(state.adapter.length + len(state.adapter_rows), valid):
@@ -196,7 +235,10 @@ def commit(state: DecodeState, draft: Draft, num_accepted: int, bonus: int) -> l
             state.adapter_rows.append((draft.verified_hidden[:, row:row + 1], tops[:, row:row + 1]))
     state.tokens.extend(new)
     if draft.verified_top is not None:
+        before = state.top if state.top is not None else torch.zeros_like(draft.verified_top[:, :1])  # f(T-1)
+        state.top2 = torch.cat([before, draft.verified_top], dim=1)[:, num_accepted:num_accepted + 1]  # f(T+n-1)
         state.top = draft.verified_top[:, num_accepted:num_accepted + 1]  # top state of T+n, before the bonus
+        state.hidden = draft.verified_hidden[:, num_accepted:num_accepted + 1]  # its cutoff state
     state.lower.rewind_to(valid)
     state.upper.rewind_to(valid)
     return new

@@ -106,6 +106,10 @@ class HostBuffers:
         self.logits = HostBuffer((1, logit_rows, vocab_size), np.float32)  # [1, R_l, V]
         self.top_hidden = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: the upper call's top states
         self.prev_tops = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: f(T-1), then drafted tops
+        # Where a chain of aligned drafts only (s = 0) starts: h(T-1), f(T-2) and the drafted top of T-1
+        self.prev_hidden = HostBuffer((1, 1, hidden_size), dtype)  # [1, 1, H]
+        self.prev_top2 = HostBuffer((1, 1, hidden_size), dtype)  # [1, 1, H]
+        self.chain_top = HostBuffer((1, 1, hidden_size), dtype)  # [1, 1, H]
         self.adapter_hidden = HostBuffer((1, rows, hidden_size), dtype)  # [1, R, H]: h of positions an attending
         self.adapter_prev = HostBuffer((1, rows, hidden_size), dtype)  # adapter has to (re)compute, and their f(t-1)
         self.draft_logits = np.zeros((1, 1, draft_vocab_size), dtype=np.float32)  # [1, 1, V_d]
@@ -153,6 +157,7 @@ class Decoder:
         self.attends = draft_head.kv is not None  # the adapter keeps a KV cache of its own
         self.adapter_rows = 0  # rows of adapter_hidden/adapter_prev waiting for the next first draft
         self.drafting = True  # False in plain greedy mode: the adapter's cache is not kept
+        self.has_prev_hidden = False  # prev_hidden holds h(T-1) (False at T = 0)
 
     @property
     def position(self) -> int:
@@ -178,7 +183,9 @@ class Decoder:
         stats, params = result.stats, settings.params
         drafts = settings.num_draft_tokens if settings.mode == "spaf" else 0
         self.drafting = settings.mode == "spaf"
-        self.buffers.ensure_rows(drafts + 2, logit_rows=drafts + 1)  # + 1: an attending adapter's pending row
+        # D + 3 rows: an attending adapter may queue positions T .. T+D and one more after a final
+        # draft-less step, plus the pending token's row
+        self.buffers.ensure_rows(drafts + 3, logit_rows=drafts + 1)
         start = time.perf_counter()
         self.prefill(prompt_ids, reuse_cache)
         stats.prefill_seconds = time.perf_counter() - start
@@ -223,6 +230,7 @@ class Decoder:
         self.tokens = list(prompt_ids)
         self.buffers.ensure_rows(min(len(body), self.prefill_chunk))
         self.buffers.prev_tops.array[:, 0] = 0  # no position before x_0: the reference's zeros
+        self.has_prev_hidden = bool(body)
         if self.attends:
             self.draft_head.kv.rewind_to(0)
             self.adapter_rows = 0
@@ -232,7 +240,7 @@ class Decoder:
             self._run_upper(len(chunk), num_logits=0)  # prefill needs top states only: no LM head
             if self.attends and self.drafting:
                 self._adapt_prefill(len(chunk))
-            self._keep_top(len(chunk) - 1)
+            self._keep_exact(len(chunk) - 1)
 
     def draft(
         self,
@@ -245,24 +253,36 @@ class Decoder:
         """Serial drafts through the lower stack, then aligned drafts through the drafter graph.
 
         Every draft comes from the draft-head graph on ``h̄(T+j-1)`` and ``prev_tops`` row ``j-1``
-        (the exact top state for ``j = 1``, then the previous step's drafted top state).
+        (the exact top state for ``j = 1``, then the previous step's drafted top state). With
+        ``serial_parallel_transition`` 0 every draft is aligned: the chain starts at ``T-1``
+        (``prev_hidden``, the exact ``h(T-1)``), whose drafted top state ``chain_top`` the first
+        draft reads, as the reference does; at ``T = 0`` the first draft is serial.
         """
         buffers, draft = self.buffers, Draft()
         token = self.tokens[-1]
+        serial = serial_parallel_transition if self.has_prev_hidden else max(1, serial_parallel_transition)
+        if serial == 0 and num_drafts > 0:
+            self._start_chain_before()
         for j in range(1, num_drafts + 1):
-            if j <= serial_parallel_transition:
+            if j <= serial:
                 self._run_lower([token], row=j - 1)  # exact h(T+j-1) into hidden row j-1
                 draft.exact = j
-                hidden = buffers.hidden.view(j - 1, j)
+                rows = buffers.hidden
             else:
                 self.embeddings.lookup([token], buffers.token_embeds[0])
-                source = buffers.hidden if j - 1 == serial_parallel_transition else buffers.pseudo
-                self.drafter.run(source.view(j - 2, j - 1), buffers.pseudo.view(j - 1, j))  # ĥ(T+j-1)
-                hidden = buffers.pseudo.view(j - 1, j)
+                if j == 1:
+                    source = buffers.prev_hidden.view(0, 1)  # h(T-1)
+                else:
+                    source = (buffers.hidden if j - 1 == serial else buffers.pseudo).view(j - 2, j - 1)
+                self.drafter.run(source, buffers.pseudo.view(j - 1, j))  # ĥ(T+j-1)
+                rows = buffers.pseudo
+            hidden = rows.view(j - 1, j)
+            prev_top = buffers.chain_top if j == 1 and serial == 0 else None  # None: prev_tops row j-1
             if self.attends and j == 1:
-                self._adapt_first(hidden)
+                self._adapt_first(rows, prev_top if prev_top is not None else buffers.prev_tops)
             else:
-                self.draft_head.run(hidden, buffers.prev_tops.view(j - 1, j), buffers.prev_tops.view(j, j + 1))
+                prev_view = prev_top.view(0, 1) if prev_top is not None else buffers.prev_tops.view(j - 1, j)
+                self.draft_head.run(hidden, prev_view, buffers.prev_tops.view(j, j + 1))
             logits = buffers.draft_logits[0, 0]  # [V_d]
             q = self.draft_distribution(logits, params)
             if stop_threshold is not None:
@@ -289,9 +309,9 @@ class Decoder:
         new = [*draft.tokens[:num_accepted], bonus]
         valid = self.position + num_accepted + 1  # positions T .. T+n now hold accepted tokens
         if self.attends and self.drafting:
-            self._queue_exact_rows(valid)
+            self._queue_exact_rows(valid, first_exact=draft.exact > 0)
         self.tokens.extend(new)
-        self._keep_top(num_accepted)
+        self._keep_exact(num_accepted)
         self.lower.kv.rewind_to(valid)
         self.upper.kv.rewind_to(valid)
         return new
@@ -331,28 +351,58 @@ class Decoder:
         self.draft_head.run(buffers.hidden.view(0, new), buffers.adapter_prev.view(0, new),
                             buffers.prev_tops.view(1, 2), new)  # its draft is not used: row 1 is scratch here
 
-    def _adapt_first(self, hidden: ort.OrtValue) -> None:
-        """The first draft: the queued exact rows and the pending token's (hidden and prev_tops row 0), one call."""
+    def _adapt_first(self, source: HostBuffer, prev_top: HostBuffer) -> None:
+        """The first draft: the queued exact rows and the pending token's (row 0 of ``source`` and ``prev_top``)."""
         buffers, rows = self.buffers, self.adapter_rows
-        buffers.adapter_hidden.array[:, rows] = buffers.hidden.array[:, 0]
-        buffers.adapter_prev.array[:, rows] = buffers.prev_tops.array[:, 0]
+        buffers.adapter_hidden.array[:, rows] = source.array[:, 0]
+        buffers.adapter_prev.array[:, rows] = prev_top.array[:, 0]
         self.draft_head.run(buffers.adapter_hidden.view(0, rows + 1), buffers.adapter_prev.view(0, rows + 1),
                             buffers.prev_tops.view(1, 2), rows + 1)
         self.adapter_rows = 0
 
-    def _queue_exact_rows(self, valid: int) -> None:
+    def _queue_exact_rows(self, valid: int, first_exact: bool) -> None:
         """At commit (before ``_keep_top``): drop the chain's drafted entries and queue positions ``.. valid-1``.
 
-        Verify rows ``r`` hold ``h(T+r)`` and ``f(T+r)``; ``prev_tops`` row 0 still holds ``f(T-1)``.
+        Entries past ``T`` are drafted, and so is ``T``'s unless the first draft was serial
+        (``first_exact``). Verify rows ``r`` hold ``h(T+r)`` and ``f(T+r)``; ``prev_tops`` row 0
+        still holds ``f(T-1)``.
         """
         buffers, kv, start = self.buffers, self.draft_head.kv, self.position
-        kv.rewind_to(min(kv.length, start + 1))
+        kv.rewind_to(min(kv.length, start + int(first_exact)))
         for position in range(kv.length + self.adapter_rows, valid):
             row, rows = position - start, self.adapter_rows
             buffers.adapter_hidden.array[:, rows] = buffers.hidden.array[:, row]
             previous = buffers.prev_tops.array[:, 0] if row == 0 else buffers.top_hidden.array[:, row - 1]
             buffers.adapter_prev.array[:, rows] = previous
             self.adapter_rows += 1
+
+    def _start_chain_before(self) -> None:
+        """``chain_top`` = the drafted top of ``T-1`` from its exact states, ``final_norm(a(h(T-1), f(T-2)))``.
+
+        An attending adapter computes it with its queued rows, which end at ``T-1`` (re-queued
+        from the cache when none are queued), so that entry stays exact. Its draft is not used.
+        """
+        buffers = self.buffers
+        if not self.attends:
+            self.draft_head.run(buffers.prev_hidden.view(0, 1), buffers.prev_top2.view(0, 1),
+                                buffers.chain_top.view(0, 1))
+            return
+        if self.adapter_rows == 0:
+            self.draft_head.kv.rewind_to(self.draft_head.kv.length - 1)
+            buffers.adapter_hidden.array[:, 0] = buffers.prev_hidden.array[:, 0]
+            buffers.adapter_prev.array[:, 0] = buffers.prev_top2.array[:, 0]
+            self.adapter_rows = 1
+        rows, self.adapter_rows = self.adapter_rows, 0
+        self.draft_head.run(buffers.adapter_hidden.view(0, rows), buffers.adapter_prev.view(0, rows),
+                            buffers.chain_top.view(0, 1), rows)
+
+    def _keep_exact(self, row: int) -> None:
+        """At the end of an upper call: row ``row``'s states become those of ``T-1`` (and ``T-2``'s before it)."""
+        buffers = self.buffers
+        buffers.prev_top2.array[:, 0] = buffers.top_hidden.array[:, row - 1] if row else buffers.prev_tops.array[:, 0]
+        self._keep_top(row)
+        buffers.prev_hidden.array[:, 0] = buffers.hidden.array[:, row]
+        self.has_prev_hidden = True
 
     def _keep_top(self, row: int) -> None:
         """The last upper call's top state of ``row`` becomes the exact top state of ``T-1`` (H values)."""
