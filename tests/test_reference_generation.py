@@ -234,21 +234,24 @@ def test_default_model_greedy_equals_hf_generate(default_base):
 
 
 # ---- top-aware drafters -------------------------------------------------------
-def fused_spaf(model_type: str = "llama", seed: int = 0) -> SpAFModel:
-    """A tiny SpAF model whose adapter reads the previous top state (random weights)."""
-    return make_tiny_spaf(model_type, seed, spaf_config=SpAFConfig(cutoff_layer=2, adapter_kind="fused",
+def fused_spaf(model_type: str = "llama", seed: int = 0, kind: str = "fused") -> SpAFModel:
+    """A tiny SpAF model whose adapter reads the previous top state (random weights); ``kind``
+    ``attention`` also attends over earlier positions, with a KV cache of its own."""
+    return make_tiny_spaf(model_type, seed, spaf_config=SpAFConfig(cutoff_layer=2, adapter_kind=kind,
                                                                    adapter_dim_ratio=1.0))
 
 
+@pytest.mark.parametrize("kind", ["fused", "attention"])
 @pytest.mark.parametrize("num_drafts,transition", [(1, 1), (4, 1), (5, 2), (4, 0)])
-def test_fused_adapter_greedy_equals_hf_generate(model_type, num_drafts, transition):
-    model = fused_spaf(model_type)
+def test_top_aware_adapter_greedy_equals_hf_generate(model_type, num_drafts, transition, kind):
+    model = fused_spaf(model_type, kind=kind)
     for prompt in PROMPTS + ([9],):  # a one-token prompt: no prefill, the first top state is zeros
         expected = hf_greedy(model.base, prompt, NEW_TOKENS)
         result = greedy(model, prompt, num_draft_tokens=num_drafts, serial_parallel_transition=transition)
         assert result.tokens == expected
 
 
+@torch.no_grad()
 def test_fused_drafts_read_the_exact_top_state_after_a_rejection():
     """After commit the state's top state is the base's own, and the first draft uses it."""
     model = fused_spaf(seed=3)
@@ -278,26 +281,11 @@ def test_fused_drafts_read_the_exact_top_state_after_a_rejection():
 
 
 # ---- an adapter that attends across positions ------------------------------------
-def attention_spaf(model_type: str = "llama", seed: int = 0) -> SpAFModel:
-    """A tiny SpAF model whose adapter attends over earlier positions (random weights, its own KV cache)."""
-    return make_tiny_spaf(model_type, seed, spaf_config=SpAFConfig(cutoff_layer=2, adapter_kind="attention",
-                                                                   adapter_dim_ratio=1.0))
-
-
-@pytest.mark.parametrize("num_drafts,transition", [(1, 1), (4, 1), (5, 2), (4, 0)])
-def test_attention_adapter_greedy_equals_hf_generate(model_type, num_drafts, transition):
-    model = attention_spaf(model_type)
-    for prompt in PROMPTS + ([9],):  # a one-token prompt: an empty adapter cache at the first draft
-        expected = hf_greedy(model.base, prompt, NEW_TOKENS)
-        result = greedy(model, prompt, num_draft_tokens=num_drafts, serial_parallel_transition=transition)
-        assert result.tokens == expected
-
-
 @torch.no_grad()
 def test_attention_adapter_cache_holds_exact_entries_after_commit():
     """After every commit the first draft's distribution equals the adapter on exact states only
     (the training path): drafted chain entries are dropped and newly exact positions recomputed."""
-    model = attention_spaf(seed=3)
+    model = fused_spaf(seed=3, kind="attention")
     params = SamplingParams(temperature=1.0)
     rng = np.random.default_rng(0)
     state = prefill(model, PROMPTS[0], 80)
@@ -325,7 +313,7 @@ def test_attention_adapter_cache_holds_exact_entries_after_commit():
 def test_attention_training_path_is_the_decoding_path():
     """``adapt(..., context=...)`` at offset r equals the cached path with exact entries before each query
     and the query's own (drafted) input: the training approximation of a draft chain, position by position."""
-    model = attention_spaf(seed=1)
+    model = fused_spaf(seed=1, kind="attention")
     ids = torch.tensor([PROMPTS[0] + [4, 8, 15]])
     hidden = model.base_features(ids)
     exact, previous = hidden[2], torch.nn.functional.pad(hidden[-1][:, :-1], (0, 0, 1, 0))

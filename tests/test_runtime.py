@@ -136,9 +136,11 @@ def test_draft_vocabulary_export_is_lossless(tmp_path):
 
 
 @pytest.mark.parametrize("dtype, quantization", [("float16", None), ("float32", "int4")])
-def test_spaf_equals_plain_greedy_of_the_same_fp16_or_quantized_export(dtype, quantization, tmp_path):
-    """Lossless against the export's own target model: fp16 rows of embeddings.bin, MatMulNBits layers."""
-    model = make_tiny_spaf("llama", **EXPORTABLE)
+@pytest.mark.parametrize("kind", ["bottleneck", "attention"])
+def test_spaf_equals_plain_greedy_of_the_same_fp16_or_quantized_export(dtype, quantization, kind, tmp_path):
+    """Lossless against the export's own target model: fp16 rows of embeddings.bin, MatMulNBits layers
+    (for the attention adapter also an fp16 / quantized KV cache and attention of its own)."""
+    model = make_tiny_spaf("llama", spaf_config=SpAFConfig(cutoff_layer=2, adapter_kind=kind), **EXPORTABLE)
     model.set_draft_vocab(torch.arange(0, 96, 2))  # the private, prepacked LM-head layout
     engine = Engine.from_folder(export(model, tmp_path / "export", dtype=dtype, quantization=quantization,
                                        max_length=64))
@@ -345,32 +347,39 @@ def fused_engine(fused):
     return Engine.from_folder(fused[1])
 
 
-@pytest.mark.parametrize("num_drafts,transition", PAIRS)
-def test_fused_greedy_equals_reference_and_base(fused, fused_engine, num_drafts, transition):
-    model, _ = fused
-    eos = sorted(fused_engine.eos)
+def check_greedy_against_reference(model, engine, num_drafts: int, transition: int) -> None:
+    """Engine greedy == PyTorch reference == base greedy, with the same drafts accepted; some accepted."""
+    eos = sorted(engine.eos)
     accepted = 0
-    for prompt in (*PROMPTS, [9]):  # a one-token prompt: the first top state is zeros
-        result = fused_engine.generate(prompt, max_new_tokens=30, num_draft_tokens=num_drafts,
-                                       serial_parallel_transition=transition)
+    for prompt in (*PROMPTS, [9]):  # a one-token prompt: no position before the first draft
+        result = engine.generate(prompt, max_new_tokens=30, num_draft_tokens=num_drafts,
+                                 serial_parallel_transition=transition)
         reference = torch_greedy(model, prompt, 30, eos, num_draft_tokens=num_drafts,
                                  serial_parallel_transition=transition)
         assert result.tokens == reference.tokens == base_greedy(model.base, prompt, 30, eos)
-        assert result.stats.accepted == reference.stats.accepted  # the same drafts, from the same top states
+        assert result.stats.accepted == reference.stats.accepted  # the same drafts, from the same states
         accepted += sum(result.stats.accepted)
     assert accepted > 0
 
 
-def test_fused_sampling_matches_the_reference_draw_for_draw(fused, fused_engine):
-    model, _ = fused
-    eos = sorted(fused_engine.eos)
-    for seed in range(4):
-        options = dict(temperature=0.8, top_k=20, seed=seed, num_draft_tokens=4,
-                       serial_parallel_transition=2 * (seed % 2))
-        result = fused_engine.generate(PROMPTS[seed % 2], max_new_tokens=20, **options)
+def check_sampling_draw_for_draw(model, engine, transitions: list[int]) -> None:
+    """Seeded sampling: the engine's tokens and acceptances equal the reference's, seed by seed."""
+    eos = sorted(engine.eos)
+    for seed, transition in enumerate(transitions):
+        options = dict(temperature=0.8, top_k=20, seed=seed, num_draft_tokens=4, serial_parallel_transition=transition)
+        result = engine.generate(PROMPTS[seed % 2], max_new_tokens=20, **options)
         reference = spaf_generate(model, PROMPTS[seed % 2], max_new_tokens=20, eos_token_ids=eos, **options)
         assert result.tokens == reference.tokens
         assert result.stats.accepted == reference.stats.accepted
+
+
+@pytest.mark.parametrize("num_drafts,transition", PAIRS)
+def test_fused_greedy_equals_reference_and_base(fused, fused_engine, num_drafts, transition):
+    check_greedy_against_reference(fused[0], fused_engine, num_drafts, transition)
+
+
+def test_fused_sampling_matches_the_reference_draw_for_draw(fused, fused_engine):
+    check_sampling_draw_for_draw(fused[0], fused_engine, [0, 2, 0, 2])
 
 
 @torch.no_grad()
@@ -766,30 +775,11 @@ def exact_first_draft_logits(model, tokens: list[int]) -> np.ndarray:
 
 @pytest.mark.parametrize("num_drafts,transition", PAIRS)
 def test_attention_adapter_greedy_equals_reference_and_base(attending, attending_engine, num_drafts, transition):
-    model, _ = attending
-    eos = sorted(attending_engine.eos)
-    accepted = 0
-    for prompt in (*PROMPTS, [9]):  # a one-token prompt: nothing to prefill, an empty adapter cache
-        result = attending_engine.generate(prompt, max_new_tokens=30, num_draft_tokens=num_drafts,
-                                           serial_parallel_transition=transition)
-        reference = torch_greedy(model, prompt, 30, eos, num_draft_tokens=num_drafts,
-                                 serial_parallel_transition=transition)
-        assert result.tokens == reference.tokens == base_greedy(model.base, prompt, 30, eos)
-        assert result.stats.accepted == reference.stats.accepted  # the same drafts, from the same adapter cache
-        accepted += sum(result.stats.accepted)
-    assert accepted > 0
+    check_greedy_against_reference(attending[0], attending_engine, num_drafts, transition)
 
 
 def test_attention_adapter_sampling_matches_the_reference_draw_for_draw(attending, attending_engine):
-    model, _ = attending
-    eos = sorted(attending_engine.eos)
-    for seed in range(4):
-        options = dict(temperature=0.8, top_k=20, seed=seed, num_draft_tokens=4,
-                       serial_parallel_transition=seed % 3)
-        result = attending_engine.generate(PROMPTS[seed % 2], max_new_tokens=20, **options)
-        reference = spaf_generate(model, PROMPTS[seed % 2], max_new_tokens=20, eos_token_ids=eos, **options)
-        assert result.tokens == reference.tokens
-        assert result.stats.accepted == reference.stats.accepted
+    check_sampling_draw_for_draw(attending[0], attending_engine, [0, 1, 2, 0])
 
 
 @torch.no_grad()
