@@ -225,8 +225,8 @@ class SpAFModel(nn.Module):
         ``prev_top``: see spaf_edge.modules.drafters. ``context`` (from :meth:`adapter_context`)
         and ``cache`` only matter to kinds that attend across positions.
         """
-        adapter = self.adapters[str(exit_layer or self.cutoff)]
-        if not getattr(adapter, "attends", False):
+        adapter = self.adapter(exit_layer)
+        if not self.attends(exit_layer):
             return adapter(hidden, prev_top)
         return adapter(hidden, prev_top, self.rope(hidden, offset), context, offset, cache)
 
@@ -237,10 +237,9 @@ class SpAFModel(nn.Module):
 
         hidden, prev_top: [B, S, H] (exact cutoff states and previous top states).
         """
-        adapter = self.adapters[str(exit_layer or self.cutoff)]
-        if not getattr(adapter, "attends", False):
+        if not self.attends(exit_layer):
             return None
-        return adapter.context(hidden, prev_top, self.rope(hidden, 0))
+        return self.adapter(exit_layer).context(hidden, prev_top, self.rope(hidden, 0))
 
     def rope(self, hidden: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The base's rotary cos/sin for positions ``offset .. offset+S-1``. hidden: [B, S, H] -> 2 x [B, S, d]"""
@@ -248,19 +247,23 @@ class SpAFModel(nn.Module):
         positions = torch.arange(offset, offset + length, device=hidden.device).unsqueeze(0).expand(batch, -1)
         return self.arch.rotary(self.base)(hidden, positions)
 
+    def adapter(self, exit_layer: int | None = None) -> nn.Module:
+        """The adapter of an exit (default: the cutoff)."""
+        return self.adapters[str(exit_layer or self.cutoff)]
+
     def reads_top_state(self, exit_layer: int | None = None) -> bool:
         """Whether the exit's adapter reads the previous top state (its export then has a ``prev_top`` input)."""
-        return bool(getattr(self.adapters[str(exit_layer or self.cutoff)], "reads_top_state", False))
+        return bool(getattr(self.adapter(exit_layer), "reads_top_state", False))
 
     def attends(self, exit_layer: int | None = None) -> bool:
         """Whether the exit's adapter attends across positions (it then keeps a KV cache of its own)."""
-        return bool(getattr(self.adapters[str(exit_layer or self.cutoff)], "attends", False))
+        return bool(getattr(self.adapter(exit_layer), "attends", False))
 
     def new_adapter_cache(self, max_length: int, exit_layer: int | None = None) -> StackKVCache | None:
         """The KV cache of an attending adapter (None for other kinds)."""
-        adapter = self.adapters[str(exit_layer or self.cutoff)]
-        if not getattr(adapter, "attends", False):
+        if not self.attends(exit_layer):
             return None
+        adapter = self.adapter(exit_layer)
         param = next(self.base.parameters())
         return StackKVCache(range(1), adapter.num_heads, adapter.head_dim, max_length, param.dtype, param.device)
 

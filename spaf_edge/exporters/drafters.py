@@ -13,9 +13,14 @@ from collections.abc import Callable
 from torch import nn
 
 from spaf_edge.errors import ConfigError
-from spaf_edge.exporters.graph_builder import MS_DOMAIN, GraphBuilder, node_path
-from spaf_edge.exporters.layers import make_linear, make_module_linear, make_rms_norm, make_silu
-from spaf_edge.io_names import SEQLENS_K, TOTAL_SEQUENCE_LENGTH
+from spaf_edge.exporters.graph_builder import GraphBuilder, node_path
+from spaf_edge.exporters.layers import (
+    make_group_query_attention,
+    make_linear,
+    make_module_linear,
+    make_rms_norm,
+    make_silu,
+)
 
 # adapter: builder(b, hidden, prev_top, module, name) -> output
 # AlignmentHead: builder(b, token_embeds, prev_hidden, module, name) -> output
@@ -83,14 +88,8 @@ def make_attention_adapter(
     state = make_rms_norm(b, hidden, f"{name}.state_norm", module.state_norm.weight, module.state_norm.eps)
     (x,) = b.make_node("Concat", [state, top], f"{path}/Concat", axis=-1)  # [1, S, 2H]
     qkv = make_module_linear(b, x, f"{name}.qkv", module.qkv)  # [1, S, 3 * heads * head_dim]
-    past_k, past_v, present_k, present_v = kv
-    attn_path = f"{path}/attn/GroupQueryAttention"
-    context, _, _ = b.make_node(
-        "GroupQueryAttention", [qkv, "", "", past_k, past_v, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *rotary],
-        attn_path, domain=MS_DOMAIN, outputs=[f"{attn_path}/output_0", present_k, present_v],
-        num_heads=module.num_heads, kv_num_heads=module.num_heads, scale=float(module.head_dim**-0.5),
-        do_rotary=1, rotary_interleaved=0,
-    )
+    context = make_group_query_attention(b, qkv, kv, module.num_heads, module.num_heads,
+                                         float(module.head_dim**-0.5), rotary, f"{path}/attn/GroupQueryAttention")
     (z,) = b.make_node("Add", [hidden, make_linear(b, context, f"{name}.o", module.o.weight)], f"{path}/attn_residual")
     mlp_in = make_rms_norm(b, z, f"{name}.mlp_norm", module.mlp_norm.weight, module.mlp_norm.eps)
     (x,) = b.make_node("Concat", [mlp_in, top], f"{path}/mlp_Concat", axis=-1)

@@ -15,7 +15,7 @@ initializer, which ONNX Runtime prepacks; its bytes stay in ``embeddings.bin``
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,17 +92,18 @@ class GraphPlan:
     def new_builder(self, name: str) -> GraphBuilder:
         return GraphBuilder(name=name, dtype=np.dtype(self.dtype))
 
-    def kv_inputs(self, b: GraphBuilder, layer_ids: range) -> None:
+    def kv_inputs(self, b: GraphBuilder, layer_ids: Sequence[int | str], shape: list[int] | None = None) -> None:
+        """GroupQueryAttention's length inputs and the past KV inputs of ``layer_ids`` (default shape: the base's)."""
         b.input(io_names.SEQLENS_K, TensorProto.INT32, [1])
         b.input(io_names.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])
         for past_k, past_v, _, _ in io_names.kv_names(layer_ids):
-            b.input(past_k, b.float_type, self.kv_shape)
-            b.input(past_v, b.float_type, self.kv_shape)
+            b.input(past_k, b.float_type, shape or self.kv_shape)
+            b.input(past_v, b.float_type, shape or self.kv_shape)
 
-    def kv_outputs(self, b: GraphBuilder, layer_ids: range) -> None:
+    def kv_outputs(self, b: GraphBuilder, layer_ids: Sequence[int | str], shape: list[int] | None = None) -> None:
         for _, _, present_k, present_v in io_names.kv_names(layer_ids):
-            b.output(present_k, b.float_type, self.kv_shape)
-            b.output(present_v, b.float_type, self.kv_shape)
+            b.output(present_k, b.float_type, shape or self.kv_shape)
+            b.output(present_v, b.float_type, shape or self.kv_shape)
 
     @property
     def kv_shape(self) -> list[int]:
@@ -153,7 +154,7 @@ class GraphPlan:
 
     @property
     def adapter(self):
-        return self.model.adapters[str(self.exit_layer)]
+        return self.model.adapter(self.exit_layer)
 
     @property
     def reads_top_state(self) -> bool:
@@ -259,14 +260,9 @@ def build_draft_head(plan: GraphPlan) -> GraphBuilder:
     extra = {}
     if attention:
         kv_shape = [1, attention["num_heads"], plan.max_length, attention["head_dim"]]
-        b.input(io_names.SEQLENS_K, TensorProto.INT32, [1])
-        b.input(io_names.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])
-        names = io_names.kv_names([io_names.ADAPTER_KV])
-        for past_k, past_v, _, _ in names:
-            b.input(past_k, b.float_type, kv_shape)
-            b.input(past_v, b.float_type, kv_shape)
+        plan.kv_inputs(b, [io_names.ADAPTER_KV], kv_shape)
         rotary = make_rotary_caches(b, plan.model.arch.rotary(plan.base), attention["head_dim"], plan.max_length)
-        extra = {"rotary": rotary, "kv": names[0]}
+        extra = {"rotary": rotary, "kv": io_names.kv_names([io_names.ADAPTER_KV])[0]}
     adapted = builder_for(ADAPTER_BUILDERS, plan.adapter, "adapter")(
         b, hidden, prev_top, plan.adapter, f"spaf.adapters.{plan.exit_layer}", **extra
     )
@@ -279,7 +275,5 @@ def build_draft_head(plan: GraphPlan) -> GraphBuilder:
     b.output(io_names.DRAFT_LOGITS, TensorProto.FLOAT, [1, 1, plan.draft_vocab_size])
     b.output(io_names.DRAFTED_TOP, b.float_type, [1, 1, hidden_size])
     if attention:
-        for _, _, present_k, present_v in io_names.kv_names([io_names.ADAPTER_KV]):
-            b.output(present_k, b.float_type, kv_shape)
-            b.output(present_v, b.float_type, kv_shape)
+        plan.kv_outputs(b, [io_names.ADAPTER_KV], kv_shape)
     return b

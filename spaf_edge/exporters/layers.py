@@ -106,16 +106,25 @@ def make_attention(
         raise ValueError(f"{name}: q/k/v biases must be all present or all absent")
     qkv = make_linear(b, x, f"{name}.qkv_proj", weight, bias)  # [1, S, (nh + 2 kvh) * hd]
     scale = float(getattr(attn, "scaling", shape.head_dim**-0.5))
-    path = f"/model/layers.{index}/attn/GroupQueryAttention"
-    context, _, _ = b.make_node(
-        "GroupQueryAttention",
-        [qkv, "", "", past_key(index), past_value(index), SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *rotary],
-        path, domain=MS_DOMAIN,
-        outputs=[f"{path}/output_0", present_key(index), present_value(index)],
-        num_heads=shape.num_heads, kv_num_heads=shape.kv_heads, scale=scale,
-        do_rotary=1, rotary_interleaved=0,
-    )
+    kv = (past_key(index), past_value(index), present_key(index), present_value(index))
+    context = make_group_query_attention(b, qkv, kv, shape.num_heads, shape.kv_heads, scale, rotary,
+                                         f"/model/layers.{index}/attn/GroupQueryAttention")
     return make_module_linear(b, context, f"{name}.o_proj", attn.o_proj)
+
+
+def make_group_query_attention(
+    b: GraphBuilder, qkv: str, kv: tuple[str, str, str, str], num_heads: int, kv_heads: int, scale: float,
+    rotary: tuple[str, str], path: str,
+) -> str:
+    """GroupQueryAttention on packed QKV [1, S, (nh + 2 kvh) * hd] with rotary inside; ``kv`` names its
+    (past_key, past_value, present_key, present_value), bound to one buffer each at run time. -> [1, S, nh * hd]"""
+    past_k, past_v, present_k, present_v = kv
+    context, _, _ = b.make_node(
+        "GroupQueryAttention", [qkv, "", "", past_k, past_v, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *rotary],
+        path, domain=MS_DOMAIN, outputs=[f"{path}/output_0", present_k, present_v],
+        num_heads=num_heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1, rotary_interleaved=0,
+    )
+    return context
 
 
 def make_mlp(b: GraphBuilder, x: str, index: int, mlp: nn.Module) -> str:

@@ -146,8 +146,9 @@ def spaf_draft(
             hidden_bar = model.align(ids, hidden_bar)  # pseudo ĥ(T+j-1)
         if state.adapter is None:
             logits, prev_top = model.draft_step(hidden_bar, prev_top=prev_top)
-        else:
-            logits, prev_top = _adapter_draft_step(model, state, hidden_bar, prev_top, first=j == 1)  # [1, S, V_d]
+        else:  # the first draft also (re)computes the exact rows queued at commit
+            row = (hidden_bar, prev_top if prev_top is not None else torch.zeros_like(hidden_bar))
+            logits, prev_top = _adapter_step(model, state, (_take_queue(state) if j == 1 else []) + [row])
         logits = logits[0, -1]  # [V_d]
         q = _draft_distribution(model, logits, params, vocab_size)
         if stop_threshold is not None:
@@ -172,32 +173,19 @@ def _start_chain_before(model: SpAFModel, state: DecodeState) -> torch.Tensor:
     if not state.adapter_rows:
         state.adapter.rewind_to(state.adapter.length - 1)
         state.adapter_rows = [(state.hidden, before)]
-    return _adapter_rows_step(model, state, [])[1]
+    return _adapter_step(model, state, _take_queue(state))[1]
 
 
-def _adapter_draft_step(
-    model: SpAFModel, state: DecodeState, hidden: torch.Tensor, prev_top: torch.Tensor | None, first: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """An attending adapter's draft step at the adapter cache's next position; the first also
-    computes the pending exact positions before it. Returns logits [1, S, V_d] and the last top [1, 1, H]."""
-    if prev_top is None:
-        prev_top = torch.zeros_like(hidden)
-    rows = [(hidden, prev_top)]
-    return _adapter_rows_step(model, state, rows) if first else _rows_step(model, state, rows)
-
-
-def _adapter_rows_step(
-    model: SpAFModel, state: DecodeState, rows: list[tuple[torch.Tensor, torch.Tensor]]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The queued exact rows, then ``rows``, in one call; the queue empties."""
+def _take_queue(state: DecodeState) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The exact (h, f) rows queued for an attending adapter since its last first draft; the queue empties."""
     queued, state.adapter_rows = state.adapter_rows, []
-    return _rows_step(model, state, queued + rows)
+    return queued
 
 
-def _rows_step(
+def _adapter_step(
     model: SpAFModel, state: DecodeState, rows: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, f) rows at the adapter cache's next positions. Returns logits [1, S, V_d] and the last top [1, 1, H]."""
+    """An attending adapter on (h, f) rows at its cache's next positions. -> logits [1, S, V_d], last top [1, 1, H]"""
     hidden_rows = torch.cat([h for h, _ in rows], dim=1)  # [1, S, H]
     prev_rows = torch.cat([f for _, f in rows], dim=1)  # [1, S, H]
     logits, tops = model.draft_step(hidden_rows, prev_top=prev_rows, offset=state.adapter.length, cache=state.adapter)
@@ -220,25 +208,26 @@ def spaf_verify(model: SpAFModel, state: DecodeState, draft: Draft) -> np.ndarra
 
 
 def commit(state: DecodeState, draft: Draft, num_accepted: int, bonus: int) -> list[int]:
-    """Append the accepted drafts and the bonus; cut both caches back to the valid length."""
+    """Append the accepted drafts and the bonus; cut both caches back to the valid length.
+
+    Follows :func:`spaf_verify` on the same draft, whose states become the exact ones of ``T+n``.
+    """
     new = draft.tokens[:num_accepted] + [bonus]
     valid = state.position + num_accepted + 1  # positions T .. T+n now hold accepted tokens
+    before = state.top if state.top is not None else torch.zeros_like(draft.verified_top[:, :1])  # f(T-1)
+    previous = torch.cat([before, draft.verified_top], dim=1)  # f(T-1 .. T+D): the top state before each row
     if state.adapter is not None:
         # Entries past T are drafted, and so is T's after an aligned first draft; exact from there on:
-        # positions .. T+n, reading f(T-1) then the verify pass's tops.
+        # positions .. T+n, each reading the top state before it.
         first_exact = 1 if draft.exact_hidden else 0
         state.adapter.rewind_to(min(state.adapter.length, state.position + first_exact))
-        tops = torch.cat([state.top if state.top is not None else torch.zeros_like(draft.verified_top[:, :1]),
-                          draft.verified_top], dim=1)  # f(T-1 .. T+D)
         for position in range(state.adapter.length + len(state.adapter_rows), valid):
             row = position - state.position
-            state.adapter_rows.append((draft.verified_hidden[:, row:row + 1], tops[:, row:row + 1]))
+            state.adapter_rows.append((draft.verified_hidden[:, row:row + 1], previous[:, row:row + 1]))
     state.tokens.extend(new)
-    if draft.verified_top is not None:
-        before = state.top if state.top is not None else torch.zeros_like(draft.verified_top[:, :1])  # f(T-1)
-        state.top2 = torch.cat([before, draft.verified_top], dim=1)[:, num_accepted:num_accepted + 1]  # f(T+n-1)
-        state.top = draft.verified_top[:, num_accepted:num_accepted + 1]  # top state of T+n, before the bonus
-        state.hidden = draft.verified_hidden[:, num_accepted:num_accepted + 1]  # its cutoff state
+    state.top2 = previous[:, num_accepted:num_accepted + 1]  # f(T+n-1)
+    state.top = draft.verified_top[:, num_accepted:num_accepted + 1]  # top state of T+n, before the bonus
+    state.hidden = draft.verified_hidden[:, num_accepted:num_accepted + 1]  # its cutoff state
     state.lower.rewind_to(valid)
     state.upper.rewind_to(valid)
     return new

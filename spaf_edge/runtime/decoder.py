@@ -157,7 +157,6 @@ class Decoder:
         self.attends = draft_head.kv is not None  # the adapter keeps a KV cache of its own
         self.adapter_rows = 0  # rows of adapter_hidden/adapter_prev waiting for the next first draft
         self.drafting = True  # False in plain greedy mode: the adapter's cache is not kept
-        self.has_prev_hidden = False  # prev_hidden holds h(T-1) (False at T = 0)
 
     @property
     def position(self) -> int:
@@ -230,7 +229,6 @@ class Decoder:
         self.tokens = list(prompt_ids)
         self.buffers.ensure_rows(min(len(body), self.prefill_chunk))
         self.buffers.prev_tops.array[:, 0] = 0  # no position before x_0: the reference's zeros
-        self.has_prev_hidden = bool(body)
         if self.attends:
             self.draft_head.kv.rewind_to(0)
             self.adapter_rows = 0
@@ -260,9 +258,10 @@ class Decoder:
         """
         buffers, draft = self.buffers, Draft()
         token = self.tokens[-1]
-        serial = serial_parallel_transition if self.has_prev_hidden else max(1, serial_parallel_transition)
+        serial = serial_parallel_transition if self.position > 0 else max(1, serial_parallel_transition)
         if serial == 0 and num_drafts > 0:
             self._start_chain_before()
+        first_prev = buffers.chain_top if serial == 0 else buffers.prev_tops  # row 0: the first draft's prev_top
         for j in range(1, num_drafts + 1):
             if j <= serial:
                 self._run_lower([token], row=j - 1)  # exact h(T+j-1) into hidden row j-1
@@ -276,13 +275,12 @@ class Decoder:
                     source = (buffers.hidden if j - 1 == serial else buffers.pseudo).view(j - 2, j - 1)
                 self.drafter.run(source, buffers.pseudo.view(j - 1, j))  # ĥ(T+j-1)
                 rows = buffers.pseudo
-            hidden = rows.view(j - 1, j)
-            prev_top = buffers.chain_top if j == 1 and serial == 0 else None  # None: prev_tops row j-1
             if self.attends and j == 1:
-                self._adapt_first(rows, prev_top if prev_top is not None else buffers.prev_tops)
+                self._queue(rows.array[:, 0], first_prev.array[:, 0])  # after the exact rows queued at commit
+                self._run_queued(buffers.prev_tops.view(1, 2))
             else:
-                prev_view = prev_top.view(0, 1) if prev_top is not None else buffers.prev_tops.view(j - 1, j)
-                self.draft_head.run(hidden, prev_view, buffers.prev_tops.view(j, j + 1))
+                prev_view = first_prev.view(0, 1) if j == 1 else buffers.prev_tops.view(j - 1, j)
+                self.draft_head.run(rows.view(j - 1, j), prev_view, buffers.prev_tops.view(j, j + 1))
             logits = buffers.draft_logits[0, 0]  # [V_d]
             q = self.draft_distribution(logits, params)
             if stop_threshold is not None:
@@ -351,17 +349,24 @@ class Decoder:
         self.draft_head.run(buffers.hidden.view(0, new), buffers.adapter_prev.view(0, new),
                             buffers.prev_tops.view(1, 2), new)  # its draft is not used: row 1 is scratch here
 
-    def _adapt_first(self, source: HostBuffer, prev_top: HostBuffer) -> None:
-        """The first draft: the queued exact rows and the pending token's (row 0 of ``source`` and ``prev_top``)."""
-        buffers, rows = self.buffers, self.adapter_rows
-        buffers.adapter_hidden.array[:, rows] = source.array[:, 0]
-        buffers.adapter_prev.array[:, rows] = prev_top.array[:, 0]
-        self.draft_head.run(buffers.adapter_hidden.view(0, rows + 1), buffers.adapter_prev.view(0, rows + 1),
-                            buffers.prev_tops.view(1, 2), rows + 1)
-        self.adapter_rows = 0
+    def _queue(self, hidden: np.ndarray, previous: np.ndarray) -> None:
+        """Queue one row for the adapter's next call: a cutoff state and the top state before it ([1, H] each)."""
+        rows = self.adapter_rows
+        self.buffers.adapter_hidden.array[:, rows] = hidden
+        self.buffers.adapter_prev.array[:, rows] = previous
+        self.adapter_rows += 1
+
+    def _run_queued(self, drafted_top: ort.OrtValue) -> None:
+        """The draft head on the queued rows, at the adapter cache's next positions; the queue empties.
+
+        Its draft logits and ``drafted_top`` (a [1, 1, H] view) are the last row's.
+        """
+        rows, self.adapter_rows = self.adapter_rows, 0
+        buffers = self.buffers
+        self.draft_head.run(buffers.adapter_hidden.view(0, rows), buffers.adapter_prev.view(0, rows), drafted_top, rows)
 
     def _queue_exact_rows(self, valid: int, first_exact: bool) -> None:
-        """At commit (before ``_keep_top``): drop the chain's drafted entries and queue positions ``.. valid-1``.
+        """At commit (before ``_keep_exact``): drop the chain's drafted entries and queue positions ``.. valid-1``.
 
         Entries past ``T`` are drafted, and so is ``T``'s unless the first draft was serial
         (``first_exact``). Verify rows ``r`` hold ``h(T+r)`` and ``f(T+r)``; ``prev_tops`` row 0
@@ -370,11 +375,9 @@ class Decoder:
         buffers, kv, start = self.buffers, self.draft_head.kv, self.position
         kv.rewind_to(min(kv.length, start + int(first_exact)))
         for position in range(kv.length + self.adapter_rows, valid):
-            row, rows = position - start, self.adapter_rows
-            buffers.adapter_hidden.array[:, rows] = buffers.hidden.array[:, row]
+            row = position - start
             previous = buffers.prev_tops.array[:, 0] if row == 0 else buffers.top_hidden.array[:, row - 1]
-            buffers.adapter_prev.array[:, rows] = previous
-            self.adapter_rows += 1
+            self._queue(buffers.hidden.array[:, row], previous)
 
     def _start_chain_before(self) -> None:
         """``chain_top`` = the drafted top of ``T-1`` from its exact states, ``final_norm(a(h(T-1), f(T-2)))``.
@@ -389,24 +392,19 @@ class Decoder:
             return
         if self.adapter_rows == 0:
             self.draft_head.kv.rewind_to(self.draft_head.kv.length - 1)
-            buffers.adapter_hidden.array[:, 0] = buffers.prev_hidden.array[:, 0]
-            buffers.adapter_prev.array[:, 0] = buffers.prev_top2.array[:, 0]
-            self.adapter_rows = 1
-        rows, self.adapter_rows = self.adapter_rows, 0
-        self.draft_head.run(buffers.adapter_hidden.view(0, rows), buffers.adapter_prev.view(0, rows),
-                            buffers.chain_top.view(0, 1), rows)
+            self._queue(buffers.prev_hidden.array[:, 0], buffers.prev_top2.array[:, 0])
+        self._run_queued(buffers.chain_top.view(0, 1))
 
     def _keep_exact(self, row: int) -> None:
-        """At the end of an upper call: row ``row``'s states become those of ``T-1`` (and ``T-2``'s before it)."""
+        """At the end of an upper call: the states of its row ``row`` become those of ``T-1``.
+
+        ``prev_tops`` row 0 gets ``f(T-1)``, ``prev_hidden`` ``h(T-1)``, and ``prev_top2`` ``f(T-2)``
+        (the row before, or the previous ``f(T-1)`` when ``row`` is 0).
+        """
         buffers = self.buffers
         buffers.prev_top2.array[:, 0] = buffers.top_hidden.array[:, row - 1] if row else buffers.prev_tops.array[:, 0]
-        self._keep_top(row)
+        buffers.prev_tops.array[:, 0] = buffers.top_hidden.array[:, row]
         buffers.prev_hidden.array[:, 0] = buffers.hidden.array[:, row]
-        self.has_prev_hidden = True
-
-    def _keep_top(self, row: int) -> None:
-        """The last upper call's top state of ``row`` becomes the exact top state of ``T-1`` (H values)."""
-        self.buffers.prev_tops.array[:, 0] = self.buffers.top_hidden.array[:, row]
 
 
 def cut_at_eos(tokens: list[int], eos: frozenset[int]) -> tuple[list[int], bool]:

@@ -64,8 +64,8 @@ def expected_io(manifest: Manifest, dtype: type) -> dict[str, tuple[list[Expecte
     k, hidden = manifest.cutoff_layer, sizes.hidden_size
     positions = [Expected(SEQLENS_K, np.int32, [1]), Expected(TOTAL_SEQUENCE_LENGTH, np.int32, [])]
 
-    def kv(layers: range) -> tuple[list[Expected], list[Expected]]:
-        shape = [1, sizes.num_kv_heads, sizes.max_length, sizes.head_dim]
+    def kv(layers: Sequence[int | str], shape: list[int] | None = None) -> tuple[list[Expected], list[Expected]]:
+        shape = shape or [1, sizes.num_kv_heads, sizes.max_length, sizes.head_dim]
         names = kv_names(layers)
         past = [Expected(name, dtype, shape) for pk, pv, _, _ in names for name in (pk, pv)]
         present = [Expected(name, dtype, shape) for _, _, ck, cv in names for name in (ck, cv)]
@@ -79,10 +79,9 @@ def expected_io(manifest: Manifest, dtype: type) -> dict[str, tuple[list[Expecte
     adapter_past: list[Expected] = []
     adapter_present: list[Expected] = []
     if attention:
-        shape = [1, attention["num_heads"], sizes.max_length, attention["head_dim"]]
-        ((past_k, past_v, present_k, present_v),) = kv_names([ADAPTER_KV])
-        adapter_past = [*positions, Expected(past_k, dtype, shape), Expected(past_v, dtype, shape)]
-        adapter_present = [Expected(present_k, dtype, shape), Expected(present_v, dtype, shape)]
+        adapter_past, adapter_present = kv([ADAPTER_KV], [1, attention["num_heads"], sizes.max_length,
+                                                          attention["head_dim"]])
+        adapter_past = [*positions, *adapter_past]
     return {
         LOWER_GRAPH: (
             [Expected(INPUTS_EMBEDS, dtype, [1, None, hidden]), *positions, *lower_past],

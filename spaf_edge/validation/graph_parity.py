@@ -274,13 +274,13 @@ class GraphSessions:
         """Positions ``length .. length+S-1``; the caller advances ``length`` once both stacks ran."""
         return self._run_cached(session, kv, feeds, outputs, self.length)
 
-    def _run_cached(self, session, kv, feeds, outputs, past: int) -> dict[str, np.ndarray]:
-        """A graph with a KV cache of ``past`` valid rows on the new positions ``past .. past+S-1``."""
+    def _run_cached(self, session, kv, feeds, outputs, past_length: int) -> dict[str, np.ndarray]:
+        """A graph with a KV cache of ``past_length`` valid rows on the new positions after them."""
         length = next(iter(feeds.values())).shape[1]  # S new positions
         binding = session.io_binding()
         feeds = dict(feeds)
-        feeds[io_names.SEQLENS_K] = np.array([past + length - 1], dtype=np.int32)
-        feeds[io_names.TOTAL_SEQUENCE_LENGTH] = np.array(past + length, dtype=np.int32)
+        feeds[io_names.SEQLENS_K] = np.array([past_length + length - 1], dtype=np.int32)
+        feeds[io_names.TOTAL_SEQUENCE_LENGTH] = np.array(past_length + length, dtype=np.int32)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         for (past, present), value in kv.items():  # one buffer: GQA writes the new rows in place
