@@ -64,7 +64,7 @@ def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_si
     """Train SpAF components (only they train; the base stays frozen)."""
     from spaf_edge.config import SpAFConfig
     from spaf_edge.errors import ConfigError
-    from spaf_edge.training.distributed import DistributedSettings
+    from spaf_edge.training.distributed import DistributedSettings, end_process_group
     from spaf_edge.training.trainer import train_run
 
     overrides = {name: value for name, value in settings.items() if value is not None}
@@ -82,8 +82,11 @@ def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_si
                    "alignment_rollout_steps": rollout_steps}
         config = config.replace(**{k: v for k, v in changes.items() if v is not None})
     distributed = DistributedSettings(mixed_precision, base_dtype, deepspeed_config)
-    result = train_run(base_model, data, run_dir, overrides, config, resume=resume, progress=progress,
-                       distributed=distributed, init_from=init_from)
+    try:
+        result = train_run(base_model, data, run_dir, overrides, config, resume=resume, progress=progress,
+                           distributed=distributed, init_from=init_from)
+    finally:
+        end_process_group()
     if not result.main_process:
         return
     click.echo(json.dumps({

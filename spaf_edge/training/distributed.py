@@ -102,6 +102,18 @@ def ensure_launcher_env() -> None:
             os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
 
 
+def end_process_group() -> None:
+    """Destroy this process's torch.distributed group, if training started one.
+
+    Call it once a launched command is done with its collectives. A Gloo group left for
+    interpreter teardown can abort the process ("terminate called without an active
+    exception", SIGABRT) after the run has succeeded: its worker threads outlive the
+    interpreter (pytorch/pytorch#190489).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def make_accelerator(settings: Any, distributed: DistributedSettings, hidden_size: int, find_unused: bool):
     """An Accelerator for ``settings`` (TrainSettings): DDP, or DeepSpeed when a config is given."""
     from accelerate import Accelerator
