@@ -686,6 +686,30 @@ def test_unavailable_provider_names_the_available_ones(tiny):
         Engine.from_folder(tiny[1], provider="gpu")
 
 
+def test_a_provider_that_falls_back_to_the_cpu_is_an_error(tiny, monkeypatch):
+    """onnxruntime retries on the CPU when e.g. CUDA's libraries are missing; the engine must not
+    then report CPU numbers as CUDA ones."""
+    import onnxruntime as ort
+
+    from spaf_edge.runtime import session as sessions
+
+    class CudaFailsToStart(ort.InferenceSession):
+        def __init__(self, path, options, providers):
+            super().__init__(path, options, providers=["CPUExecutionProvider"])
+
+    preloads = []
+    monkeypatch.setattr(ort, "InferenceSession", CudaFailsToStart)
+    monkeypatch.setattr(ort, "preload_dlls", lambda: preloads.append(1))
+    monkeypatch.setitem(sessions._state, "cuda_loaded", False)
+    options = sessions.compatible_session_options()
+    with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider did not start for lower.onnx; "
+                                                       "onnxruntime fell back to CPUExecutionProvider"):
+        sessions.open_session(tiny[1] / LOWER_GRAPH, options, sessions.PROVIDERS["cuda"])
+    assert sessions.open_session(tiny[1] / LOWER_GRAPH, options, sessions.PROVIDERS["cpu"]).get_providers() == [
+        "CPUExecutionProvider"]
+    assert preloads == [1], "CUDA's libraries are preloaded once, for CUDA providers only"
+
+
 # ---- the real default model -----------------------------------------------
 @pytest.fixture(scope="module")
 def default_export(default_base, tmp_path_factory):

@@ -152,7 +152,7 @@ def _hf_generate(model: Any, prompt_ids: list[int], max_new_tokens: int, eos: li
         def end(self) -> None:
             pass
 
-    ids = torch.tensor([prompt_ids], dtype=torch.long)  # [1, P]
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)  # [1, P]
     timer = FirstTokenTimer()
     start = time.perf_counter()
     with torch.inference_mode():
@@ -181,7 +181,10 @@ class TransformersGreedy(Runner):
         if self.context.threads:
             torch.set_num_threads(self.context.threads)
         dtype = torch.float16 if self.context.precision == "fp16" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(self.context.base_model, dtype=dtype).eval()
+        # The GPU user's alternative is PyTorch on the GPU: follow the engine's provider there.
+        gpu = self.context.provider.lower() in ("cuda", "tensorrt") and torch.cuda.is_available()
+        device = "cuda" if gpu else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(self.context.base_model, dtype=dtype).to(device).eval()
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> RunOutput:
         return _hf_generate(self.model, prompt_ids, max_new_tokens, self.context.eos_token_ids)

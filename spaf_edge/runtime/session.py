@@ -68,7 +68,7 @@ def provider_list(provider: Provider) -> list[str]:
 
 
 # ---- threads -------------------------------------------------------------
-_state = {"global_threads": None}  # process-wide, as ORT's global pool is
+_state = {"global_threads": None, "cuda_loaded": False}  # process-wide, as ORT's global pool is
 
 
 def default_threads() -> int:
@@ -155,8 +155,10 @@ def open_session(path: Path, options: ort.SessionOptions, provider: Provider) ->
         raise ExportFormatError(f"{path} is missing. The export is incomplete: re-run `spaf-edge export`.")
     if provider.name == "dml":  # DirectML supports neither memory patterns nor parallel execution
         options.enable_mem_pattern = False
+    if provider.device == "cuda":
+        load_cuda_libraries()
     try:
-        return ort.InferenceSession(str(path), options, providers=provider_list(provider))
+        session = ort.InferenceSession(str(path), options, providers=provider_list(provider))
     except _ort_state.EPFail as exc:
         raise ProviderUnavailableError(
             f"{provider.ort_name} failed to set up {path.name} ({str(exc).strip()[:300]}). Check the provider's "
@@ -167,3 +169,23 @@ def open_session(path: Path, options: ort.SessionOptions, provider: Provider) ->
             f"onnxruntime cannot load {path} ({type(exc).__name__}: {str(exc).strip()[:300]}). The file is "
             "truncated, corrupt or from an incompatible exporter: re-run `spaf-edge export`."
         ) from exc
+    if provider.ort_name not in session.get_providers():
+        # onnxruntime's Python API retries on the CPU, with a warning only, when a provider fails to start.
+        raise ProviderUnavailableError(
+            f"{provider.ort_name} did not start for {path.name}; onnxruntime fell back to "
+            f"{', '.join(session.get_providers())}. For cuda/tensorrt, install the CUDA and cuDNN libraries "
+            "onnxruntime-gpu was built for (`pip install onnxruntime-gpu[cuda,cudnn]`, or a PyTorch with the same "
+            "CUDA major version), or use --provider cpu."
+        )
+    return session
+
+
+def load_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from pip's NVIDIA packages or PyTorch, where onnxruntime-gpu can do so.
+
+    ``onnxruntime.preload_dlls`` (onnxruntime >= 1.21) finds them where the system loader
+    would not; it does nothing in builds without CUDA.
+    """
+    if not _state["cuda_loaded"] and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    _state["cuda_loaded"] = True
