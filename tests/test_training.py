@@ -357,6 +357,38 @@ def test_time_budget_cuts_steps_and_the_schedule_follows(tokenizer, text_data, t
     assert saved["steps"] == result.steps and saved["time_budget"] is None
 
 
+class ShiftingClock(TickingClock):
+    """A TickingClock whose tick changes once the clock passes ``at`` seconds: the machine got busier or quieter."""
+
+    def __init__(self, tick, at, later_tick):
+        super().__init__(tick)
+        self.at, self.later_tick = at, later_tick
+
+    def perf_counter(self):
+        if self.now >= self.at:
+            self.tick = self.later_tick
+        return super().perf_counter()
+
+
+@pytest.mark.parametrize("before, after", [(0.5, 0.1), (0.1, 0.4)], ids=["probe-while-busy", "busy-after-probe"])
+def test_time_budget_is_replanned_when_the_step_time_changes(tokenizer, text_data, tmp_path, monkeypatch, before,
+                                                             after):
+    from spaf_edge.training import trainer
+
+    budget = 120.0
+    clock = ShiftingClock(before, at=30.0 * before, later_tick=after)  # shifts in the probe's window (steps 5-25)
+    monkeypatch.setattr(trainer, "time", clock)
+    result = train(tiny_spaf(tokenizer), text_data, tmp_path, small_settings(steps=4000, warmup=2, time_budget=budget),
+                   progress=False)
+    plans = [row for row in read_log(tmp_path) if row["split"] == "budget"]
+    assert plans[0]["step"] == 25 and len(plans) >= 2, "the plan was checked again after the probe"
+    first, last = plans[0]["steps"], plans[-1]["steps"]
+    assert (last > first) if after < before else (last < first)
+    assert result.steps == last <= 4000
+    # The run used its budget without overrunning it (5 % is kept for evals and saves).
+    assert 0.8 * budget <= clock.now <= 1.05 * budget
+
+
 def test_time_budget_longer_than_the_run_changes_nothing(tokenizer, text_data, tmp_path):
     result = train(tiny_spaf(tokenizer), text_data, tmp_path, small_settings(steps=30, time_budget=3600.0),
                    progress=False)

@@ -43,7 +43,8 @@ from spaf_edge.cli import options
 @click.option("--max-examples", type=int, default=None, help="Use only the first N rows of --data.")
 @click.option("--time-budget", type=float, default=None,
               help="Seconds of training steps: the step time is measured over steps 5-25 and --steps is cut "
-                   "to what fits (the cosine schedule follows). Default: no limit.")
+                   "to what fits (the cosine schedule follows), then re-checked at steps 50, 100, ... until half "
+                   "the run. Default: no limit.")
 @click.option("--packing/--no-packing", default=None, help="Pack rows into full sequences [packing].")
 @click.option("--feature-cache", type=click.Path(file_okay=False), default=None,
               help="Cache the frozen base's features (fp16) here and reuse them every epoch.")

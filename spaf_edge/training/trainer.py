@@ -68,6 +68,13 @@ RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "eval_batches", "time_
 # loop's first step, so start-up kernels and allocator growth are left out) and ``steps``
 # is cut to what fits. The cosine schedule reads ``steps`` live and follows the cut.
 BUDGET_PROBE = (5, 25)
+# The plan is then checked at doubling step counts (50, 100, 200, ... from the first step)
+# while at most half of it is done, from the step time since the previous check, and
+# changed (down, or up to the requested ``steps``) when it is off by more than this
+# fraction of the steps left: a probe taken while the machine was busy, or quiet, must
+# neither waste the budget nor overrun it. Late in the run a change would bend the
+# schedule too much, so the checks stop at half.
+BUDGET_REPLAN_TOLERANCE = 0.05
 
 
 @dataclass
@@ -344,17 +351,20 @@ def train(
     train_seconds = 0.0  # optimizer steps only: eval and checkpoint time excluded from tokens/s
     module.train()
 
-    def fit_to_budget(probe_started: float) -> None:
-        """Cut ``settings.steps`` to what the time budget leaves, from the step time since ``probe_started``."""
+    budget, requested_steps = settings.time_budget, settings.steps
+
+    def fit_to_budget(window_started: float, window_steps: int, first: bool) -> None:
+        """Fit ``settings.steps`` to what the time budget leaves, from the step time of the last window."""
         now = time.perf_counter()
-        per_step = (now - probe_started) / (BUDGET_PROBE[1] - BUDGET_PROBE[0])
+        per_step = (now - window_started) / window_steps
         # Every rank must stop at the same step: plan with the slowest rank's times.
         measured = torch.tensor([[now - started, per_step]], dtype=torch.float64, device=accelerator.device)
         elapsed, per_step = accelerator.gather(measured).max(dim=0).values.tolist()
-        fitted = fit_steps(settings, step, elapsed, per_step)
-        if fitted < settings.steps:
+        fitted = fit_steps(budget, requested_steps, step, elapsed, per_step)
+        off_by = abs(fitted - settings.steps)
+        if off_by and (first or off_by > BUDGET_REPLAN_TOLERANCE * (settings.steps - step)):
             log.info("Time budget %.0f s at %.3f s/step: %d steps instead of %d",
-                     settings.time_budget, per_step, fitted, settings.steps)
+                     budget, per_step, fitted, settings.steps)
             logger.write({"split": "budget", "step": step, "seconds_per_step": per_step,
                           "steps": fitted, "planned_steps": settings.steps})
             settings.steps = fitted
@@ -365,7 +375,9 @@ def train(
         if accelerator.is_main_process:
             write_run_settings(run_dir, run_settings)
 
-    first_step, probe_started = step, started
+    first_step = step
+    window = (started, step)  # when and at which step the current step-time window began
+    next_fit = first_step + BUDGET_PROBE[1] if budget is not None else None
     while step < settings.steps:
         step_started = time.perf_counter()
         micro_losses = []
@@ -391,10 +403,14 @@ def train(
             row["grad_norm"] = float(grad_norm)
         logger.write(row)
         recent = (recent + [values])[-20:]
-        if settings.time_budget is not None and step - first_step == BUDGET_PROBE[0]:
-            probe_started = time.perf_counter()
-        elif settings.time_budget is not None and step - first_step == BUDGET_PROBE[1]:
-            fit_to_budget(probe_started)
+        if next_fit is not None and step - first_step == BUDGET_PROBE[0]:
+            window = (time.perf_counter(), step)
+        elif step == next_fit:
+            fit_to_budget(window[0], step - window[1], first=step - first_step == BUDGET_PROBE[1])
+            window = (time.perf_counter(), step)
+            next_fit = first_step + 2 * (step - first_step)
+            if next_fit - first_step > (settings.steps - first_step) / 2:
+                next_fit = None
         bar.set_postfix({short_name(k): f"{v:.3f}" for k, v in values.items()} | {"tok/s": f"{rate:.0f}"})
         bar.update(1)
         if settings.eval_every and step % settings.eval_every == 0 or step == settings.steps:
@@ -424,13 +440,13 @@ def write_run_settings(run_dir: Path, run_settings: dict[str, Any]) -> None:
     atomic_write_text(run_dir / ckpt.SETTINGS, json.dumps(run_settings, indent=2) + "\n")
 
 
-def fit_steps(settings: TrainSettings, step: int, elapsed: float, per_step: float) -> int:
-    """The step count that ends within ``settings.time_budget`` (never below ``step``).
+def fit_steps(budget: float, max_steps: int, step: int, elapsed: float, per_step: float) -> int:
+    """The step count that ends within ``budget`` seconds, between ``step`` and ``max_steps``.
 
     Keeps 5 % of the remaining time for the evaluations and checkpoints still ahead.
     """
-    remaining = settings.time_budget - elapsed
-    return min(settings.steps, step + max(0, int(0.95 * remaining / per_step)))
+    remaining = budget - elapsed
+    return min(max_steps, step + max(0, int(0.95 * remaining / per_step)))
 
 
 def micro_batches(loader, sampler: EpochSampler, per_epoch: int, start: int):
