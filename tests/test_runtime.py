@@ -21,7 +21,7 @@ from spaf_edge.errors import ConfigError, ContextLengthError, ExportFormatError,
 from spaf_edge.exporters import export_model
 from spaf_edge.generation.reference import spaf_generate
 from spaf_edge.io_names import EMBEDDINGS, LOWER_GRAPH, MANIFEST, UPPER_GRAPH
-from spaf_edge.runtime.decoder import EngineResult, TargetProbs
+from spaf_edge.runtime.decoder import EngineResult, TargetProbs, common_prefix
 from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.engine import Engine
 from spaf_edge.runtime.stream import IncrementalDecoder
@@ -416,6 +416,56 @@ def test_fused_reuse_cache_recomputes_the_last_prompt_row(fused, fused_engine):
     reused = fused_engine.generate(follow_up, reuse_cache=True, **options)
     fresh = fused_engine.generate(follow_up, **options)
     assert reused.tokens == fresh.tokens and reused.stats.accepted == fresh.stats.accepted
+
+
+@pytest.mark.parametrize("transition", [1, 0])
+def test_fused_reuse_cache_drafts_as_a_fresh_prefill_does(fused_engine, transition):
+    check_reuse_matches_fresh(fused_engine, transition)
+
+
+def prefill_state(decoder) -> dict[str, np.ndarray]:
+    """What drafting reads after a prefill: f(T-1), f(T-2), h(T-1) and the adapter cache's entries."""
+    buffers = decoder.buffers
+    state = {name: getattr(buffers, name).array[:, :1].copy() for name in ("prev_tops", "prev_top2", "prev_hidden")}
+    if decoder.attends:
+        kv = decoder.draft_head.kv
+        for layer in kv.layers:
+            state[f"adapter {layer}"] = np.concatenate(kv.rows(layer))
+    return state
+
+
+def check_reuse_matches_fresh(engine, transition: int) -> None:
+    """A prefill that reuses cached rows leaves the states drafting reads, and so the drafts, as a fresh one:
+    same tokens, same acceptances. It recomputes only the last rows of a follow-up prompt."""
+    decoder = engine.decoder
+    first = engine.generate(PROMPTS[0], max_new_tokens=12)
+    options = dict(max_new_tokens=12, temperature=0.8, seed=2, num_draft_tokens=3,
+                   serial_parallel_transition=transition)
+    for follow_up in (PROMPTS[0] + first.tokens[:6], PROMPTS[0] + first.tokens[:2] + [5, 9, 7]):
+        engine.generate(PROMPTS[0], max_new_tokens=12, num_draft_tokens=3, serial_parallel_transition=transition)
+        shared = common_prefix(PROMPTS[0] + first.tokens, follow_up)
+        decoder.prefill(follow_up, reuse_cache=True)
+        assert decoder.lower.kv.length == len(follow_up) - 1
+        reused = prefill_state(decoder)
+        decoder.prefill(follow_up)
+        fresh = prefill_state(decoder)
+        assert reused.keys() == fresh.keys()
+        for name in fresh:
+            np.testing.assert_allclose(reused[name], fresh[name], rtol=1e-4, atol=1e-5, err_msg=name)
+        rows = []
+        run_lower = decoder._run_lower
+        decoder._run_lower = lambda tokens, row: rows.append(len(tokens)) or run_lower(tokens, row)
+        try:
+            engine.generate(PROMPTS[0], max_new_tokens=12, num_draft_tokens=3, serial_parallel_transition=transition)
+            rows.clear()
+            reused = engine.generate(follow_up, reuse_cache=True, **options)
+            recomputed = rows[0]  # the prefill's one chunk
+        finally:
+            del decoder._run_lower
+        assert recomputed < len(follow_up) - shared + 3, "the shared rows were reused"
+        fresh = engine.generate(follow_up, **options)
+        assert reused.tokens == fresh.tokens
+        assert (reused.stats.accepted, reused.stats.drafted) == (fresh.stats.accepted, fresh.stats.drafted)
 
 
 def test_plain_greedy_never_runs_the_draft_head(fused_engine, monkeypatch):
@@ -832,13 +882,16 @@ def test_attention_adapter_cache_is_exact_after_every_commit(attending, transiti
     assert sum(result.stats.accepted) > 0
 
 
-def test_attention_adapter_reuse_cache_and_plain_greedy(attending, attending_engine):
-    """reuse_cache recomputes everything for an attending adapter; plain greedy skips its cache entirely."""
+@pytest.mark.parametrize("transition", [1, 0])
+def test_attention_adapter_reuse_cache_keeps_its_exact_entries(attending_engine, transition):
+    check_reuse_matches_fresh(attending_engine, transition)
+
+
+def test_attention_adapter_plain_greedy_skips_its_cache(attending_engine):
+    """Plain greedy computes no adapter entries; a later reusing SpAF prefill recomputes the missing ones."""
     first = attending_engine.generate(PROMPTS[0], max_new_tokens=12)
-    follow_up = PROMPTS[0] + first.tokens[:6]
-    options = dict(max_new_tokens=12, temperature=0.8, seed=2)
-    reused = attending_engine.generate(follow_up, reuse_cache=True, **options)
-    fresh = attending_engine.generate(follow_up, **options)
-    assert reused.tokens == fresh.tokens and reused.stats.accepted == fresh.stats.accepted
     plain = attending_engine.generate(PROMPTS[0], max_new_tokens=12, mode="greedy")
     assert attending_engine.decoder.draft_head.kv.length == 0 and plain.tokens == first.tokens
+    follow_up = PROMPTS[0] + first.tokens[:6]
+    reused = attending_engine.generate(follow_up, max_new_tokens=12, reuse_cache=True)
+    assert reused.tokens == attending_engine.generate(follow_up, max_new_tokens=12).tokens

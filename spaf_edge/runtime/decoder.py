@@ -215,29 +215,35 @@ class Decoder:
     def prefill(self, prompt_ids: Sequence[int], reuse_cache: bool = False) -> None:
         """Run both stacks on ``prompt[:-1]`` in chunks; the last prompt token becomes pending.
 
-        With ``reuse_cache``, cached rows of the previous tokens that the prompt starts with are
-        kept, except the last prompt row: it is recomputed for its top state (the first draft's
-        ``prev_top``). The exact top state of ``T-1`` ends in ``prev_tops`` row 0 (zeros when
-        the prompt has one token). An attending adapter's entries need every position's previous
-        top state, which is not kept: with one, nothing is reused.
+        With ``reuse_cache``, the cached rows of the positions the prompt shares with the
+        previous tokens are kept, except the last two body rows at most: the top states of
+        ``T-1`` and ``T-2`` that drafting reads are not kept, so they are recomputed. An
+        attending adapter's cache keeps its entries of the shared positions too; its first new
+        entry reads the top state of the position before, so that position is recomputed (its
+        own entry is not). The exact top state of ``T-1`` ends in ``prev_tops`` row 0 (zeros
+        when the prompt has one token).
         """
         body = prompt_ids[:-1]
-        keep = common_prefix(self.tokens[: self.position], body) if reuse_cache and not self.attends else 0
-        keep = max(0, min(keep, len(body) - 1))
-        self.lower.kv.rewind_to(min(keep, self.lower.kv.length))
-        self.upper.kv.rewind_to(min(keep, self.upper.kv.length))
+        shared = min(common_prefix(self.tokens[: self.position], body), len(body) - 1) if reuse_cache else 0
+        if self.attends:
+            # Entries past the shared positions belong to other tokens; the queued ones are dropped.
+            self.draft_head.kv.rewind_to(min(shared, self.draft_head.kv.length))
+            self.adapter_rows = 0
+            if self.drafting:  # positions without an entry (plain greedy ran, or only queued) are recomputed
+                shared = self.draft_head.kv.length
+        start = max(0, shared - 1)
+        self.lower.kv.rewind_to(min(start, self.lower.kv.length))
+        self.upper.kv.rewind_to(min(start, self.upper.kv.length))
         self.tokens = list(prompt_ids)
         self.buffers.ensure_rows(min(len(body), self.prefill_chunk))
         self.buffers.prev_tops.array[:, 0] = 0  # no position before x_0: the reference's zeros
-        if self.attends:
-            self.draft_head.kv.rewind_to(0)
-            self.adapter_rows = 0
         for begin in range(self.lower.kv.length, len(body), self.prefill_chunk):
             chunk = body[begin:begin + self.prefill_chunk]
             self._run_lower(chunk, row=0)
             self._run_upper(len(chunk), num_logits=0)  # prefill needs top states only: no LM head
             if self.attends and self.drafting:
-                self._adapt_prefill(len(chunk))
+                cached = max(0, self.draft_head.kv.length - begin)  # rows whose entries the cache has
+                self._adapt_prefill(cached, len(chunk))
             self._keep_exact(len(chunk) - 1)
 
     def draft(
@@ -341,13 +347,17 @@ class Decoder:
         return buffers.logits.array[0, :num_logits]
 
     # ---- an attending adapter's cache ------------------------------------
-    def _adapt_prefill(self, new: int) -> None:
-        """Adapter entries of the prefill chunk in hidden rows ``0 .. new-1``, each reading its previous top state."""
+    def _adapt_prefill(self, first: int, stop: int) -> None:
+        """Adapter entries of prefill chunk rows ``first .. stop-1``, each reading its previous top state."""
+        if first >= stop:
+            return
         buffers = self.buffers
-        buffers.adapter_prev.array[:, 0] = buffers.prev_tops.array[:, 0]  # f of the position before the chunk
-        buffers.adapter_prev.array[:, 1:new] = buffers.top_hidden.array[:, :new - 1]
-        self.draft_head.run(buffers.hidden.view(0, new), buffers.adapter_prev.view(0, new),
-                            buffers.prev_tops.view(1, 2), new)  # its draft is not used: row 1 is scratch here
+        # f of the position before row ``first``: the previous chunk's last (or zeros at x_0) for row 0
+        before = buffers.prev_tops.array[:, 0] if first == 0 else buffers.top_hidden.array[:, first - 1]
+        buffers.adapter_prev.array[:, 0] = before
+        buffers.adapter_prev.array[:, 1:stop - first] = buffers.top_hidden.array[:, first:stop - 1]
+        self.draft_head.run(buffers.hidden.view(first, stop), buffers.adapter_prev.view(0, stop - first),
+                            buffers.prev_tops.view(1, 2), stop - first)  # its draft is not used: row 1 is scratch
 
     def _queue(self, hidden: np.ndarray, previous: np.ndarray) -> None:
         """Queue one row for the adapter's next call: a cutoff state and the top state before it ([1, H] each)."""
