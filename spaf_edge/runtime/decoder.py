@@ -349,15 +349,17 @@ class Decoder:
     # ---- an attending adapter's cache ------------------------------------
     def _adapt_prefill(self, first: int, stop: int) -> None:
         """Adapter entries of prefill chunk rows ``first .. stop-1``, each reading its previous top state."""
-        if first >= stop:
-            return
-        buffers = self.buffers
-        # f of the position before row ``first``: the previous chunk's last (or zeros at x_0) for row 0
-        before = buffers.prev_tops.array[:, 0] if first == 0 else buffers.top_hidden.array[:, first - 1]
-        buffers.adapter_prev.array[:, 0] = before
-        buffers.adapter_prev.array[:, 1:stop - first] = buffers.top_hidden.array[:, first:stop - 1]
-        self.draft_head.run(buffers.hidden.view(first, stop), buffers.adapter_prev.view(0, stop - first),
-                            buffers.prev_tops.view(1, 2), stop - first)  # its draft is not used: row 1 is scratch
+        for row in range(first, stop):
+            self._queue(self.buffers.hidden.array[:, row], self._top_before(row))
+        if self.adapter_rows:
+            self._run_queued(self.buffers.prev_tops.view(1, 2))  # its draft is not used: row 1 is scratch here
+
+    def _top_before(self, row: int) -> np.ndarray:
+        """The top state of the position before the last upper call's row ``row``: [1, H].
+
+        Row 0's is ``prev_tops`` row 0 (``f(T-1)``, the previous chunk's last, or zeros at ``x_0``).
+        """
+        return self.buffers.prev_tops.array[:, 0] if row == 0 else self.buffers.top_hidden.array[:, row - 1]
 
     def _queue(self, hidden: np.ndarray, previous: np.ndarray) -> None:
         """Queue one row for the adapter's next call: a cutoff state and the top state before it ([1, H] each)."""
@@ -386,8 +388,7 @@ class Decoder:
         kv.rewind_to(min(kv.length, start + int(first_exact)))
         for position in range(kv.length + self.adapter_rows, valid):
             row = position - start
-            previous = buffers.prev_tops.array[:, 0] if row == 0 else buffers.top_hidden.array[:, row - 1]
-            self._queue(buffers.hidden.array[:, row], previous)
+            self._queue(buffers.hidden.array[:, row], self._top_before(row))
 
     def _start_chain_before(self) -> None:
         """``chain_top`` = the drafted top of ``T-1`` from its exact states, ``final_norm(a(h(T-1), f(T-2)))``.
@@ -412,7 +413,7 @@ class Decoder:
         (the row before, or the previous ``f(T-1)`` when ``row`` is 0).
         """
         buffers = self.buffers
-        buffers.prev_top2.array[:, 0] = buffers.top_hidden.array[:, row - 1] if row else buffers.prev_tops.array[:, 0]
+        buffers.prev_top2.array[:, 0] = self._top_before(row)
         buffers.prev_tops.array[:, 0] = buffers.top_hidden.array[:, row]
         buffers.prev_hidden.array[:, 0] = buffers.hidden.array[:, row]
 
