@@ -1,7 +1,9 @@
 """``spaf-edge bench``: prompts, pairing and ratios, token equality, skipping, reports, memory.
 
 Fake runners with a fake clock make ratios exact; one end-to-end run on a tiny random
-model exercises the real runners (HF, genai when installed, the SpAF engine). No test
+model exercises the real runners (HF, genai and its n-gram speculation when installed,
+the SpAF engine). The genai and llama.cpp runners are also driven through stand-ins of
+their libraries, so their logic is tested where the libraries are absent. No test
 asserts on real timings.
 """
 
@@ -9,6 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import tempfile
+import types
+from importlib.machinery import ModuleSpec
+from pathlib import Path
 
 import pytest
 
@@ -174,7 +181,7 @@ def test_token_difference_is_flagged():
     runners = _fakes(clock, liar=liar)
     measured = measure(PROMPTS, IDS, runners, [("spaf", "base")], max_new_tokens=6, clock=clock)
     report = metrics.check_equality(measured.runs, "base", ["spaf", "liar"])
-    assert report["runners"]["spaf"] == {"equal": 4, "total": 4, "mismatches": []}
+    assert report["runners"]["spaf"] == {"reference": "base", "equal": 4, "total": 4, "mismatches": []}
     liar_check = report["runners"]["liar"]
     assert (liar_check["equal"], liar_check["total"]) == (3, 4)
     assert liar_check["mismatches"][0]["prompt_id"] == "p2" and liar_check["mismatches"][0]["first_difference"] == 1
@@ -258,6 +265,272 @@ def test_memory_is_measured_in_a_fresh_process(monkeypatch):
     assert "no_such_module_xyz" in broken["error"]
 
 
+def test_speculative_runners_are_checked_against_their_own_plain_greedy():
+    """A quantized runtime's plain greedy may differ from the reference; its speculative mode must not
+    differ from that plain greedy, and that is what the report checks for it."""
+    clock = FakeClock()
+    exact = FakeRunner("hf", clock, lambda ids: 100.0).tokens_for
+    drifted = lambda ids: [ids[0] % 7, 42, 2, 3, 4, 5] if ids[0] == 30 else exact(ids)  # noqa: E731
+    runners = _fakes(
+        clock, hf=FakeRunner("hf", clock, lambda ids: 100.0),
+        plainq=FakeRunner("plainq", clock, lambda ids: 100.0, tokens_for=drifted),
+        specq=FakeRunner("specq", clock, lambda ids: 150.0, tokens_for=drifted),
+    )
+    runners["specq"].reference = "plainq"
+    runners["specq"].parity_with = ("plainq",)
+    measured = measure(PROMPTS, IDS, runners, plan_pairs(runners), max_new_tokens=6, clock=clock)
+    options = BenchOptions(name="own", runners=list(runners))
+    machine = {"cpu": "test cpu", "packages": {}, "provider": "cpu", "threads": 1}
+    result = assemble_result(options, machine, BenchContext(), PROMPTS, IDS, runners, {}, measured, {})
+    checks = result["equality"]["runners"]
+    assert result["equality"]["reference"] == "hf"
+    assert (checks["plainq"]["reference"], checks["plainq"]["equal"], checks["plainq"]["total"]) == ("hf", 6, 8)
+    assert (checks["specq"]["reference"], checks["specq"]["equal"], checks["specq"]["total"]) == ("plainq", 8, 8)
+    assert checks["spaf"]["reference"] == "hf"  # a fake without its own reference
+    markdown = write_report(result, Path(tempfile.mkdtemp()) / "own", plot=False) / RESULTS_MD
+    text = markdown.read_text()
+    assert "- `specq` vs `plainq`: 8/8 runs identical (identical)" in text
+    assert "- `plainq` vs `hf`: 6/8 runs identical (**DIFFERENT**)" in text
+
+
+def test_quantize_option_is_checked(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from spaf_edge.cli import main
+    from spaf_edge.manifest import Manifest
+
+    with pytest.raises(ConfigError, match="--quantize 'int3'"):
+        BenchOptions(quantization="int3").validate()
+    assert BenchOptions(quantization="none").quantization is None
+    monkeypatch.setattr(Manifest, "load", classmethod(lambda cls, folder, verify_files=True:
+                                                      types.SimpleNamespace(quantization="int4")))
+    for given, shown in ((["--quantize", "int8"], "asks for --quantize int8"), ([], "asks for --quantize none")):
+        outcome = CliRunner().invoke(main, ["bench", "--export-dir", str(tmp_path), *given, "--no-memory"])
+        assert outcome.exit_code == 1, outcome.output
+        assert "exported with --quantize int4" in outcome.output and shown in outcome.output
+        assert "pass --quantize int4" in outcome.output and "Traceback" not in outcome.output
+
+
+def test_quantization_reaches_the_exports_the_names_and_the_report(monkeypatch, tmp_path):
+    """The genai build and the SpAF export are made (and cached) per precision; the name and report say it."""
+    import subprocess
+
+    import spaf_edge.exporters
+    import spaf_edge.model
+    from spaf_edge.bench import genai_model
+    from spaf_edge.bench.exports import cached_export
+
+    monkeypatch.setenv("SPAF_EDGE_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
+    commands = []
+
+    def fake_builder(command, **kwargs):
+        commands.append(command)
+        out = Path(command[command.index("-o") + 1])
+        (out / "genai_config.json").write_text("{}")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(genai_model.subprocess, "run", fake_builder)
+    folders = [genai_model.build_genai_model(base, "fp32", "cpu", q) for q in (None, "int4", "int8", "int4")]
+    assert [c[c.index("-p") + 1] for c in commands] == ["fp32", "int4", "int8"]  # the second int4 is cached
+    assert folders[1] == folders[3] and len(set(folders)) == 3 and "int4" in folders[1].name
+    assert genai_model.unsupported_reason("fp16", "cpu", "int4") is None
+    assert "int8" in genai_model.unsupported_reason("fp32", "dml", "int8")
+
+    exported = []
+    monkeypatch.setattr(spaf_edge.model.SpAFModel, "from_pretrained", classmethod(lambda cls, *a, **k: "model"))
+
+    def fake_export(model, out, **kwargs):
+        exported.append(kwargs)
+        out.mkdir(parents=True)
+
+    monkeypatch.setattr(spaf_edge.exporters, "export_model", fake_export)
+    plain, int4 = (cached_export(base, None, "fp32", 2048, q) for q in (None, "int4"))
+    assert [k["quantization"] for k in exported] == [None, "int4"] and plain != int4
+
+    clock = FakeClock()
+    runners = _fakes(clock)
+    measured = measure(PROMPTS, IDS, runners, [("spaf", "base")], max_new_tokens=5, clock=clock)
+    options = BenchOptions(runners=["base", "spaf"], quantization="int4")
+    machine = {"cpu": "test cpu", "packages": {}, "provider": "cpu", "threads": 1}
+    context = BenchContext(base_model=str(base), quantization="int4")
+    result = assemble_result(options, machine, context, PROMPTS, IDS, runners, {}, measured, {})
+    assert result["name"].startswith("base-fp32-int4-cpu-") and result["settings"]["quantization"] == "int4"
+    markdown = (write_report(result, tmp_path / "r", plot=False) / RESULTS_MD).read_text()
+    assert "| weight quantization | int4 |" in markdown
+
+
+def _fake_genai(monkeypatch, tmp_path, stats):
+    """An ``onnxruntime_genai`` stand-in: 10, 11, 12, ... and the given speculative stats."""
+    from spaf_edge.bench import genai_model
+
+    calls = {"speculative": []}
+
+    class Params:
+        def __init__(self, model):
+            pass
+
+        def set_search_options(self, **options):
+            calls["search"] = options
+
+        def set_speculative_options(self, **options):
+            calls["speculative"].append(options)
+
+    class Generator:
+        def __init__(self, model, params):
+            self.tokens = []
+
+        def append_tokens(self, ids):
+            calls["prompt"] = ids.tolist()
+
+        def is_done(self):
+            return False
+
+        def generate_next_token(self):
+            self.tokens.append(10 + len(self.tokens))
+
+        def get_next_tokens(self):
+            return [self.tokens[-1]]
+
+        def get_speculative_stats(self):
+            return stats
+
+    config = types.SimpleNamespace(overlay=lambda text: None)
+    fake = types.SimpleNamespace(GeneratorParams=Params, Generator=Generator, Model=lambda cfg: "model",
+                                 Config=lambda folder: config)
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", fake)
+    monkeypatch.setattr(genai_model, "build_genai_model", lambda *args: tmp_path)
+    return calls
+
+
+def test_genai_ngram_uses_genai_speculation_and_reports_its_passes(monkeypatch, tmp_path):
+    stats = {"target_forward_passes": 3, "standard_fallback_steps": 2, "draft_tokens_evaluated": 8,
+             "draft_tokens_accepted": 5, "rounds": 2, "ngram_lookup_hits": 2, "ngram_lookup_misses": 2}
+    calls = _fake_genai(monkeypatch, tmp_path, stats)
+    context = BenchContext(base_model=str(tmp_path), eos_token_ids=[99], quantization="int4")
+    plain, ngram = baselines.GenaiGreedy(context), baselines.GenaiNgram(context)
+    plain.load()
+    ngram.load()
+    assert plain.model is ngram.model  # one genai model for both rows
+    out = plain.generate([1, 2], 8, 0)
+    assert calls["speculative"] == [] and out.speculation is None and out.stats.verify_steps == 8
+    out = ngram.generate([1, 2], 8, 0)
+    assert calls["speculative"] == [{"ngram_size": 3, "max_draft_tokens": 4}]
+    assert out.tokens == list(range(10, 18)) and calls["prompt"] == [[1, 2]]
+    assert out.speculation == {"forward_passes": 5, "drafted": 8, "accepted": 5, "rounds": 2,
+                               "lookup_hits": 2, "lookup_misses": 2}
+    assert out.stats.verify_steps == 6 and out.stats.tau == pytest.approx(8 / 6)  # the prefill + 5 passes
+    assert ngram.reference == "genai" and "genai" in ngram.parity_with
+
+
+def _fake_llama_cpp(monkeypatch):
+    """A ``llama_cpp`` stand-in that generates like llama-cpp-python: one ``eval`` for the prompt, then one
+    per step on the last token and its drafts; the tokens sampled from a step are the accepted drafts
+    and one more. The model's greedy continuation of ``seq`` is ``(seq[-1] * 3 + 1) % 50``."""
+    truth = lambda seq: (seq[-1] * 3 + 1) % 50  # noqa: E731
+
+    class Lookup:
+        def __init__(self, max_ngram_size, num_pred_tokens):
+            self.settings = (max_ngram_size, num_pred_tokens)
+
+        def __call__(self, input_ids):  # two right drafts, then a wrong one
+            first = truth(list(input_ids))
+            return np.array([first, truth([first]), 49])
+
+    class Llama:
+        instances = []
+
+        def __init__(self, model_path, draft_model=None, **settings):
+            self.path, self.draft_model, self.settings = model_path, draft_model, settings
+            self.resets = 0
+            self.evals = []
+            Llama.instances.append(self)
+
+        def reset(self):
+            self.resets += 1
+
+        def eval(self, tokens):
+            self.evals.append(list(tokens))
+
+        def generate(self, tokens, **sampling):
+            self.sampling = sampling
+            seq = list(tokens)
+            self.eval(seq)
+            while True:
+                token = truth(seq)  # from the last eval's logits
+                seq.append(token)
+                yield token
+                drafts = [int(d) for d in self.draft_model(np.array(seq))] if self.draft_model else []
+                self.eval([token, *drafts])
+                for draft in drafts:
+                    if draft != truth(seq):
+                        break
+                    seq.append(draft)
+                    yield draft
+
+    np = pytest.importorskip("numpy")
+    module = types.ModuleType("llama_cpp")
+    module.__spec__ = ModuleSpec("llama_cpp", None)
+    module.Llama = Llama
+    speculative = types.ModuleType("llama_cpp.llama_speculative")
+    speculative.LlamaPromptLookupDecoding = Lookup
+    monkeypatch.setitem(sys.modules, "llama_cpp", module)
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama_speculative", speculative)
+    return Llama
+
+
+def test_llamacpp_runners_on_a_stand_in(monkeypatch, tmp_path):
+    from spaf_edge.bench.benchmark import gguf_of
+
+    gguf = tmp_path / "model.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    base = tmp_path / "base"
+    base.mkdir()
+    assert gguf_of(base) is None
+    (base / "spaf_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+    assert gguf_of(base) == str(gguf)
+    if not baselines._importable("llama_cpp"):
+        reason = baselines.LlamacppGreedy.unavailable_reason(BenchContext(gguf=str(gguf)))
+        assert "llama_cpp not installed; pip install llama-cpp-python" in reason
+    Llama = _fake_llama_cpp(monkeypatch)
+    assert "no GGUF" in baselines.LlamacppLookup.unavailable_reason(BenchContext())
+    context = BenchContext(gguf=gguf_of(base), threads=2, max_length=300, eos_token_ids=[99])
+    plain, lookup = baselines.LlamacppGreedy(context), baselines.LlamacppLookup(context)
+    plain.load()
+    lookup.load()
+    assert plain.model.draft_model is None and lookup.model.draft_model.settings == (2, 10)
+    assert plain.model.settings["n_ctx"] == 300 and plain.model.settings["n_threads"] == 2
+    assert "model.Q4_1.gguf" in plain.label
+    want = plain.generate([4, 5], 7, 0)
+    assert plain.model.sampling["temp"] == 0.0 and plain.model.resets == 1
+    assert want.speculation is None and want.stats.verify_steps == 7 and len(plain.model.evals) == 7
+    out = lookup.generate([4, 5], 7, 0)
+    assert out.tokens == want.tokens
+    # the prefill gives token 1; each of two steps verifies 3 drafts, accepts 2 and adds 1 token
+    assert out.stats.verify_steps == 3 and out.stats.tau == pytest.approx(7 / 3)
+    assert (out.stats.drafted, out.stats.accepted) == ([2, 2, 2], [2, 2, 0])
+    assert out.speculation == {"forward_passes": 2, "drafted": 6, "accepted": 4}
+    again = lookup.generate([4, 5], 7, 0)  # counters start afresh each run
+    assert again.speculation == out.speculation and lookup.model.resets == 2
+    assert len(Llama.instances) == 2 and lookup.reference == "llamacpp"
+
+
+@pytest.mark.skipif(not baselines._importable("onnxruntime_genai"), reason="onnxruntime-genai not installed")
+def test_genai_int8_build_has_8_bit_weights(exportable_model_dir, tmp_path, monkeypatch):
+    """What ``--quantize int8`` means for genai: its builder's ``-p int8``, MatMulNBits with 8 bits."""
+    import onnx
+
+    from spaf_edge.bench.genai_model import build_genai_model
+
+    monkeypatch.setenv("SPAF_EDGE_CACHE", str(tmp_path / "cache"))
+    folder = build_genai_model(exportable_model_dir, "fp32", "cpu", "int8")
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert bits == {8} and not any(n.op_type == "MatMul" for n in graph.node)
+
+
 # ---- end to end on a tiny model ---------------------------------------------------
 @pytest.fixture
 def exportable_model_dir(tmp_path):
@@ -287,7 +560,8 @@ def test_bench_command_end_to_end_on_a_tiny_model(exportable_model_dir, tmp_path
     ]))
     args = [
         "bench", "--base-model", str(exportable_model_dir), "--prompts", str(prompts), "--max-new-tokens", "12",
-        "--threads", "1", "--runners", "hf,genai,optimum,engine-greedy,spaf,spaf-sample", "--no-memory",
+        "--threads", "1", "--runners", "hf,genai,genai-ngram,optimum,llamacpp,engine-greedy,spaf,spaf-sample",
+        "--no-memory",
         "--name", "tiny", "--output-dir", str(tmp_path / "results"),
     ]
     outcome = CliRunner().invoke(main, args)
@@ -296,13 +570,19 @@ def test_bench_command_end_to_end_on_a_tiny_model(exportable_model_dir, tmp_path
     runners = result["runners"]
     for name in ("hf", "engine-greedy", "spaf", "spaf-sample"):
         assert runners[name]["status"] == "measured", runners[name]
-    for name, module in (("genai", "onnxruntime_genai"), ("optimum", "optimum.onnxruntime")):
+    for name, module in (("genai", "onnxruntime_genai"), ("genai-ngram", "onnxruntime_genai"),
+                         ("optimum", "optimum.onnxruntime")):
         installed = baselines._importable(module)
         assert runners[name]["status"] == ("measured" if installed else "skipped"), runners[name]
         assert installed or f"{module} not installed" in runners[name]["note"]
+    assert runners["llamacpp"]["status"] == "skipped"  # not installed, or no GGUF for this base
     assert result["equality"]["reference"] == "hf"
     for name, check in result["equality"]["runners"].items():
         assert check["equal"] == check["total"] > 0, (name, check["mismatches"])
+    assert result["equality"]["runners"]["spaf"]["reference"] == "engine-greedy"
+    if runners["genai-ngram"]["status"] == "measured":
+        assert result["equality"]["runners"]["genai-ngram"]["reference"] == "genai"
+        assert runners["genai-ngram"]["speculation"]["forward_passes"] > 0
     pairs = {(p["runner"], p["baseline"]) for p in result["pairs"]}
     assert {("spaf", "hf"), ("spaf", "engine-greedy"), ("spaf-sample", "engine-greedy")} <= pairs
     assert (("engine-greedy", "genai") in pairs) == (runners["genai"]["status"] == "measured")

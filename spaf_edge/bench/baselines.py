@@ -4,7 +4,9 @@ A runner loads its model once (:meth:`Runner.load`) and then turns prompt token 
 new token ids plus :class:`~spaf_edge.stats.GenerationStats` (:meth:`Runner.generate`).
 Every runner gets the same ids, stops at the same EOS ids and at ``max_new_tokens``.
 Plain (non-speculative) runners report one verify step per token, so their tau is 1.
-Importing this module imports no torch, transformers or onnxruntime: each runner
+A speculative runner names the plain greedy runner of its own runtime (``reference``):
+its tokens are checked against that runner's, since quantized runtimes differ from each
+other. Importing this module imports no torch, transformers or onnxruntime: each runner
 imports its own libraries in :meth:`load`.
 """
 
@@ -27,6 +29,7 @@ from spaf_edge.stats import GenerationStats
 
 _REGISTRY: dict[str, type[Runner]] = {}
 PRECISIONS = ("fp32", "fp16")
+QUANTIZATIONS = ("int8", "int4")  # weight-only, of the SpAF export and of genai's model
 
 
 @dataclass
@@ -38,6 +41,9 @@ class BenchContext:
     provider: str = "cpu"
     threads: int | None = None
     precision: str = "fp32"
+    quantization: str | None = None  # None | "int8" | "int4"
+    gguf: str | None = None  # GGUF file of the base model (llama.cpp rows)
+    max_length: int | None = None  # longest prompt + max new tokens + draft margin
     eos_token_ids: list[int] = field(default_factory=list)
     sample_temperature: float = 0.7
     sample_top_p: float = 0.9
@@ -61,6 +67,12 @@ class BenchContext:
 class RunOutput:
     tokens: list[int]  # new tokens only
     stats: GenerationStats
+    speculation: dict[str, int] | None = None  # a speculative baseline's counters (see SPECULATION_KEYS)
+
+
+# Counters of a speculative baseline's run, summed over runs in the report. forward_passes:
+# full-model passes after the prefill; drafted / accepted: draft tokens verified / accepted.
+SPECULATION_KEYS = ("forward_passes", "drafted", "accepted")
 
 
 def register_runner(cls: type[Runner]) -> type[Runner]:
@@ -95,6 +107,7 @@ class Runner:
     needs_base: ClassVar[bool] = False
     needs_export: ClassVar[bool] = False
     parity_with: ClassVar[tuple[str, ...]] = ()  # baselines to pair with although not a SpAF row
+    reference: ClassVar[str | None] = None  # plain greedy runner whose tokens this one must reproduce
 
     def __init__(self, context: BenchContext) -> None:
         self.context = context
@@ -258,20 +271,28 @@ class GenaiGreedy(Runner):
     requires = ("onnxruntime_genai",)
     install_hint = "install spaf-edge[baselines]"
     needs_base = True
+    speculative_options: ClassVar[dict[str, int] | None] = None  # GeneratorParams.set_speculative_options
 
     @classmethod
     def unavailable_reason(cls, context: BenchContext) -> str | None:
         from spaf_edge.bench.genai_model import unsupported_reason
 
-        return super().unavailable_reason(context) or unsupported_reason(context.precision, context.provider)
+        return super().unavailable_reason(context) or unsupported_reason(
+            context.precision, context.provider, context.quantization
+        )
 
     def load(self) -> None:
         import onnxruntime_genai as og
 
         from spaf_edge.bench.genai_model import build_genai_model, genai_config
 
-        folder = build_genai_model(self.context.base_model, self.context.precision, self.context.provider)
-        self.model = og.Model(genai_config(og, folder, self.context.provider, self.context.threads))
+        context = self.context
+
+        def open_model() -> Any:
+            folder = build_genai_model(context.base_model, context.precision, context.provider, context.quantization)
+            return og.Model(genai_config(og, folder, context.provider, context.threads))
+
+        self.model = context.shared("genai", open_model)  # genai and genai-ngram run the same model
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> RunOutput:
         import numpy as np
@@ -279,6 +300,8 @@ class GenaiGreedy(Runner):
 
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False)
+        if self.speculative_options:
+            params.set_speculative_options(**self.speculative_options)
         eos = set(self.context.eos_token_ids)
         start = time.perf_counter()
         generator = og.Generator(self.model, params)
@@ -292,10 +315,141 @@ class GenaiGreedy(Runner):
             if tokens[-1] in eos:
                 break
         wall = time.perf_counter() - start
-        return RunOutput(tokens, plain_stats(len(prompt_ids), tokens, wall, first or wall))
+        stats = plain_stats(len(prompt_ids), tokens, wall, first or wall)
+        if not self.speculative_options:
+            return RunOutput(tokens, stats)
+        speculation = genai_speculation(generator.get_speculative_stats())
+        stats.verify_steps = 1 + speculation["forward_passes"]  # the prefill gives the first token
+        return RunOutput(tokens, stats, speculation)
 
     def close(self) -> None:
         self.model = None
+
+
+@register_runner
+class GenaiNgram(GenaiGreedy):
+    """onnxruntime-genai's own n-gram (prompt-lookup) speculative decoding, greedy, on genai's model."""
+
+    name = "genai-ngram"
+    label = "onnxruntime-genai n-gram speculation (greedy)"
+    speculative_options = {"ngram_size": 3, "max_draft_tokens": 4}
+    parity_with = ("genai",)
+    reference = "genai"
+
+
+def genai_speculation(raw: dict[str, Any]) -> dict[str, int]:
+    """genai's speculative stats -> SPECULATION_KEYS (+ its n-gram lookup counters).
+
+    A round that found an n-gram costs a verify pass (plus a re-anchor pass after some
+    rounds); a lookup miss falls back to one plain step.
+    """
+    forward = int(raw["target_forward_passes"]) + int(raw["standard_fallback_steps"])
+    return {
+        "forward_passes": forward, "drafted": int(raw["draft_tokens_evaluated"]),
+        "accepted": int(raw["draft_tokens_accepted"]), "rounds": int(raw["rounds"]),
+        "lookup_hits": int(raw["ngram_lookup_hits"]), "lookup_misses": int(raw["ngram_lookup_misses"]),
+    }
+
+
+# ---- llama.cpp (llama-cpp-python) ------------------------------------------------
+class _EvalCounter:
+    """Wraps ``Llama.eval`` to count model passes and the tokens each one took."""
+
+    def __init__(self, llm: Any) -> None:
+        self.inner = llm.eval
+        self.batches: list[int] = []
+        llm.eval = self
+
+    def __call__(self, tokens: Any) -> Any:
+        self.batches.append(len(tokens))
+        return self.inner(tokens)
+
+
+@register_runner
+class LlamacppGreedy(Runner):
+    """llama-cpp-python on the base model's GGUF file, greedy. Not in any extra: it builds llama.cpp
+    from source (~10 min on 2 cores); ``pip install llama-cpp-python`` to include it."""
+
+    name = "llamacpp"
+    label = "llama.cpp (llama-cpp-python, GGUF, greedy)"
+    requires = ("llama_cpp",)
+    install_hint = "pip install llama-cpp-python (builds llama.cpp from source; not part of any extra)"
+    lookup: ClassVar[dict[str, int] | None] = None  # LlamaPromptLookupDecoding arguments
+
+    @classmethod
+    def unavailable_reason(cls, context: BenchContext) -> str | None:
+        reason = super().unavailable_reason(context)
+        if reason is None and not context.gguf:
+            reason = "no GGUF file of the base model (pass --base-model default or a .gguf file)"
+        return reason
+
+    def load(self) -> None:
+        from llama_cpp import Llama
+
+        draft = None
+        if self.lookup is not None:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            draft = LlamaPromptLookupDecoding(**self.lookup)
+        threads = self.context.threads or None
+        self.model = Llama(
+            model_path=self.context.gguf, n_ctx=self.context.max_length or 2048, n_batch=512, n_threads=threads,
+            n_threads_batch=threads, draft_model=draft, verbose=False,
+        )
+        self.counter = _EvalCounter(self.model)
+        self.label = f"{self.label} [{Path(self.context.gguf).name}]"
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> RunOutput:
+        eos = set(self.context.eos_token_ids)
+        self.model.reset()  # no reuse of the previous run's prompt prefix
+        self.counter.batches = []
+        tokens: list[int] = []
+        passes: list[int] = []  # passes[i]: model passes made when token i was sampled
+        first = 0.0
+        start = time.perf_counter()
+        stream = self.model.generate(
+            list(prompt_ids), temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True
+        )
+        for token in stream:
+            tokens.append(int(token))
+            passes.append(len(self.counter.batches))
+            first = first or time.perf_counter() - start
+            if len(tokens) >= max_new_tokens or tokens[-1] in eos:
+                break
+        stream.close()
+        wall = time.perf_counter() - start
+        if self.lookup is None:
+            return RunOutput(tokens, plain_stats(len(prompt_ids), tokens, wall, first or wall))
+        return self._speculative_output(prompt_ids, tokens, passes, wall, first or wall)
+
+    def _speculative_output(
+        self, prompt_ids: list[int], tokens: list[int], passes: list[int], wall: float, first: float
+    ) -> RunOutput:
+        """Per pass after the prefill: its drafts are the tokens it took beyond the first, and
+        the tokens sampled from it beyond the first are the accepted drafts."""
+        stats = GenerationStats(
+            prompt_tokens=len(prompt_ids), new_tokens=len(tokens), wall_seconds=wall, first_token_seconds=first
+        )
+        stats.record(0, 0)  # the prefill, which gives the first token
+        for index in range(1, passes[-1] if passes else 0):
+            sampled = passes.count(index + 1)
+            stats.record(self.counter.batches[index] - 1, max(sampled - 1, 0))
+        speculation = {
+            "forward_passes": stats.verify_steps - 1, "drafted": sum(stats.drafted), "accepted": sum(stats.accepted),
+        }
+        return RunOutput(tokens, stats, speculation)
+
+    def close(self) -> None:
+        self.model = None
+
+
+@register_runner
+class LlamacppLookup(LlamacppGreedy):
+    name = "llamacpp-lookup"
+    label = "llama.cpp prompt-lookup decoding (llama-cpp-python, GGUF, greedy)"
+    lookup = {"max_ngram_size": 2, "num_pred_tokens": 10}
+    parity_with = ("llamacpp",)
+    reference = "llamacpp"
 
 
 # ---- the SpAF engine ------------------------------------------------------------
@@ -339,7 +493,7 @@ class EnginePlainGreedy(EngineRunner):
     name = "engine-greedy"
     label = "SpAF engine, plain greedy (no drafts)"
     mode = "greedy"
-    parity_with = ("genai",)  # same runtime, same precision: the engine should be within ~10%
+    parity_with = ("genai", "llamacpp")  # the runtimes a user would pick instead, plain greedy both
 
 
 @register_runner
@@ -356,6 +510,7 @@ class SpafGreedy(EngineRunner):
     label = "SpAF engine, speculative greedy"
     role = "spaf"
     mode = "spaf"
+    reference = "engine-greedy"
 
 
 @register_runner
@@ -384,6 +539,7 @@ class RemoteRunner(Runner):
         self.role = target.role
         self.sampled = target.sampled
         self.parity_with = target.parity_with
+        self.reference = target.reference
 
     def unavailable_reason(self, context: BenchContext) -> str | None:  # type: ignore[override]
         if not Path(self.python).is_file():
@@ -404,7 +560,7 @@ class RemoteRunner(Runner):
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> RunOutput:
         reply = self._call({"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens, "seed": seed})
-        return RunOutput(reply["tokens"], stats_from_dict(reply["stats"]))
+        return RunOutput(reply["tokens"], stats_from_dict(reply["stats"]), reply.get("speculation"))
 
     def close(self) -> None:
         if self.process is not None:

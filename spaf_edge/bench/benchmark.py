@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from spaf_edge.bench import metrics
-from spaf_edge.bench.baselines import PRECISIONS, BenchContext, RemoteRunner, Runner, resolve_runner, runner_names
+from spaf_edge.bench.baselines import (
+    PRECISIONS, QUANTIZATIONS, BenchContext, RemoteRunner, Runner, resolve_runner, runner_names,
+)
 from spaf_edge.bench.machine import describe_machine, load_average
 from spaf_edge.bench.memory import measure_memory
 from spaf_edge.bench.prompts import BenchPrompt, encode_prompts, load_prompts
@@ -27,6 +29,7 @@ from spaf_edge.errors import ConfigError, ModelNotFoundError
 log = logging.getLogger(__name__)
 EXPORT_MIN_LENGTH = 2048
 DRAFT_MARGIN = 16  # room for drafts past max_new_tokens in the export's KV buffers
+GGUF_SOURCE = "spaf_source.json"  # written by models.loading.convert_gguf
 
 
 @dataclass
@@ -43,6 +46,7 @@ class BenchOptions:
     export_dir: str | Path | None = None
     provider: str = "cpu"
     precision: str = "fp32"
+    quantization: str | None = None  # None (or "none") | "int8" | "int4": weight-only, export and genai model
     threads: int | None = None
     runners: list[str] | None = None  # None: every registered runner
     remote_python: dict[str, str] = field(default_factory=dict)  # runner -> interpreter of its own venv
@@ -53,9 +57,17 @@ class BenchOptions:
     sample_top_p: float = 0.9
     command: str = "spaf_edge.bench.run_benchmark"
 
+    def __post_init__(self) -> None:
+        if self.quantization == "none":
+            self.quantization = None
+
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"Invalid precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}.")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"Invalid --quantize {self.quantization!r}: expected none, {' or '.join(QUANTIZATIONS)}."
+            )
         if self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens={self.max_new_tokens}: ask for at least 1 token.")
         if self.threads is not None and self.threads < 1:
@@ -68,16 +80,19 @@ class BenchOptions:
 def run_benchmark(options: BenchOptions, progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Path]:
     """Run the benchmark described by ``options``; return the result and its report folder."""
     options.validate()
+    if options.export_dir is not None:  # before anything loads
+        check_export_quantization(Path(options.export_dir), options.quantization)
     say = progress or log.info
     machine = describe_machine(options.provider, options.threads)
     prompts = load_prompts(options.prompts, options.limit, options.per_category)
     base = _resolve_base(options)
     prompt_ids = encode_prompts(prompts, prompt_encoder(base, options.export_dir, options.chat))
-    longest = max(len(ids) for ids in prompt_ids)
-    export_dir = _resolve_export(options, base, say, longest + options.max_new_tokens + DRAFT_MARGIN)
+    max_length = max(len(ids) for ids in prompt_ids) + options.max_new_tokens + DRAFT_MARGIN
+    export_dir = _resolve_export(options, base, say, max_length)
     context = BenchContext(
         base_model=str(base) if base else None, export_dir=str(export_dir) if export_dir else None,
         provider=options.provider, threads=options.threads, precision=options.precision,
+        quantization=options.quantization, gguf=gguf_of(base), max_length=max_length,
         sample_temperature=options.sample_temperature, sample_top_p=options.sample_top_p,
     )
     context.eos_token_ids = eos_token_ids(base, export_dir)
@@ -155,12 +170,16 @@ def assemble_result(
         elif name in skipped:
             cls = resolve_runner(name)
             summaries[name] = {"label": cls.label, "role": cls.role, "greedy": not cls.sampled, **skipped[name]}
-    greedy = [n for n, r in runners.items() if r.greedy and r.role == "baseline"]
+    # Plain greedy baselines are checked against one reference (hf when it ran); a speculative
+    # runner against its own runtime's plain greedy, since quantized runtimes differ from each other.
+    greedy = [n for n, r in runners.items() if r.greedy and r.role == "baseline" and r.reference is None]
     reference = metrics.pick_reference(greedy)
     others = [n for n, r in runners.items() if r.greedy and n != reference]
-    equality = metrics.check_equality(measured.runs, reference, others) if reference else None
-    name = options.name or f"{Path(context.base_model or context.export_dir or 'model').name}-{options.precision}-" \
-        f"{options.provider}-{created.strftime('%Y%m%d-%H%M%S')}"
+    own = {n: r.reference for n, r in runners.items() if r.reference in runners}
+    equality = metrics.check_equality(measured.runs, reference, others, own) if reference else None
+    weights = f"-{options.quantization}" if options.quantization else ""
+    name = options.name or f"{Path(context.base_model or context.export_dir or 'model').name}-{options.precision}" \
+        f"{weights}-{options.provider}-{created.strftime('%Y%m%d-%H%M%S')}"
     return {
         "name": name,
         "created": created.isoformat(timespec="seconds"),
@@ -169,6 +188,7 @@ def assemble_result(
             "prompts": str(options.prompts or "MT-Bench first turns (packaged)"),
             "limit": options.limit, "per_category": options.per_category, "categories": categories,
             "max_new_tokens": options.max_new_tokens, "chat": options.chat, "precision": options.precision,
+            "quantization": options.quantization or "none",
             "provider": options.provider, "threads": options.threads, "seed": options.seed,
             "sample_temperature": options.sample_temperature, "sample_top_p": options.sample_top_p,
             "eos_token_ids": context.eos_token_ids,
@@ -201,6 +221,14 @@ def eos_token_ids(base: Path | None, export_dir: Path | None) -> list[int]:
 
         ids.update(Manifest.load(export_dir, verify_files=False).eos_token_ids)
     return sorted(ids)
+
+
+def gguf_of(base: Path | None) -> str | None:
+    """The GGUF file a base folder was converted from (``spaf_source.json``), when it still exists."""
+    if base is None or not (base / GGUF_SOURCE).is_file():
+        return None
+    gguf = json.loads((base / GGUF_SOURCE).read_text()).get("gguf")
+    return gguf if gguf and Path(gguf).is_file() else None
 
 
 def prompt_encoder(base: Path | None, export_dir: str | Path | None, chat: bool) -> Callable[[str], list[int]]:
@@ -253,7 +281,20 @@ def _resolve_export(options: BenchOptions, base: Path | None, say: Callable[[str
         return None
     max_length = max(EXPORT_MIN_LENGTH, -(-needed // 256) * 256)  # rounded up: fewer distinct cached exports
     say(f"Exporting (or reusing the cached export of) {base} + {options.components or 'untrained SpAF modules'}")
-    return cached_export(base, options.components, options.precision, max_length)
+    return cached_export(base, options.components, options.precision, max_length, options.quantization)
+
+
+def check_export_quantization(export_dir: Path, quantization: str | None) -> None:
+    """``--export-dir`` must hold the weights ``--quantize`` asks for (genai's model is built to match)."""
+    from spaf_edge.manifest import Manifest
+
+    found = Manifest.load(export_dir, verify_files=False).quantization
+    if found != quantization:
+        raise ConfigError(
+            f"{export_dir} was exported with --quantize {found or 'none'} (its manifest) but the benchmark asks "
+            f"for --quantize {quantization or 'none'}: pass --quantize {found or 'none'}, or an export made with "
+            f"`spaf-edge export --quantize {quantization or 'none'}`."
+        )
 
 
 def _notes(machine: dict[str, Any]) -> list[str]:

@@ -1,7 +1,8 @@
 """A SpAF export to benchmark when none is given: exported once, cached by its sources.
 
-The cache key covers the base folder, the SpAF checkpoint, precision, max length and
-the exporter's own source code, so a changed exporter re-exports.
+The cache key covers the base folder, the SpAF checkpoint, precision, weight
+quantization, max length and the exporter's own source code, so a changed exporter
+re-exports.
 """
 
 from __future__ import annotations
@@ -16,8 +17,13 @@ EXPORT_SUBDIR = "spaf"
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 
 
-def cached_export(base_model: str | Path, components: str | Path | None, precision: str, max_length: int) -> Path:
+def cached_export(
+    base_model: str | Path, components: str | Path | None, precision: str, max_length: int,
+    quantization: str | None = None,
+) -> Path:
     """Export ``base_model`` + ``components`` (untrained modules when None) once; return the folder.
+
+    ``quantization``: None | int8 | int4, the exporter's weight-only quantization.
 
     ``max_length`` (KV rows) is capped at the base's context (``max_position_embeddings``).
     """
@@ -29,10 +35,13 @@ def cached_export(base_model: str | Path, components: str | Path | None, precisi
         from spaf_edge.model import SpAFModel
 
         model = SpAFModel.from_pretrained(base_model, components=components)
-        export_model(model, tmp / EXPORT_SUBDIR, dtype=DTYPES[precision], max_length=max_length)
+        export_model(
+            model, tmp / EXPORT_SUBDIR, dtype=DTYPES[precision], quantization=quantization, max_length=max_length
+        )
 
     folder = cached_folder(
-        "exports", base_model, precision, build, max_length=max_length,
+        "exports", base_model, precision if quantization is None else f"{precision}-{quantization}", build,
+        max_length=max_length,
         components=source_key(components) if components else None, exporter=exporter_code_key(),
     )
     return folder / EXPORT_SUBDIR

@@ -2,7 +2,12 @@
 
 The genai model builder runs as ``python -m onnxruntime_genai.models.builder`` with the
 Hugging Face hub switched off, so it reads only the local folder. Builds are cached
-under ``<spaf-edge cache>/genai/``.
+under ``<spaf-edge cache>/genai/``, keyed by the builder's precision (``fp32``, ``fp16``,
+``int4``, ``int8``) and execution provider.
+
+Weight-only quantization maps onto the builder's own precisions: ``-p int4`` and
+``-p int8`` both write ``MatMulNBits`` nodes (4 or 8 bits, block 32, symmetric; accuracy
+level 4, i.e. int8 activations, on the CPU), for the LM head too.
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ from spaf_edge.errors import SpAFError
 
 # Our provider name -> (builder --execution_provider, genai runtime provider; None = default CPU).
 _PROVIDERS = {"cpu": ("cpu", None), "cuda": ("cuda", "cuda"), "dml": ("dml", "dml"), "webgpu": ("webgpu", "webgpu")}
-# Precision/provider pairs the builder supports (its own list: no fp16 on CPU).
-_SUPPORTED = {("fp32", "cpu"), ("fp32", "cuda"), ("fp16", "cuda"), ("fp16", "dml")}
+# Builder precision/provider pairs (its own list: no fp16 on CPU; int8 checked on CPU only, and named for webgpu).
+_SUPPORTED = {
+    ("fp32", "cpu"), ("fp32", "cuda"), ("fp16", "cuda"), ("fp16", "dml"),
+    ("int4", "cpu"), ("int4", "cuda"), ("int4", "dml"), ("int4", "webgpu"), ("int8", "cpu"), ("int8", "webgpu"),
+}
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
@@ -30,18 +38,27 @@ def _provider_key(provider: str) -> str:
     return provider.lower().removesuffix("executionprovider")
 
 
-def unsupported_reason(precision: str, provider: str) -> str | None:
+def builder_precision(precision: str, quantization: str | None) -> str:
+    """The builder's ``-p``: the weight quantization when there is one, else the float precision."""
+    return quantization or precision
+
+
+def unsupported_reason(precision: str, provider: str, quantization: str | None = None) -> str | None:
     key = _provider_key(provider)
     if key not in _PROVIDERS:
         return f"onnxruntime-genai has no {provider!r} provider in this benchmark (cpu, cuda, dml, webgpu)"
-    if (precision, key) not in _SUPPORTED:
-        return f"the genai model builder makes no {precision} model for {key}"
+    built = builder_precision(precision, quantization)
+    if (built, key) not in _SUPPORTED:
+        return f"the genai model builder makes no {built} model for {key}"
     return None
 
 
-def build_genai_model(base_model: str | Path, precision: str, provider: str, timeout: float = 1800) -> Path:
+def build_genai_model(
+    base_model: str | Path, precision: str, provider: str, quantization: str | None = None, timeout: float = 1800
+) -> Path:
     """The cached genai model folder of ``base_model`` (built on first use, hub off)."""
     builder_ep = _PROVIDERS[_provider_key(provider)][0]
+    precision = builder_precision(precision, quantization)
 
     def build(out: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="spaf-genai-") as scratch:

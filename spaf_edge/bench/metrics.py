@@ -32,7 +32,7 @@ def summarize_runner(runs: Sequence[RunRecord]) -> dict[str, Any]:
     # Decode speed leaves out the prefill: tokens after the first over the time after the first.
     decode_tokens = sum(max(r.new_tokens - 1, 0) for r in runs)
     decode_wall = sum(max(r.wall_seconds - r.first_token_seconds, 0.0) for r in runs)
-    return {
+    summary = {
         "runs": len(runs),
         "new_tokens": tokens,
         "wall_seconds": round(wall, 4),
@@ -43,6 +43,11 @@ def summarize_runner(runs: Sequence[RunRecord]) -> dict[str, Any]:
         "acceptance_by_position": [a / d if d else 0.0 for a, d in zip(accepted, drafted)],
         "acceptance_rate": sum(accepted) / sum(drafted) if sum(drafted) else 0.0,
     }
+    counted = [r.speculation for r in runs if r.speculation is not None]
+    if counted:  # a speculative baseline: its counters summed over runs
+        keys = dict.fromkeys(key for c in counted for key in c)
+        summary["speculation"] = {key: sum(c.get(key, 0) for c in counted) for key in keys}
+    return summary
 
 
 def summarize_pairs(pairs: Sequence[PairRecord]) -> list[dict[str, Any]]:
@@ -75,14 +80,21 @@ def pick_reference(greedy_runners: Sequence[str]) -> str | None:
     return greedy_runners[0] if greedy_runners else None
 
 
-def check_equality(runs: Sequence[RunRecord], reference: str, others: Sequence[str]) -> dict[str, Any]:
-    """Compare every run of each greedy runner in ``others`` with the reference's tokens on that prompt."""
-    expected = {}
+def check_equality(
+    runs: Sequence[RunRecord], reference: str, others: Sequence[str], own_references: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Compare every run of each greedy runner in ``others`` with a reference's tokens on that prompt.
+
+    The reference is ``own_references[name]`` when given (a speculative runner's own plain
+    greedy), else ``reference``; each entry names the one it was checked against.
+    """
+    first_runs: dict[str, dict[int, list[int]]] = defaultdict(dict)
     for run in runs:
-        if run.runner == reference:
-            expected.setdefault(run.prompt_index, run.tokens)
+        first_runs[run.runner].setdefault(run.prompt_index, run.tokens)
     report: dict[str, Any] = {"reference": reference, "runners": {}}
     for name in others:
+        against = (own_references or {}).get(name, reference)
+        expected = first_runs[against]
         checked = [r for r in runs if r.runner == name and r.prompt_index in expected]
         mismatches = []
         for run in checked:
@@ -96,7 +108,8 @@ def check_equality(runs: Sequence[RunRecord], reference: str, others: Sequence[s
                     "pair": run.pair,
                 })
         report["runners"][name] = {
-            "equal": len(checked) - len(mismatches), "total": len(checked), "mismatches": mismatches,
+            "reference": against, "equal": len(checked) - len(mismatches), "total": len(checked),
+            "mismatches": mismatches,
         }
     return report
 

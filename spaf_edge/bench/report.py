@@ -46,6 +46,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         ["prompts", f"{len(result['prompts'])} from {settings['prompts']} ({', '.join(settings['categories'])})"],
         ["max new tokens", settings["max_new_tokens"]],
         ["precision", settings["precision"]],
+        ["weight quantization", settings.get("quantization", "none")],
         ["sampling row", f"temperature {settings['sample_temperature']}, top-p {settings['sample_top_p']}"],
     ])
     lines += ["## Machine", ""]
@@ -62,6 +63,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += _throughput_section(result)
     lines += _speedup_section(result)
     lines += _acceptance_section(result)
+    lines += _speculation_section(result)
     lines += _equality_section(result)
     skipped = {n: r for n, r in result["runners"].items() if r["status"] != "measured"}
     if skipped:
@@ -86,7 +88,7 @@ def _throughput_section(result: dict[str, Any]) -> list[str]:
         ])
     header = [
         "runner", "what", "tok/s", "decode tok/s", "TTFT median (ms)", "tau", "peak RSS MiB (Δ load)",
-        "tokens = reference",
+        "tokens = its reference",
     ]
     note = (
         "tok/s: all new tokens / all wall time of the runner's timed runs (prefill included); decode tok/s: "
@@ -111,8 +113,9 @@ def _speedup_section(result: dict[str, Any]) -> list[str]:
     header = ["runner", "baseline", "prompts", "speedup", "range", *categories]
     note = (
         "Speedup: geometric mean over prompts of runner tok/s ÷ baseline tok/s, each pair timed back to back "
-        "(order alternating). `engine-greedy` vs `genai` is the runtime-parity check: the engine's plain "
-        "decoding against onnxruntime-genai."
+        "(order alternating). `engine-greedy` vs `genai` (and `llamacpp`) is the runtime-parity check: the "
+        "engine's plain decoding against the runtimes a user would pick instead; `genai-ngram` vs `genai` and "
+        "`llamacpp-lookup` vs `llamacpp` are those runtimes' own prompt-lookup speculation against their plain greedy."
     )
     return ["## Speedup", "", *_table(header, rows), note, ""]
 
@@ -130,14 +133,49 @@ def _acceptance_section(result: dict[str, Any]) -> list[str]:
     return ["## Acceptance", "", *_table(header, rows)]
 
 
+def _speculation_section(result: dict[str, Any]) -> list[str]:
+    """Speculative baselines (genai-ngram, llamacpp-lookup): proof that they speculated."""
+    rows = []
+    for name, r in result["runners"].items():
+        counts = r.get("speculation") if r["status"] == "measured" else None
+        if not counts:
+            continue
+        drafted, accepted = counts.get("drafted", 0), counts.get("accepted", 0)
+        rows.append([
+            f"`{name}`", counts.get("forward_passes", 0), r["new_tokens"], f"{r['tau']:.2f}", drafted, accepted,
+            f"{accepted / drafted:.2f}" if drafted else "—",
+        ])
+    if not rows:
+        return []
+    header = ["runner", "model passes after prefill", "new tokens", "tokens per pass", "drafts verified",
+              "accepted", "acceptance"]
+    note = (
+        "From each runtime's own counters: onnxruntime-genai's `Generator.get_speculative_stats()` "
+        "(verify, re-anchor and plain fallback passes); llama.cpp's passes counted around `Llama.eval`. "
+        "Tokens per pass counts the prefill as the first pass, as tau does for the SpAF rows."
+    )
+    return ["## Speculation of the baselines", "", *_table(header, rows), note, ""]
+
+
 def _equality_section(result: dict[str, Any]) -> list[str]:
     equality = result.get("equality")
     if not equality:
         return ["## Token equality", "", "Not checked: no greedy reference runner was measured.", ""]
-    lines = ["## Token equality", "", f"Greedy runners against `{equality['reference']}` on every prompt.", ""]
+    lines = [
+        "## Token equality", "",
+        f"Plain greedy runners against `{equality['reference']}`; each speculative runner against its own "
+        "runtime's plain greedy (it must reproduce those tokens; quantized runtimes differ from each other).",
+    ]
+    if result["settings"].get("quantization", "none") != "none":
+        lines[-1] += (
+            f" With {result['settings']['quantization']} weights each runtime quantizes in its own way, so plain "
+            "runners of different runtimes are not expected to match each other."
+        )
+    lines.append("")
     for name, check in equality["runners"].items():
         status = "identical" if not check["mismatches"] else "**DIFFERENT**"
-        lines.append(f"- `{name}`: {check['equal']}/{check['total']} runs identical ({status})")
+        against = check.get("reference", equality["reference"])
+        lines.append(f"- `{name}` vs `{against}`: {check['equal']}/{check['total']} runs identical ({status})")
         for m in check["mismatches"]:
             lines.append(
                 f"  - prompt {m['prompt_id']}: first difference at new token {m['first_difference']} "
@@ -158,7 +196,9 @@ def _equality_cell(name: str, runner: dict[str, Any], equality: dict[str, Any]) 
     if equality.get("reference") == name:
         return "reference"
     check = equality.get("runners", {}).get(name)
-    return f"{check['equal']}/{check['total']}" if check else "—"
+    if not check:
+        return "—"
+    return f"{check['equal']}/{check['total']} vs `{check.get('reference', equality['reference'])}`"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:

@@ -37,6 +37,7 @@ class RunRecord:
     accepted: list[int]
     tokens: list[int]
     pair: str | None = None  # "runner/baseline" when timed as part of a pair
+    speculation: dict[str, int] | None = None  # a speculative baseline's counters (baselines.SPECULATION_KEYS)
 
     @property
     def tokens_per_second(self) -> float:
@@ -146,5 +147,5 @@ def _timed(
         runner=name, prompt_index=index, prompt_id=prompt.id, category=prompt.category, prompt_tokens=len(ids),
         new_tokens=len(out.tokens), wall_seconds=wall, first_token_seconds=stats.first_token_seconds,
         verify_steps=stats.verify_steps, drafted=list(stats.drafted), accepted=list(stats.accepted),
-        tokens=list(out.tokens), pair=pair,
+        tokens=list(out.tokens), pair=pair, speculation=out.speculation,
     )

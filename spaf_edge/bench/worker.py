@@ -40,7 +40,7 @@ def main() -> int:
         for line in sys.stdin:
             call = json.loads(line)
             out = runner.generate(call["prompt_ids"], call["max_new_tokens"], call.get("seed", 0))
-            _reply(replies, tokens=out.tokens, stats=out.stats.to_dict())
+            _reply(replies, tokens=out.tokens, stats=out.stats.to_dict(), speculation=out.speculation)
         runner.close()
         return 0
     except Exception as exc:  # the parent reports it; the traceback goes to stderr

@@ -33,22 +33,26 @@ def _remote(ctx, param, values):
 @options.chat
 @options.provider
 @options.precision
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Weight-only quantization of the SpAF export (an --export-dir must match) and of genai's model.")
 @options.threads
 @click.option("--runners", default=None,
-              help="Comma-separated runners to include (default: all): hf, genai, optimum, engine-greedy, "
-                   "engine-sample, spaf, spaf-sample.")
+              help="Comma-separated runners to include (default: all): hf, genai, genai-ngram, optimum, llamacpp, "
+                   "llamacpp-lookup, engine-greedy, engine-sample, spaf, spaf-sample.")
 @click.option("--baseline-python", "remote_python", multiple=True, callback=_remote, metavar="RUNNER=PYTHON",
               help="Run a baseline in another interpreter (its own venv), e.g. optimum=/work/venv-optimum/bin/python.")
-@click.option("--name", default=None, help="Results folder name (default: model-precision-provider-time).")
+@click.option("--name", default=None,
+              help="Results folder name (default: model-precision[-quantization]-provider-time).")
 @click.option("--output-dir", type=click.Path(file_okay=False), default="benchmarks/results", show_default=True)
 @click.option("--memory/--no-memory", default=True, show_default=True,
               help="Measure each runner's peak RSS in a fresh process.")
 @click.option("--plot/--no-plot", default=True, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=options.SEED, default=0, show_default=True,
               help="Sampling seed of the first prompt (+1 per prompt).")
 def command(base_model, components, export_dir, prompts_file, limit, per_category, max_new_tokens, chat, provider,
-            precision, threads, runners, remote_python, name, output_dir, memory, plot, seed):
-    """Time SpAF against HF transformers, onnxruntime-genai, optimum and the engine's plain decoding."""
+            precision, quantize, threads, runners, remote_python, name, output_dir, memory, plot, seed):
+    """Time SpAF against HF transformers, onnxruntime-genai (plain and n-gram), optimum, llama.cpp and the
+    engine's plain decoding."""
     from spaf_edge.bench import BenchOptions, run_benchmark
     from spaf_edge.models.loading import resolve_components
 
@@ -56,7 +60,7 @@ def command(base_model, components, export_dir, prompts_file, limit, per_categor
     bench_options = BenchOptions(
         name=name, output_root=output_dir, prompts=prompts_file, limit=limit, per_category=per_category,
         max_new_tokens=max_new_tokens, chat=chat, base_model=base_model, components=components,
-        export_dir=export_dir, provider=provider, precision=precision, threads=threads,
+        export_dir=export_dir, provider=provider, precision=precision, quantization=quantize, threads=threads,
         runners=[r.strip() for r in runners.split(",") if r.strip()] if runners else None,
         remote_python=remote_python, memory=memory, plot=plot, seed=seed,
         command=shlex.join(["spaf-edge", *sys.argv[1:]]),
