@@ -1,13 +1,32 @@
-"""Atomic writes: a reader sees the old file or folder or the new one, never a half-written one."""
+"""Atomic writes: a reader sees the old file or folder or the new one, never a half-written one.
+
+A full disk (or quota) becomes one :class:`~spaf_edge.errors.StorageError` naming the folder,
+with nothing half-written left. A process killed while writing a folder leaves its hidden
+``.NAME.pPID-HOST.XXXX.partial`` sibling; the next :func:`atomic_directory` in that parent
+removes the partials whose process no longer runs on this host (never a live one's).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from spaf_edge.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+NO_SPACE = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+PARTIAL_SUFFIX = ".partial"
+# .NAME.pPID-HOST.RANDOM.partial; HOST keeps only [A-Za-z0-9-], so the owner part has no dot
+_PARTIAL = re.compile(r"^\..*\.p(\d+)-([A-Za-z0-9-]*)\.[^.]+\.partial$")
 
 
 def _default_mode(directory: bool) -> int:
@@ -24,7 +43,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with _full_disk_reported(path.parent, len(data)):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -32,23 +52,32 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, _default_mode(directory=False))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if _disk_full(exc):
+            raise no_space_error(path.parent, len(data)) from exc
         raise
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+def atomic_directory(
+    path: str | os.PathLike, overwrite: bool = True, expected_bytes: int | None = None
+) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``path`` in one rename.
 
     On any exception the temporary folder is removed and ``path`` is untouched, so a
-    failed export or checkpoint never leaves a folder that looks complete.
+    failed export or checkpoint never leaves a folder that looks complete. ``expected_bytes``
+    (an estimate of what will be written) fails early when the disk has less free space.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True or choose another path.")
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    remove_stale_partials(path.parent)
+    if expected_bytes is not None and _free_bytes(path.parent) < expected_bytes:
+        raise no_space_error(path.parent, expected_bytes)
+    with _full_disk_reported(path.parent, expected_bytes):
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{_owner_tag()}.", suffix=PARTIAL_SUFFIX))
     try:
         yield tmp
         os.chmod(tmp, _default_mode(directory=True))
@@ -59,6 +88,103 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
+        written = _folder_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(exc) and not isinstance(exc, StorageError):  # a nested atomic write already said so
+            raise no_space_error(path.parent, expected_bytes, written) from exc
         raise
+
+
+def no_space_error(directory: Path, needed: int | None, written: int = 0) -> StorageError:
+    """The StorageError for a full disk: how much was needed (or written before it filled) and is free."""
+    free = _free_bytes(directory)
+    if needed is not None:
+        need = f"need about {_mb(needed)}, {_mb(free)} free"
+    else:
+        need = f"need more than the {_mb(free)} free ({_mb(written)} were written before the disk filled)"
+    error = StorageError(
+        f"Not enough disk space in {directory}: {need}. Nothing was kept; free some space or write elsewhere."
+    )
+    error.errno = errno.ENOSPC
+    return error
+
+
+@contextlib.contextmanager
+def _full_disk_reported(directory: Path, needed: int | None) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if _disk_full(exc):
+            raise no_space_error(directory, needed) from exc
+        raise
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from, is a full disk or quota (ENOSPC, EDQUOT)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def remove_stale_partials(parent: str | os.PathLike) -> list[Path]:
+    """Remove the ``.partial`` folders in ``parent`` left by processes of this host that no longer run."""
+    removed = []
+    host = _host()
+    for candidate in Path(parent).glob(f".*{PARTIAL_SUFFIX}"):
+        match = _PARTIAL.match(candidate.name)
+        if not match or match.group(2) != host or not candidate.is_dir() or _process_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        if not candidate.exists():
+            logger.warning("Removed %s, left by an interrupted write (process %s no longer runs).",
+                           candidate, match.group(1))
+            removed.append(candidate)
+    return removed
+
+
+def _owner_tag() -> str:
+    return f"p{os.getpid()}-{_host()}"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (or cannot be ruled out: on Windows, signal 0 would kill it, so assume it runs)."""
+    if os.name == "nt" or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it runs, as another user
+        return True
+    return True
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return 0
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _mb(nbytes: int) -> str:
+    if nbytes >= 1e6:
+        return f"{nbytes / 1e6:.0f} MB"
+    return f"{nbytes / 1e3:.1f} kB" if nbytes >= 1e3 else f"{nbytes} bytes"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,7 +195,8 @@ class SpAFConfig:
 
 
 def validate_sampling(temperature: float, top_p: float, top_k: int) -> None:
-    _check(_is_number(temperature) and temperature >= 0, "temperature", temperature, "a number >= 0 (0 = greedy)")
+    _check(_is_number(temperature) and 0 <= temperature < math.inf, "temperature", temperature,
+           "a finite number >= 0 (0 = greedy)")
     _check(_is_number(top_p) and 0 < top_p <= 1, "top_p", top_p, "a number in (0, 1]")
     _check(_is_int(top_k) and top_k >= 0, "top_k", top_k, "an integer >= 0 (0 = off)")
 

@@ -34,3 +34,11 @@ class ExportFormatError(SpAFError):
 
 class ProviderUnavailableError(SpAFError):
     """The requested ONNX Runtime execution provider is not installed."""
+
+
+class StorageError(SpAFError, OSError):
+    """A file or folder cannot be written: no disk space, no permission, a read-only file system."""
+
+
+class NonFiniteWeightsError(SpAFError, ValueError):
+    """Model weights hold NaN or inf (a diverged training run, or a cast out of range)."""

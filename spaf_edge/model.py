@@ -18,7 +18,7 @@ from torch import nn
 
 from spaf_edge.atomic import atomic_directory
 from spaf_edge.config import CONFIG_FILE, SpAFConfig
-from spaf_edge.errors import CheckpointMismatchError, ConfigError, ModelNotFoundError
+from spaf_edge.errors import CheckpointMismatchError, ConfigError, ModelNotFoundError, NonFiniteWeightsError
 from spaf_edge.generation.kv_cache import StackKVCache
 from spaf_edge.models.loading import load_base_model, model_fingerprint
 from spaf_edge.models.registry import get_architecture
@@ -132,6 +132,7 @@ class SpAFModel(nn.Module):
                 f"Cannot read {path / WEIGHTS_FILE} ({exc}); the checkpoint is missing or corrupt. "
                 "Re-save or re-train the components."
             ) from exc
+        check_finite(state, path / WEIGHTS_FILE)
         device = self.base_device
         self.set_draft_vocab(state.pop("draft_vocab", None))
         try:
@@ -355,6 +356,18 @@ def causal_mask(start: int, length: int, dtype: torch.dtype, device: torch.devic
     mask = torch.zeros(blocked.shape, dtype=dtype, device=device)
     mask.masked_fill_(blocked, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def check_finite(state: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse SpAF weights holding NaN or inf: they would only make garbage drafts."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+            raise NonFiniteWeightsError(
+                f"{source}: weight {name!r} holds {bad} NaN/inf value(s); the components are broken, e.g. by a "
+                "diverged training run. Use an earlier checkpoint's components, or retrain them (a lower --lr, "
+                "--grad-clip)."
+            )
 
 
 def read_component_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -96,11 +96,49 @@ def logits_to_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return probs
 
 
+DISTRIBUTION_TOLERANCE = 1e-6  # |sum(q) - 1| allowed for a draft distribution
+
+
+def is_distribution(probs: np.ndarray) -> bool:
+    """Whether ``probs`` is a probability distribution: finite, non-negative, summing to 1.
+
+    A NaN fails ``min >= 0``, an inf fails the sum: two passes over the vocabulary.
+    """
+    return bool(probs.min() >= 0.0) and abs(float(probs.sum()) - 1.0) <= DISTRIBUTION_TOLERANCE
+
+
+def draft_distribution(
+    logits: np.ndarray, params: SamplingParams, draft_vocab: np.ndarray | None, vocab_size: int
+) -> np.ndarray | None:
+    """Processed draft distribution ``q`` over the full vocabulary from draft-vocabulary logits [V_d].
+
+    None when the logits give no distribution (NaN or inf from broken drafter weights): no
+    token can be drawn from it, so drafting stops there. Greedy needs no check: its one-hot
+    on the argmax is always a distribution, and greedy acceptance never reads ``q``.
+    """
+    with np.errstate(invalid="ignore"):
+        probs = logits_to_probs(logits, params)
+    if not params.greedy and not np.isfinite(probs.sum()):  # softmax turns any NaN or inf into NaNs
+        return None
+    if draft_vocab is None:
+        return probs
+    full = np.zeros(vocab_size, dtype=np.float64)
+    full[draft_vocab] = probs
+    return full
+
+
 def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
-    """Draw one token id from a 1-D distribution."""
+    """Draw one token id from a 1-D distribution; never a token of probability 0 if it has others.
+
+    One uniform per call. ``u * total`` can round up to ``total``, past every interval: the
+    last token with probability above 0 takes it (the last token when none has any).
+    """
     cdf = np.cumsum(probs)
     index = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-    return min(index, len(probs) - 1)
+    if index < len(probs):
+        return index
+    positive = np.flatnonzero(probs > 0)
+    return int(positive[-1]) if positive.size else len(probs) - 1
 
 
 def choose(probs: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
@@ -120,6 +158,12 @@ def accept(
     drafts: D tokens; draft_probs: D distributions ``q`` over the full vocabulary, each
     the exact one its draft was drawn from; target_probs: [D+1, V] processed target
     distributions ``p_T .. p_{T+D}``.
+
+    Exact for any ``q`` a drafter hands in: a ``q`` that is no distribution (NaN, inf,
+    negative, not summing to 1), or that gives its own draft probability 0 (so the draft
+    was not drawn from it), says nothing about how the draft was drawn. The draft is then
+    rejected without a test and the token sampled from ``p`` itself, which is exactly ``p``.
+    A valid ``q`` uses the same uniforms as ever.
     """
     for j, token in enumerate(drafts):
         p = target_probs[j]
@@ -128,6 +172,8 @@ def accept(
                 continue
             return j, int(np.argmax(p))
         q = draft_probs[j]
+        if not (q[token] > 0 and is_distribution(q)):
+            return j, sample(p, rng)
         # q >= p: accept with probability p/q; q < p: always accept.
         if q[token] <= p[token] or rng.random() * q[token] < p[token]:
             continue

@@ -13,6 +13,7 @@ docs/exporter.md). Torch-free: numpy + onnxruntime only.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from spaf_edge.errors import ExportFormatError
-from spaf_edge.io_names import SHARED_WEIGHTS_INDEX
+from spaf_edge.io_names import GRAPHS, SHARED_WEIGHTS_INDEX
+from spaf_edge.manifest import is_plain_file_name
 
 INDEX_VERSION = 2  # 2: each tensor names its file
 ALIGNMENT = 4096  # offsets in the .bin are page-aligned (mappable, SIMD-aligned)
@@ -48,21 +50,78 @@ def write_index(path: str | Path, tensors: list[SharedTensor]) -> None:
 
 
 def read_index(folder: str | Path) -> list[SharedTensor]:
-    """The shared tensors of an export folder (empty when it has no shared weights)."""
-    path = Path(folder) / SHARED_WEIGHTS_INDEX
+    """The shared tensors of an export folder (empty when it has no shared weights), each checked.
+
+    Types, dtypes, shapes against byte counts, file names inside the folder and byte ranges
+    inside their files' actual sizes: ExportFormatError naming the tensor and field otherwise.
+    """
+    folder = Path(folder)
+    path = folder / SHARED_WEIGHTS_INDEX
     if not path.is_file():
         return []
     try:
         data = json.loads(path.read_text())
-        if data.get("format_version") != INDEX_VERSION:
-            raise ValueError(f"unknown index version {data.get('format_version')!r}")
-        return [
-            SharedTensor(name, t["dtype"], tuple(t["shape"]), _plain_name(t["file"]), int(t["offset"]),
-                         int(t["nbytes"]), tuple(t["graphs"]))
-            for name, t in data["tensors"].items()
-        ]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ExportFormatError(f"{path} is malformed ({exc}). Re-run `spaf-edge export`.") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ExportFormatError(f"{path} is corrupt ({exc}). Re-run `spaf-edge export`.") from exc
+    if not isinstance(data, dict) or data.get("format_version") != INDEX_VERSION:
+        version = data.get("format_version") if isinstance(data, dict) else None
+        raise ExportFormatError(
+            f"{path} has unknown index version {version!r}; this spaf-edge reads version {INDEX_VERSION}. "
+            "Re-run `spaf-edge export`."
+        )
+    tensors = data.get("tensors")
+    if not isinstance(tensors, dict) or not all(isinstance(t, dict) for t in tensors.values()):
+        raise ExportFormatError(f"{path} is malformed: 'tensors' must map names to objects. Re-run `spaf-edge export`.")
+    problems = [problem for name, entry in tensors.items() for problem in _entry_problems(folder, name, entry)]
+    if problems:
+        raise ExportFormatError(f"{path} is malformed: {'; '.join(problems)}. Re-run `spaf-edge export`.")
+    return [
+        SharedTensor(name, t["dtype"], tuple(t["shape"]), t["file"], t["offset"], t["nbytes"], tuple(t["graphs"]))
+        for name, t in tensors.items()
+    ]
+
+
+def _entry_problems(folder: Path, name: str, entry: dict[str, Any]) -> list[str]:
+    """What is wrong with one tensor entry of the index (empty when it is sound)."""
+    fields = ("dtype", "shape", "file", "offset", "nbytes", "graphs")
+    wrong = sorted(set(entry) ^ set(fields))
+    if wrong:
+        return [f"{name}: fields {wrong} are missing or unknown (expected {list(fields)})"]
+    problems = []
+    try:
+        dtype = np.dtype(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in "fiub":
+        problems.append(f"{name}: dtype {entry['dtype']!r} is not a numeric numpy dtype name")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        problems.append(f"{name}: shape {shape!r} must be a list of integers >= 0")
+    for key in ("offset", "nbytes"):
+        if not _is_count(entry[key]):
+            problems.append(f"{name}: {key} {entry[key]!r} must be an integer >= 0")
+    if not is_plain_file_name(entry["file"]):
+        problems.append(f"{name}: file {entry['file']!r} is not a file name inside the export folder")
+    graphs = entry["graphs"]
+    if not (isinstance(graphs, list) and graphs and all(isinstance(g, str) and g in GRAPHS for g in graphs)):
+        problems.append(f"{name}: graphs {graphs!r} must be a non-empty list of {list(GRAPHS)}")
+    if problems:
+        return problems
+    expected = math.prod(shape) * dtype.itemsize
+    if entry["nbytes"] != expected:
+        return [f"{name}: nbytes {entry['nbytes']} differs from shape {shape} x {dtype.name} = {expected} bytes"]
+    file = folder / entry["file"]
+    if not file.is_file():
+        return [f"{name}: its file {entry['file']} is missing"]
+    end, size = entry["offset"] + entry["nbytes"], file.stat().st_size
+    if end > size:
+        return [f"{name}: bytes {entry['offset']}..{end} lie past the end of {entry['file']} ({size} bytes; "
+                "the file is truncated)"]
+    return []
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class SharedWeights:
@@ -100,10 +159,6 @@ class SharedWeights:
             blob = blobs.get(tensor.file)
             if blob is None:
                 blob = blobs[tensor.file] = _load(folder / tensor.file, mmap)
-            if tensor.offset + tensor.nbytes > blob.size:
-                raise ExportFormatError(
-                    f"{folder / tensor.file} is truncated ({tensor.name} ends past its end). Re-run export."
-                )
             raw = blob[tensor.offset : tensor.offset + tensor.nbytes]
             array = raw.view(np.dtype(tensor.dtype)).reshape(tensor.shape)
             self.arrays[tensor.name] = array
@@ -141,13 +196,4 @@ class SharedWeights:
 
 
 def _load(path: Path, mmap: bool) -> np.ndarray:
-    if not path.is_file():
-        raise ExportFormatError(f"{path} is missing but {SHARED_WEIGHTS_INDEX} lists tensors in it. Re-run export.")
     return np.memmap(path, dtype=np.uint8, mode="r") if mmap else np.fromfile(path, dtype=np.uint8)
-
-
-def _plain_name(name: str) -> str:
-    """A file name inside the export folder (the index must not point elsewhere)."""
-    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-        raise ValueError(f"file {name!r} is not a file name inside the export folder")
-    return name

@@ -7,7 +7,9 @@ every candidate runs on the first prompts, the best quarter on all of them, next
 config's defaults and plain greedy decoding. Runs interleave candidates prompt by prompt, so
 a change of machine load hits all of them alike. tokens/s = total new tokens / total wall
 time. The winner goes into the manifest's ``tuned`` entry, which the engine takes as its
-decoding defaults (manifest.json is not in the sha256 list, so the export stays valid).
+decoding defaults (the manifest's own digest leaves ``tuned`` out, so the export stays valid).
+The folder's writability is checked before measuring; a result that cannot be stored is
+still returned (and printed by the CLI) with the reason.
 
 Greedy output does not depend on drafting (lossless): every run must reproduce plain
 greedy's tokens, and tuning counts the runs that do not.
@@ -21,6 +23,7 @@ import logging
 import math
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +35,7 @@ from spaf_edge.atomic import atomic_write_text
 from spaf_edge.bench.machine import cpu_model
 from spaf_edge.bench.prompts import load_prompts
 from spaf_edge.config import SpAFConfig
-from spaf_edge.errors import ConfigError, ContextLengthError
+from spaf_edge.errors import ConfigError, ContextLengthError, StorageError
 from spaf_edge.io_names import MANIFEST
 from spaf_edge.manifest import Manifest
 
@@ -120,6 +123,7 @@ class TuneOptions:
     threads: int | None = None
     grid: Grid = field(default_factory=Grid)
     progress: bool = True
+    store: bool = True  # write the result into the export's manifest (False: only return it)
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "screen_prompts"):
@@ -165,7 +169,9 @@ class TuneResult:
     finals: list[Measurement]  # every candidate timed on every prompt, fastest first
     screened: int  # candidates timed on the screening prompts
     mismatches: int  # runs whose tokens differ from plain greedy's (must be 0: lossless)
-    tuned: dict[str, Any]  # what was written to the manifest
+    tuned: dict[str, Any]  # the manifest's entry (written unless store_error or not stored)
+    stored: bool = False  # written to the manifest
+    store_error: str | None = None  # why it could not be written
 
     @property
     def speedup_vs_default(self) -> float:
@@ -196,7 +202,11 @@ class TuneResult:
         )
         if self.speedup_vs_plain_greedy < 1:
             verdict += " Plain greedy is faster here (the drafts are rarely accepted): consider `run --mode greedy`."
-        return f"{verdict}\nStored in {self.folder / MANIFEST}; `spaf-edge run` uses it by default."
+        if self.stored:
+            return f"{verdict}\nStored in {self.folder / MANIFEST}; `spaf-edge run` uses it by default."
+        if self.store_error:
+            return f"{verdict}\nNOT stored: {self.store_error}"
+        return f"{verdict}\nNot stored (--no-store): give `spaf-edge run` these settings to use them."
 
 
 def _ratio(a: Measurement, b: Measurement) -> float:
@@ -210,6 +220,8 @@ def tune_export(folder: str | Path, options: TuneOptions | None = None) -> TuneR
 
     options = options or TuneOptions()
     folder = Path(folder)
+    if options.store:
+        check_writable(folder)
     engine = Engine.from_folder(folder, provider=options.provider, threads=options.threads)
     prompt_path = Path(options.prompts) if options.prompts is not None else calibration_prompts_path()
     prompts = encode_calibration(engine, prompt_path, options)
@@ -236,12 +248,18 @@ def tune_export(folder: str | Path, options: TuneOptions | None = None) -> TuneR
     chosen = finals[0]
     tuned = tuned_entry(engine, chosen, default, plain, timer.mismatches, prompt_path, len(prompts),
                         len(candidates), options)
-    write_tuned(folder, tuned)
+    store_error = None
+    if options.store:
+        try:
+            write_tuned(folder, tuned)
+        except StorageError as exc:  # the measurements are not lost: the caller still gets (and shows) them
+            store_error = str(exc)
     if timer.mismatches:
         logger.warning("%d tuning runs gave tokens that differ from plain greedy's: greedy decoding is not "
                        "lossless on this export and provider; run `spaf-edge validate`.", timer.mismatches)
     return TuneResult(folder, engine.manifest.cutoff_layer, list(engine.manifest.exits), chosen, default, plain,
-                      finals, len(candidates), timer.mismatches, tuned)
+                      finals, len(candidates), timer.mismatches, tuned, options.store and store_error is None,
+                      store_error)
 
 
 def tune_exports(folders: Sequence[str | Path], options: TuneOptions | None = None) -> list[TuneResult]:
@@ -250,6 +268,9 @@ def tune_exports(folders: Sequence[str | Path], options: TuneOptions | None = No
     for folder in folders:
         manifest = Manifest.load(folder, verify_files=False)
         fingerprints.setdefault(manifest.base_fingerprint, []).append(str(folder))
+    if options is None or options.store:
+        for folder in folders:  # before minutes of measuring, not after
+            check_writable(Path(folder))
     if len(fingerprints) > 1:
         groups = "; ".join(", ".join(group) for group in fingerprints.values())
         raise ConfigError(
@@ -374,6 +395,24 @@ def describe_device(provider: str) -> str:
 
 
 # ---- manifest -------------------------------------------------------------------------
+def check_writable(folder: Path) -> None:
+    """StorageError unless a file can be created in ``folder``, where the manifest is replaced.
+
+    A missing folder passes: loading it reports that.
+    """
+    if not folder.is_dir():
+        return
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".spaf-tune-check.", suffix=".tmp")
+    except OSError as exc:
+        raise StorageError(
+            f"{folder} is not writable ({exc.strerror or exc}); tune stores its result in its {MANIFEST}. Make the "
+            "folder writable, tune a writable copy of it, or pass --no-store (store=False) to only print the result."
+        ) from exc
+    os.close(handle)
+    os.unlink(probe)
+
+
 def write_tuned(folder: str | Path, tuned: dict[str, Any] | None) -> None:
     """Set (or with None, clear) the manifest's ``tuned`` entry, atomically; other fields stay as they are."""
     folder = Path(folder)
@@ -382,7 +421,14 @@ def write_tuned(folder: str | Path, tuned: dict[str, Any] | None) -> None:
     data = json.loads(path.read_text())
     data["tuned"] = tuned
     Manifest.from_dict(data, str(path))  # still a valid manifest
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    try:
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise StorageError(
+            f"Cannot write {path} ({exc.strerror or exc}). Make {folder} writable, or tune a writable copy of it."
+        ) from exc
 
 
 def reset_tuned(folder: str | Path) -> bool:

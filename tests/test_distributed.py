@@ -123,7 +123,8 @@ def check_run_folder(run_dir, steps):
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint", "final", "settings.json", "train_log.jsonl"]
     assert not [p for p in run_dir.rglob(".*")], "a partial or parked folder was left behind"
     assert sorted(p.name for p in (run_dir / "checkpoint").iterdir()) == ["components", "settings.json",
-                                                                         "trainer_state.pt"]
+                                                                         "trainer_state.json",
+                                                                         "trainer_state.safetensors"]
     assert [row["step"] for row in train_rows(run_dir)] == list(range(1, steps + 1))
     rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     replicas = [row for row in rows if row["split"] == "replicas"]
@@ -195,10 +196,10 @@ def test_resume_refuses_another_number_of_processes(setup, tmp_path):
     settings = TrainSettings(**dict(SETTINGS, steps=2, batch_size=4))
     train(SpAFModel.from_pretrained(setup / "model", SpAFConfig(cutoff_layer=2)), setup / "data.jsonl", tmp_path,
           settings, progress=False)
-    path = tmp_path / ckpt.CHECKPOINT / ckpt.TRAINER_STATE
-    state = torch.load(path, weights_only=False)
+    folder = tmp_path / ckpt.CHECKPOINT
+    state = ckpt.load_trainer_state(folder)
     state["world_size"] = 2
-    torch.save(state, path)
+    ckpt.write_trainer_state(folder, state)
     with pytest.raises(ConfigError, match="2 process"):
         train(SpAFModel.from_pretrained(setup / "model", SpAFConfig(cutoff_layer=2)), setup / "data.jsonl",
               tmp_path, settings, resume=True, progress=False)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import make_tiny_base, make_tiny_spaf
 from spaf_edge.config import CONFIG_FILE, SpAFConfig
-from spaf_edge.errors import CheckpointMismatchError, ConfigError, ModelNotFoundError
+from spaf_edge.errors import CheckpointMismatchError, ConfigError, ModelNotFoundError, NonFiniteWeightsError
 from spaf_edge.generation.reference import spaf_generate
 from spaf_edge.model import META_FILE, WEIGHTS_FILE, SpAFModel
 
@@ -108,6 +108,16 @@ def test_corrupt_weights_are_reported(tmp_path):
     path = make_tiny_spaf("llama").save_spaf_components(tmp_path / "ckpt")
     (path / WEIGHTS_FILE).write_bytes(b"\x00garbage" * 8)
     with pytest.raises(ModelNotFoundError, match="corrupt"):
+        make_tiny_spaf("llama").load_spaf_components(path)
+
+
+def test_components_with_nan_or_inf_weights_are_refused(tmp_path):
+    model = make_tiny_spaf("llama")
+    with torch.no_grad():
+        model.adapters["2"].up.weight[0, 0] = float("nan")
+        model.alignment_heads["2"].layers[0].bias[1] = float("inf")
+    path = model.save_spaf_components(tmp_path / "ckpt")
+    with pytest.raises(NonFiniteWeightsError, match=r"'adapters.2.up.weight' holds 1 NaN/inf.*earlier checkpoint"):
         make_tiny_spaf("llama").load_spaf_components(path)
 
 

@@ -207,6 +207,23 @@ def test_sample_maps_uniforms_to_cdf_intervals_and_skips_zero_mass():
     assert abs((draws == 3).mean() - 0.75) < 0.03  # 4.4 standard deviations
 
 
+def test_sample_never_returns_a_zero_probability_token():
+    probs = np.array([0.5, 0.5, 0.0])
+    assert sample(probs, ScriptedRng([1.0])) == 1  # u * total rounded up to total: past every interval
+
+
+def test_draft_distribution_is_none_for_nan_or_inf_logits():
+    params, vocab = SamplingParams(temperature=1.0), np.array([0, 2, 4])
+    q = sampling.draft_distribution(np.array([0.0, 1.0, 2.0]), params, vocab, 6)
+    np.testing.assert_allclose(q[vocab], softmax(np.array([0.0, 1.0, 2.0])))
+    assert q[[1, 3, 5]].tolist() == [0, 0, 0]
+    for bad in ([0.0, np.nan, 2.0], [0.0, np.inf, 2.0], [-np.inf] * 3):
+        assert sampling.draft_distribution(np.array(bad), params, vocab, 6) is None
+    assert sampling.draft_distribution(np.array([0.0, -np.inf, 2.0]), params, vocab, 6)[2] == 0  # as top-k masks
+    greedy = sampling.draft_distribution(np.array([0.0, np.nan, 2.0]), SamplingParams(), vocab, 6)
+    assert greedy.sum() == 1.0  # greedy never reads q: its one-hot is kept
+
+
 def test_choose_is_argmax_when_greedy():
     probs = np.array([0.2, 0.5, 0.3])
     assert choose(probs, SamplingParams(), ScriptedRng([])) == 1
@@ -288,6 +305,54 @@ def test_one_accept_call_yields_exactly_p(case):
     np.testing.assert_allclose(bonus, np.minimum(p, q).sum() * p_next, atol=1e-12)
 
 
+def garbage_draft_distributions(p):
+    """Draft distributions no sampler could have drawn from, each with a draft token to try."""
+    size = len(p)
+    nan = np.full(size, np.nan)
+    vocab_nan = np.zeros(size)
+    vocab_nan[::2] = np.nan  # a draft vocabulary's softmax of NaN logits, scattered to the full vocabulary
+    half = p / 2  # unnormalised: q[d] <= p[d] would accept every draft
+    negative = p.copy()
+    negative[[0, 1]] += [0.7, -0.7]  # sums to 1 with q(1) < 0
+    infinite = np.zeros(size)
+    infinite[2] = np.inf
+    zero_at_draft = softmax(np.arange(size, dtype=float))
+    zero_at_draft[3] = 0.0
+    zero_at_draft /= zero_at_draft.sum()
+    return {"nan": (nan, 0), "nan in the draft vocabulary": (vocab_nan, size - 1), "unnormalised": (half, 1),
+            "negative": (negative, 0), "inf": (infinite, 2), "q(draft) = 0": (zero_at_draft, 3)}
+
+
+def test_a_draft_without_a_valid_q_is_rejected_and_the_bonus_comes_from_p():
+    params = SamplingParams(temperature=1.0)
+    p = np.array([0.05, 0.6, 0.1, 0.05, 0.1, 0.1])
+    p_next = softmax(np.arange(6, dtype=float))
+    target = np.stack([p, p_next])
+    for name, (q, draft) in garbage_draft_distributions(p).items():
+        for u in (0.0, 0.3, 0.99):
+            expected = sample(p, ScriptedRng([u]))
+            assert accept([draft], [q], target, params, ScriptedRng([u])) == (0, expected), name
+    # after an accepted valid draft (q(1) <= p(1): no uniform used), an invalid one stops acceptance there
+    valid, (nan, _) = softmax(np.zeros(6)), garbage_draft_distributions(p)["nan"]
+    assert accept([1, 4], [valid, nan], np.stack([p, p_next, p]), params, ScriptedRng([0.95])) == (
+        1, sample(p_next, ScriptedRng([0.95])))
+
+
+@pytest.mark.parametrize("name", ["nan", "nan in the draft vocabulary", "unnormalised", "negative", "inf"])
+def test_committed_tokens_follow_p_whatever_the_garbage_q(name):
+    """Drafts drawn any way at all (here uniformly) with a q that is no distribution: the first
+    committed token still follows p."""
+    params = SamplingParams(temperature=1.0)
+    rng = np.random.default_rng(3)
+    p, p_next = softmax(rng.normal(scale=1.5, size=7)), softmax(rng.normal(size=7))
+    q, _ = garbage_draft_distributions(p)[name]
+    counts = np.zeros(7, dtype=np.int64)
+    for draft in rng.integers(0, 7, size=SAMPLES):
+        accepted, bonus = accept([int(draft)], [q], np.stack([p, p_next]), params, rng)
+        counts[draft if accepted else bonus] += 1
+    assert chi_square_p_value(counts, p) > ALPHA
+
+
 # ---- the whole sampler against the base distribution ------------------------
 @pytest.fixture(scope="module")
 def sampling_model():
@@ -358,6 +423,23 @@ def test_spaf_sampling_matches_base_distribution(sampling_model, params, draft_v
         counts = sampled_joint(sampling_model, params, SAMPLES, seed=1000)
     finally:
         sampling_model.set_draft_vocab(None)
+    p_value = chi_square_p_value(counts, exact_joint(sampling_model, params))
+    assert p_value > ALPHA, f"SpAF samples do not follow the base distribution (p={p_value:.2e})"
+
+
+def test_nan_drafter_weights_keep_sampling_exact(sampling_model):
+    """NaN AlignmentHead weights: every aligned draft has NaN logits; with a draft vocabulary
+    the old sampler drew a token outside it (q = 0) and accepted it every time."""
+    model = make_tiny_spaf(
+        "llama", seed=11, vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        initializer_range=0.5, spaf_config=SpAFConfig(cutoff_layer=1),
+    )
+    with torch.no_grad():
+        for param in model.alignment_heads.parameters():
+            param.fill_(float("nan"))
+    model.set_draft_vocab(torch.tensor(list(range(0, VOCAB, 2))))
+    params = SamplingParams(temperature=1.0)
+    counts = sampled_joint(model, params, SAMPLES, seed=1000)
     p_value = chi_square_p_value(counts, exact_joint(sampling_model, params))
     assert p_value > ALPHA, f"SpAF samples do not follow the base distribution (p={p_value:.2e})"
 

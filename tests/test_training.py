@@ -11,7 +11,7 @@ from conftest import make_tiny_base, make_tiny_tokenizer
 from torch.nn import functional as F
 
 from spaf_edge.config import LossWeights, SpAFConfig
-from spaf_edge.errors import ConfigError
+from spaf_edge.errors import ConfigError, ModelNotFoundError
 from spaf_edge.model import SpAFModel
 from spaf_edge.training import checkpoint as ckpt
 from spaf_edge.training.data import build_sequences, frequent_tokens, load_examples, render_chat, render_row
@@ -296,12 +296,12 @@ def test_crash_during_checkpoint_keeps_the_previous_one(tokenizer, text_data, tm
     calls = []
     original = ckpt.write_trainer_state
 
-    def write_then_crash(path, state):
+    def write_then_crash(folder, state):
         calls.append(state["step"])
         if state["step"] == 6:
-            path.write_bytes(b"half a file")
+            (folder / ckpt.TRAINER_STATE).write_bytes(b"half a file")
             raise Interrupt()
-        original(path, state)
+        original(folder, state)
 
     monkeypatch.setattr(ckpt, "write_trainer_state", write_then_crash)
     with pytest.raises(Interrupt):
@@ -312,6 +312,65 @@ def test_crash_during_checkpoint_keeps_the_previous_one(tokenizer, text_data, tm
     assert ckpt.load_trainer_state(found)["step"] == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial folder left
     tiny_spaf(tokenizer).load_spaf_components(found / ckpt.COMPONENTS)
+
+
+class OpensWhenUnpickled:
+    """Unpickling this creates ``marker``: the side effect a crafted run folder could have."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_pickled_trainer_state_of_older_versions_is_refused_unread(tmp_path):
+    from spaf_edge.training.trainer import train_run
+
+    run_dir, marker = tmp_path / "run", tmp_path / "unpickled"
+    checkpoint = run_dir / ckpt.CHECKPOINT
+    (checkpoint / ckpt.COMPONENTS).mkdir(parents=True)
+    (checkpoint / ckpt.SETTINGS).write_text("{}")
+    torch.save({"step": 3, "payload": OpensWhenUnpickled(marker)}, checkpoint / ckpt.LEGACY_TRAINER_STATE)
+    for attempt in (lambda: ckpt.load_trainer_state(checkpoint),
+                    lambda: train_run(None, None, run_dir, resume=True),
+                    lambda: train_run(None, "data.jsonl", run_dir)):
+        with pytest.raises(ConfigError, match="older version.*--init-from"):
+            attempt()
+    assert not marker.exists(), "the pickle was loaded"
+
+
+def test_trainer_state_round_trips_without_pickle(tmp_path):
+    random.seed(5)
+    torch.manual_seed(6)
+    import numpy as np
+
+    np.random.seed(7)
+    state = {"step": 4, "optimizer": {"state": {0: {"step": torch.tensor(4.0), "exp_avg": torch.randn(3, 2)}},
+                                      "param_groups": [{"betas": (0.9, 0.999), "params": [0], "fused": None}]},
+             "scaler": {"dtype": torch.bfloat16, "$odd": 1.5}, "rng": ckpt.rng_state(), "world_size": 1}
+    expected = (random.random(), torch.rand(2).tolist(), np.random.rand())
+    ckpt.write_trainer_state(tmp_path, state)
+    assert "$tensor" in (tmp_path / ckpt.TRAINER_STATE).read_text()  # tensors live in the safetensors file
+    loaded = ckpt.load_trainer_state(tmp_path)
+    assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]  # int keys, tuples kept
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+    assert loaded["scaler"] == state["scaler"]
+    random.seed(0)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    ckpt.restore_rng_state(loaded["rng"])
+    assert (random.random(), torch.rand(2).tolist(), np.random.rand()) == expected
+    with pytest.raises(TypeError, match=r"state.bad: a object"):
+        ckpt.write_trainer_state(tmp_path, {"step": 1, "bad": object()})
+
+
+def test_corrupt_trainer_state_is_one_clear_error(tmp_path):
+    ckpt.write_trainer_state(tmp_path, {"step": 2})
+    for text in ("not json", '{"format": 1, "state": {"step": {"$tensor": "9"}}}', "[]"):
+        (tmp_path / ckpt.TRAINER_STATE).write_text(text)
+        with pytest.raises(ModelNotFoundError, match="corrupt"):
+            ckpt.load_trainer_state(tmp_path)
 
 
 def test_draft_vocab_is_built_from_data_and_saved(tokenizer, text_data, tmp_path):

@@ -15,7 +15,8 @@ from spaf_edge.cli import options
 @options.components
 @options.prompts_file("the packaged MT-Bench first turns")
 @options.limit
-@click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Length of the reference replies.")
+@click.option("--max-new-tokens", type=options.NEW_TOKENS, default=128, show_default=True,
+              help="Length of the reference replies.")
 @click.option("--aligned-steps", type=int, default=3, show_default=True, help="Aligned draft steps to score.")
 @click.option("--tau-prompts", type=int, default=8, show_default=True,
               help="Also run SpAF greedy generation on this many prompts and report τ (0: skip).")

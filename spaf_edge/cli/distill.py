@@ -15,11 +15,11 @@ from spaf_edge.cli import options
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
               help="Output chat JSONL for `spaf-edge train`; appended to and resumed if it exists.")
 @options.base_model
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--max-new-tokens", type=options.NEW_TOKENS, default=256, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts generated together.")
 @click.option("--limit", type=int, default=None, help="Use only N prompts (the first N, or random with --shuffle).")
 @click.option("--shuffle", is_flag=True, help="Pick --limit prompts at random (seeded) instead of the first ones.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --shuffle and of sampling.")
+@click.option("--seed", type=options.SEED, default=0, show_default=True, help="Seed of --shuffle and of sampling.")
 @options.temperature
 @options.top_p
 @click.option("--max-prompt-tokens", type=int, default=1024, show_default=True,

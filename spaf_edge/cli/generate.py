@@ -31,6 +31,7 @@ def command(base_model, components, cutoff_layer, prompt, max_new_tokens, chat, 
 
     from spaf_edge.models.loading import resolve_components
 
+    options.check_drafting(num_draft_tokens, serial_parallel_transition)
     components = resolve_components(base_model, components) if cutoff_layer is None else components
     config = None if components else SpAFConfig(cutoff_layer=cutoff_layer)
     model = SpAFModel.from_pretrained(base_model, config, components=components)

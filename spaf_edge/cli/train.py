@@ -38,7 +38,8 @@ from spaf_edge.cli import options
 @click.option("--eval-every", type=int, default=None, help="Eval on the held-out split every N steps [50].")
 @click.option("--eval-fraction", type=float, default=None, help="Held-out share of the sequences [0.05].")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps [100].")
-@click.option("--seed", type=int, default=None, help="Seed of the SpAF initial weights, the data split and order [0].")
+@click.option("--seed", type=options.SEED, default=None,
+              help="Seed of the SpAF initial weights, the data split and order [0].")
 @click.option("--logit-chunk-rows", type=int, default=None, help="Positions whose vocabulary logits are held at once [512].")
 @click.option("--max-examples", type=int, default=None, help="Use only the first N rows of --data.")
 @click.option("--time-budget", type=float, default=None,

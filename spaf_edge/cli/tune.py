@@ -45,15 +45,18 @@ def _threshold_list(ctx, param, value: str | None):
 @options.provider
 @options.threads
 @options.progress
+@click.option("--store/--no-store", default=True, show_default=True,
+              help="Store the result in the export's manifest; --no-store only prints it (read-only exports).")
 @click.option("--reset", is_flag=True, help="Remove the stored tuning result instead (run falls back to the config).")
 def command(export_dirs, prompts_file, limit, max_new_tokens, screen_prompts, keep_fraction, draft_tokens,
-            transitions, thresholds, chat, provider, threads, progress, reset):
+            transitions, thresholds, chat, provider, threads, progress, store, reset):
     """Time drafting settings on calibration prompts with this device and store the fastest in the export.
 
     Searches num_draft_tokens, serial_parallel_transition and the draft-stop threshold with
     greedy decoding; `spaf-edge run` then uses the result by default. Give the exports of
     several exits (`export --exit-layer`) to compare the exits too.
     """
+    from spaf_edge.errors import StorageError
     from spaf_edge.tuning import Grid, TuneOptions, reset_tuned, tune_exports
 
     if reset:
@@ -64,7 +67,7 @@ def command(export_dirs, prompts_file, limit, max_new_tokens, screen_prompts, ke
     grid_values = {"num_draft_tokens": draft_tokens, "transitions": transitions, "thresholds": thresholds}
     tune_options = TuneOptions(
         prompts=prompts_file, limit=limit, max_new_tokens=max_new_tokens, screen_prompts=screen_prompts,
-        keep_fraction=keep_fraction, chat=chat, provider=provider, threads=threads, progress=progress,
+        keep_fraction=keep_fraction, chat=chat, provider=provider, threads=threads, progress=progress, store=store,
         grid=Grid(**{name: value for name, value in grid_values.items() if value is not None}),
     )
     results = tune_exports(export_dirs, tune_options)
@@ -86,3 +89,6 @@ def command(export_dirs, prompts_file, limit, max_new_tokens, screen_prompts, ke
     elif len(best.exits) > 1:
         click.echo(f"The components trained exits {best.exits}; this export uses exit {best.exit_layer}. To compare "
                    "exits, export each with --exit-layer and tune the folders together.")
+    unstored = [result for result in results if result.store_error]
+    if unstored:  # after the results are printed: the measurements are not lost
+        raise StorageError(" ".join(result.store_error for result in unstored))

@@ -14,7 +14,8 @@ from spaf_edge.cli import options
 @options.base_model
 @options.components
 @click.option("--prompt", "prompts", multiple=True, help="A prompt to check (repeatable; default: built-in prompts).")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Greedy tokens per prompt.")
+@click.option("--max-new-tokens", type=options.NEW_TOKENS, default=32, show_default=True,
+              help="Greedy tokens per prompt.")
 @options.chat
 @options.provider
 @click.option("--parity/--no-parity", default=True, show_default=True, help="Run the per-graph parity check.")

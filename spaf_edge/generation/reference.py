@@ -24,7 +24,7 @@ from spaf_edge.config import validate_drafting
 from spaf_edge.errors import ContextLengthError
 from spaf_edge.generation.kv_cache import StackKVCache
 from spaf_edge.model import SpAFModel
-from spaf_edge.sampling import SamplingParams, accept, choose, logits_to_probs, softmax
+from spaf_edge.sampling import SamplingParams, accept, choose, draft_distribution, logits_to_probs, softmax
 from spaf_edge.stats import GenerationStats
 
 
@@ -99,14 +99,13 @@ def prefill(model: SpAFModel, prompt: Sequence[int], max_length: int) -> DecodeS
     return state
 
 
-def _draft_distribution(model: SpAFModel, logits: torch.Tensor, params: SamplingParams, vocab_size: int) -> np.ndarray:
-    """Processed draft distribution over the full vocabulary from draft-vocab logits [V_d]."""
-    probs = logits_to_probs(logits.float().cpu().numpy(), params)
-    if model.draft_vocab.numel() == 0:
-        return probs
-    full = np.zeros(vocab_size, dtype=np.float64)
-    full[model.draft_vocab.cpu().numpy()] = probs
-    return full
+def _draft_distribution(
+    model: SpAFModel, logits: torch.Tensor, params: SamplingParams, vocab_size: int
+) -> np.ndarray | None:
+    """Processed draft distribution over the full vocabulary from draft-vocab logits [V_d];
+    None for NaN/inf logits (:func:`spaf_edge.sampling.draft_distribution`)."""
+    draft_vocab = model.draft_vocab.cpu().numpy() if model.draft_vocab.numel() else None
+    return draft_distribution(logits.float().cpu().numpy(), params, draft_vocab, vocab_size)
 
 
 @torch.no_grad()
@@ -151,6 +150,8 @@ def spaf_draft(
             logits, prev_top = _adapter_step(model, state, (_take_queue(state) if j == 1 else []) + [row])
         logits = logits[0, -1]  # [V_d]
         q = _draft_distribution(model, logits, params, vocab_size)
+        if q is None:  # NaN/inf logits (broken drafter weights): nothing to draw a draft from
+            break
         if stop_threshold is not None:
             confidence = q.max() if not params.greedy else softmax(logits.float().cpu().numpy()).max()
             if confidence < stop_threshold:

@@ -13,6 +13,7 @@ process, no launcher) gets those set to a one-process world here.
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 from dataclasses import dataclass
@@ -209,8 +210,36 @@ def optimizer_state(accelerator, optimizer) -> Any:
         from accelerate.utils import send_to_device
 
         # To the CPU first: unpickled on rank 0, CUDA tensors would land on the other ranks' GPUs.
-        return gather_to_main(accelerator, send_to_device(optimizer.optimizer.state_dict(), "cpu"))
+        return gather_to_main(accelerator, plain_zero_state(send_to_device(optimizer.optimizer.state_dict(), "cpu")))
     return optimizer.state_dict()
+
+
+def plain_zero_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A ZeRO optimizer's state dict with its Python objects made data, for the checkpoint's JSON.
+
+    The loss scaler becomes its class name and attributes (:func:`load_optimizer_state` sets them
+    on the running scaler); the parameter slice mappings, which only DeepSpeed's universal
+    checkpoint conversion reads, are dropped.
+    """
+    from deepspeed.checkpoint.constants import LOSS_SCALER, PARAM_SLICE_MAPPINGS
+
+    state = {key: value for key, value in state.items() if key != PARAM_SLICE_MAPPINGS}
+    scaler = state.get(LOSS_SCALER)
+    if scaler is not None:
+        state[LOSS_SCALER] = {"class": type(scaler).__name__, "attributes": dict(vars(scaler))}
+    return state
+
+
+def restore_loss_scaler(saved: dict[str, Any], current: Any) -> Any:
+    """A copy of the running loss scaler ``current`` with the attributes :func:`plain_zero_state` kept."""
+    if saved["class"] != type(current).__name__:
+        raise ConfigError(
+            f"The checkpoint was written with DeepSpeed's {saved['class']} and this run uses "
+            f"{type(current).__name__}. Resume with the same precision settings, or start a new run."
+        )
+    scaler = copy.copy(current)
+    vars(scaler).update({name: value for name, value in saved["attributes"].items() if name in vars(current)})
+    return scaler
 
 
 def load_optimizer_state(accelerator, optimizer, saved: Any) -> None:
@@ -222,7 +251,12 @@ def load_optimizer_state(accelerator, optimizer, saved: Any) -> None:
             "same launch setup (the optimizer state is stored differently), or start a new run."
         )
     if sharded:
-        optimizer.optimizer.load_state_dict(saved, load_from_fp32_weights=True)
+        from deepspeed.checkpoint.constants import LOSS_SCALER
+
+        zero = optimizer.optimizer
+        saved = [dict(part, **{LOSS_SCALER: restore_loss_scaler(part[LOSS_SCALER], zero.loss_scaler)})
+                 if isinstance(part.get(LOSS_SCALER), dict) else part for part in saved]
+        zero.load_state_dict(saved, load_from_fp32_weights=True)
     else:
         optimizer.load_state_dict(saved)
 
