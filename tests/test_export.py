@@ -14,7 +14,7 @@ from conftest import make_tiny_spaf
 
 from spaf_edge import io_names
 from spaf_edge.config import SpAFConfig
-from spaf_edge.errors import ConfigError, ExportFormatError, UnsupportedArchitectureError
+from spaf_edge.errors import ConfigError, ExportFormatError, NonFiniteWeightsError, UnsupportedArchitectureError
 from spaf_edge.exporters import export_model
 from spaf_edge.manifest import Manifest
 from spaf_edge.shared_weights import SharedWeights, read_index
@@ -196,12 +196,27 @@ def test_quantized_export_runs_close_to_float(quantization, bound, tmp_path):
     folder = export_model(model, tmp_path / "out", quantization=quantization, max_length=MAX_LENGTH, progress=False)
     graph = onnx.load(str(folder / io_names.UPPER_GRAPH), load_external_data=False).graph
     ops = [node.op_type for node in graph.node]
-    assert ops.count("MatMulNBits") == 2 * 4  # qkv/o/gate_up/down of layers 2 and 3
-    assert "MatMul" not in ops
+    assert ops.count("MatMulNBits") == 2 * 4 + 1  # qkv/o/gate_up/down of layers 2 and 3, and the LM head
+    assert "MatMul" not in ops and "Gemm" not in ops
     report = check_graphs(model, folder, threshold=bound)
     assert report.passed, report.summary()
     # quantization really changed the numbers (the check compares with the float model)
     assert report.worst("upper", io_names.LOGITS)["max_abs"] > 1e-5
+
+
+def test_export_refuses_nan_or_inf_weights(tmp_path):
+    model = make_tiny_spaf("llama", **EXPORTABLE)
+    with torch.no_grad():
+        model.alignment_heads["2"].layers[0].weight[3, 1] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match=r"'spaf.alignment_heads.2.layers.0.weight' of drafter.onnx holds 1"):
+        export_model(model, tmp_path / "nan", max_length=MAX_LENGTH, progress=False)
+    assert not (tmp_path / "nan").exists()
+    model = make_tiny_spaf("llama", **EXPORTABLE)
+    with torch.no_grad():
+        model.adapters["2"].up.weight[0, 0] = 1e5  # finite in float32, inf in float16
+    export_model(model, tmp_path / "fp32", max_length=MAX_LENGTH, progress=False)
+    with pytest.raises(NonFiniteWeightsError, match="adapters.2.up.weight.*--dtype fp32"):
+        export_model(model, tmp_path / "fp16", dtype="float16", max_length=MAX_LENGTH, progress=False)
 
 
 def test_draft_vocabulary_export(tmp_path):
@@ -228,7 +243,7 @@ def test_manifest_describes_the_folder(tiny_llama, llama_export):
     assert set(manifest.files) == on_disk
     assert {*io_names.GRAPHS, io_names.EMBEDDINGS, io_names.SHARED_WEIGHTS, io_names.TOKENIZER,
             io_names.TOKENIZER_CONFIG} <= on_disk
-    assert manifest.format_version == 4
+    assert manifest.format_version == 5
     assert manifest.base_fingerprint == tiny_llama.fingerprint
     assert (manifest.cutoff_layer, manifest.exits, manifest.dtype, manifest.quantization) == (2, [2], "float32", None)
     assert manifest.sizes.max_length == MAX_LENGTH and manifest.sizes.head_dim == 16

@@ -23,6 +23,7 @@ ALLOWED_PACKAGES = {"numpy", "onnxruntime", "tokenizers", "jinja2"}
 ALLOWED_SPAF_MODULES = {  # torch-free modules of spaf_edge the runtime may use
     "spaf_edge.config", "spaf_edge.errors", "spaf_edge.io_names", "spaf_edge.manifest", "spaf_edge.sampling",
     "spaf_edge.stats", "spaf_edge.shared_weights", "spaf_edge.atomic", "spaf_edge.cache_length",
+    "spaf_edge.embedding_layout",
 }
 
 SCRIPT = """

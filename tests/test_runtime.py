@@ -21,9 +21,11 @@ from spaf_edge.errors import ConfigError, ContextLengthError, ExportFormatError,
 from spaf_edge.exporters import export_model
 from spaf_edge.generation.reference import spaf_generate
 from spaf_edge.io_names import EMBEDDINGS, LOWER_GRAPH, MANIFEST, UPPER_GRAPH
+from spaf_edge.manifest import DIGEST_FIELD, content_digest
 from spaf_edge.runtime.decoder import EngineResult, TargetProbs, common_prefix
 from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.engine import Engine
+from spaf_edge.runtime.rows import MAX_ROWS
 from spaf_edge.runtime.stream import IncrementalDecoder
 from spaf_edge.runtime.tokenizer import TextTokenizer
 from spaf_edge.sampling import SamplingParams, logits_to_probs
@@ -47,8 +49,10 @@ def torch_greedy(model, prompt, max_new_tokens, eos, **drafting):
 
 
 def edit_manifest(folder: Path, change) -> None:
+    """Change the manifest's content and reseal its digest, as a (buggy) exporter would write it."""
     data = json.loads((folder / MANIFEST).read_text())
     change(data)
+    data[DIGEST_FIELD] = content_digest(data)
     (folder / MANIFEST).write_text(json.dumps(data))
 
 
@@ -215,15 +219,19 @@ def test_stops_at_eos(export_copy, engine):
     assert result.tokens == tokens[: tokens.index(stop) + 1]
 
 
-def test_stops_at_the_context_limit(tiny, tmp_path):
+@pytest.mark.parametrize("row_calls, context", [("native", 15), ("padded", 14)])
+def test_stops_at_the_context_limit(tiny, row_calls, context, tmp_path):
+    """16 cache rows: the stacks' attention writes one row past each call, and padded one-row calls
+    one more (docs/runtime.md, "Row invariance")."""
     model = tiny[0]
-    engine = Engine.from_folder(export(model, tmp_path / "export", max_length=16))
+    engine = Engine.from_folder(export(model, tmp_path / "export", max_length=16), row_calls=row_calls)
+    assert engine.max_length == context
     result = engine.generate(PROMPTS[0], max_new_tokens=50)
     assert result.stop_reason == "context"
-    assert len(PROMPTS[0]) + len(result.tokens) == 16 + 1  # every position 0..15 was processed
+    assert len(PROMPTS[0]) + len(result.tokens) == context + 1  # every position 0..context-1 was processed
     assert result.tokens == base_greedy(model.base, PROMPTS[0], len(result.tokens), sorted(engine.eos))
-    with pytest.raises(ContextLengthError, match="17 tokens.*context is 16"):
-        engine.generate(list(range(1, 18)), max_new_tokens=1)
+    with pytest.raises(ContextLengthError, match=f"{context + 1} tokens.*context is {context}"):
+        engine.generate(list(range(1, context + 2)), max_new_tokens=1)
 
 
 # ---- sampling -------------------------------------------------------------
@@ -250,8 +258,8 @@ def chi_square_fits(counts: np.ndarray, probs: np.ndarray, alpha_z: float = 3.09
 def test_sampled_tokens_follow_the_base_distribution(tiny, export_copy):
     """First and second new tokens vs the base model's exact (processed) distributions."""
     model, _ = tiny
-    edit_manifest(export_copy, lambda data: data.update(eos_token_ids=[]))
     engine = Engine.from_folder(export_copy)
+    engine.decoder.eos = frozenset()  # no EOS stop: every sample has two new tokens (a manifest needs EOS ids)
     params = SamplingParams(temperature=0.9, top_k=12, top_p=0.95)
     prompt, samples = [5, 17, 33], 1200
 
@@ -495,7 +503,7 @@ def record_num_logits(decoder, monkeypatch) -> list[tuple[int, int]]:
 def test_prefill_computes_no_logits(fused, monkeypatch):
     """Prefill asks the upper graph for no logits (no LM head on prompt rows); its top state is unchanged."""
     model, folder = fused
-    engine = Engine.from_folder(folder, prefill_chunk=3)
+    engine = Engine.from_folder(folder, prefill_chunk=3, row_calls="native")  # the call shapes without padding
     decoder = engine.decoder
     calls = record_num_logits(decoder, monkeypatch)
     prompt = [1, 7, 19, 42, 5, 11, 60, 23]
@@ -513,7 +521,7 @@ def test_prefill_computes_no_logits(fused, monkeypatch):
 def test_verify_asks_for_its_rows_only(fused, monkeypatch):
     """Plain greedy asks for 1 row per step, SpAF for D+1; the logits buffer is sized for a verify, not a prefill."""
     _, folder = fused
-    engine = Engine.from_folder(folder)
+    engine = Engine.from_folder(folder, row_calls="native")  # the call shapes without padding
     calls = record_num_logits(engine.decoder, monkeypatch)
     prompt = PROMPTS[0]
     plain = engine.generate(prompt, max_new_tokens=6, mode="greedy")
@@ -525,7 +533,8 @@ def test_verify_asks_for_its_rows_only(fused, monkeypatch):
     steps = calls[1:]  # one verify per step: all D+1 rows
     assert len(steps) == spaf.stats.verify_steps and all(new == rows for new, rows in steps)
     assert sum(rows - 1 for _, rows in steps) == sum(spaf.stats.drafted) > 0
-    assert engine.decoder.buffers.logits.rows == 8 < engine.decoder.buffers.rows  # not prefill_chunk rows
+    # sized for the widest verify (the row check's at load), not for prefill_chunk rows
+    assert engine.decoder.buffers.logits.rows == MAX_ROWS + 1 < engine.decoder.buffers.rows
 
 
 # ---- text, chat template and streaming -----------------------------------
@@ -665,16 +674,16 @@ def test_unknown_manifest_version(export_copy, version):
         Engine.from_folder(export_copy)
 
 
-@pytest.mark.parametrize("field,value,named", [
-    ("hidden_size", 128, "cutoff_hidden"),
-    ("max_length", 64, "past_key_values.0.key"),
-    ("num_kv_heads", 1, "past_key_values.0.key"),
-    ("vocab_size", 100, "logits"),
-    ("num_layers", 5, "past_key_values.4.key"),
+@pytest.mark.parametrize("field,value,message", [  # sizes that change the table's are found before the graphs
+    ("hidden_size", 128, r"embeddings.bin has 24576 bytes; the manifest's 96 x 128 float32 table needs 49152"),
+    ("max_length", 64, "does not match its manifest.*past_key_values.0.key"),
+    ("num_kv_heads", 1, "does not match its manifest.*past_key_values.0.key"),
+    ("vocab_size", 100, r"embeddings.bin has 24576 bytes; the manifest's 100 x 64 float32 table needs 25600"),
+    ("num_layers", 5, "does not match its manifest.*past_key_values.4.key"),
 ])
-def test_graphs_that_disagree_with_the_manifest(export_copy, field, value, named):
+def test_graphs_that_disagree_with_the_manifest(export_copy, field, value, message):
     edit_manifest(export_copy, lambda data: data["sizes"].update({field: value}))
-    with pytest.raises(ExportFormatError, match=f"does not match its manifest.*{named}"):
+    with pytest.raises(ExportFormatError, match=message):
         Engine.from_folder(export_copy)
 
 
@@ -697,8 +706,9 @@ def test_cutoff_outside_the_layers(export_copy, cutoff):
 
 
 def test_prompt_longer_than_the_context(engine):
-    with pytest.raises(ContextLengthError, match="129 tokens but the export's context is 128"):
-        engine.generate([1] * 129, max_new_tokens=4)
+    context = engine.max_length  # 127 of 128 cache rows, or 126 where one-row calls are padded on this device
+    with pytest.raises(ContextLengthError, match=f"{context + 1} tokens but the export's context is {context}"):
+        engine.generate([1] * (context + 1), max_new_tokens=4)
     with pytest.raises(ContextLengthError, match="empty"):
         engine.generate([], max_new_tokens=4)
 

@@ -54,6 +54,7 @@ def test_run_streams_the_engine_text(tiny):
     assert result.exit_code == 0, result.output
     assert result.stdout == expected.text + "\n"
     assert "tau=" in result.stderr and "verify steps" in result.stderr
+    assert f"lossless: {engine.lossless} (" in result.stderr  # whether SpAF's tokens are exact on this device
     piped = invoke("run", tiny / "export", "--stdin", "--max-new-tokens", 10, input="Hello")
     assert piped.stdout == result.stdout
 
@@ -67,6 +68,7 @@ def test_run_json_output_and_options(tiny):
     data = json.loads(result.stdout)
     assert data["tokens"] == expected.tokens and data["text"] == expected.text
     assert data["stats"]["verify_steps"] == len(expected.tokens)
+    assert data["lossless"] == engine.lossless
 
 
 def test_run_chat_loop_keeps_the_conversation(tiny):

@@ -17,7 +17,7 @@ import torch
 
 from spaf_edge import io_names
 from spaf_edge.atomic import atomic_directory
-from spaf_edge.errors import ConfigError, UnsupportedArchitectureError
+from spaf_edge.errors import ConfigError, NonFiniteWeightsError, UnsupportedArchitectureError
 from spaf_edge.exporters.graph_builder import OPSET
 from spaf_edge.exporters.graphs import GraphPlan, build_draft_head, build_drafter, build_lower, build_upper
 from spaf_edge.exporters.quantize import QUANTIZATION_BITS, quantize_graph
@@ -57,8 +57,9 @@ def export_model(
     out_dir = Path(out_dir)
     replace = check_out_dir(out_dir, overwrite)
     start = time.perf_counter()
-    plan = GraphPlan(model, exit_layer, np.dtype(dtype), max_length)
+    plan = GraphPlan(model, exit_layer, np.dtype(dtype), max_length, quantization)
     builders = build_graphs(plan, progress)
+    check_finite_weights(plan, builders)
     transform = partial(quantize_graph, quantization=quantization) if quantization else None
     with atomic_directory(out_dir, overwrite=replace) as tmp:
         _chmod_like_mkdir(tmp)
@@ -70,6 +71,8 @@ def export_model(
         files += tokenizer_files
         manifest = build_manifest(plan, quantization, chat_template, {name: sha256_file(tmp / name) for name in files})
         (tmp / io_names.MANIFEST).write_text(manifest.to_json())  # last: its presence marks a complete export
+        manifest.lossless = measure_lossless(tmp)
+        (tmp / io_names.MANIFEST).write_text(manifest.to_json())
     log.info("Exported %s (%s%s) in %.1f s", out_dir, dtype, f", {quantization}" if quantization else "",
              time.perf_counter() - start)
     return out_dir
@@ -170,9 +173,18 @@ def build_manifest(
     return manifest
 
 
+def measure_lossless(folder: Path) -> str:
+    """``exact`` | ``near`` on this machine's CPU: whether verify rows get decode-step bits (engine row check)."""
+    from spaf_edge.runtime.engine import Engine
+
+    return Engine.from_folder(folder, verify=False).lossless
+
+
 def write_embeddings(folder: Path, plan: GraphPlan) -> list[str]:
-    """The [V, H] embedding rows, raw in the export dtype: the runtime reads token rows from it."""
-    plan.embedding_table().tofile(folder / io_names.EMBEDDINGS)
+    """The [V, H] embedding rows (raw, or quantized: spaf_edge.embedding_layout); the runtime reads token rows."""
+    with open(folder / io_names.EMBEDDINGS, "wb") as handle:
+        for piece in plan.embedding_bytes():
+            piece.tofile(handle)
     return [io_names.EMBEDDINGS]
 
 
@@ -206,6 +218,34 @@ def write_tokenizer(folder: Path, tokenizer: Any) -> tuple[str | None, list[str]
 
 
 # ---- option checks -------------------------------------------------------------
+def check_finite_weights(plan: GraphPlan, builders: dict[str, Any]) -> None:
+    """Refuse NaN or inf in any float weight about to be written (in the export dtype).
+
+    Checked here, on the arrays the graphs are written from, rather than when the engine
+    loads: the engine cannot read initializers back out of ONNX Runtime, and it checks every
+    file's sha256 against the manifest, so the weights it runs are the ones checked here.
+    (SpAF checkpoints are also checked on load; and should a drafter still yield NaN, the
+    sampler stops drafting and stays exact.)
+    """
+    arrays = [(io_names.EMBEDDINGS, "embedding table", plan.embedding_table())]
+    arrays += [(file_name, name, array) for file_name, builder in builders.items()
+               for name, array in {**builder.weights, **builder.constants}.items()]
+    seen: set[int] = set()
+    for file_name, name, array in arrays:
+        if id(array) in seen or not np.issubdtype(array.dtype, np.floating):
+            continue
+        seen.add(id(array))
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            cast = (" (in float16, values beyond +-65504 become inf too: export with --dtype fp32)"
+                    if array.dtype == np.float16 else "")
+            raise NonFiniteWeightsError(
+                f"Cannot export: weight {name!r} of {file_name} holds {bad} NaN/inf value(s){cast}. The model's "
+                "weights are broken, e.g. by a diverged training run: export components from an earlier checkpoint, "
+                "or retrain them (a lower --lr, --grad-clip)."
+            )
+
+
 def check_dtype(dtype: str) -> str:
     if dtype not in DTYPE_ALIASES:
         raise ConfigError(f"Invalid dtype={dtype!r}: expected one of {DTYPES} (or fp32 / fp16).")

@@ -27,6 +27,7 @@ NUMPY_TO_ONNX = {
     np.dtype(np.float16): TensorProto.FLOAT16,
     np.dtype(np.int64): TensorProto.INT64,
     np.dtype(np.int32): TensorProto.INT32,
+    np.dtype(np.uint8): TensorProto.UINT8,  # quantized weights (MatMulNBits)
 }
 
 
@@ -52,9 +53,9 @@ class GraphBuilder:
     outputs: list[onnx.ValueInfoProto] = field(default_factory=list)
 
     # ---- tensors -------------------------------------------------------
-    def weight(self, name: str, array: np.ndarray) -> str:
-        """Register a float weight (cast to the graph dtype). Returns its name."""
-        array = np.ascontiguousarray(array, dtype=self.dtype)
+    def weight(self, name: str, array: np.ndarray, packed: bool = False) -> str:
+        """Register a float weight (cast to the graph dtype), or ``packed`` bytes as they are. Returns its name."""
+        array = np.ascontiguousarray(array, dtype=None if packed else self.dtype)
         known = self.weights.get(name)
         differs = known is not None and known is not array
         if differs and (known.shape != array.shape or not np.array_equal(known, array)):

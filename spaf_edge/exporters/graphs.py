@@ -9,7 +9,9 @@ No graph gathers token embeddings: ``lower`` and ``drafter`` take embedding rows
 the runtime reads from ``embeddings.bin`` (format 4). A tied LM head used by ``upper``
 alone (the draft head has its own draft-vocabulary rows) is then ``upper``'s private
 initializer, which ONNX Runtime prepacks; its bytes stay in ``embeddings.bin``
-(:attr:`GraphPlan.placements`), so the folder holds the table once.
+(:attr:`GraphPlan.placements`), so the folder holds the table once. An int4/int8 export
+(format 5) quantizes the table and every LM head: the tied head is a MatMulNBits node on
+the quantized rows of ``embeddings.bin`` (:mod:`spaf_edge.embedding_layout`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ from onnx import TensorProto
 from spaf_edge import io_names
 from spaf_edge.exporters.drafters import ADAPTER_BUILDERS, ALIGNMENT_HEAD_BUILDERS, builder_for
 from spaf_edge.exporters.graph_builder import GraphBuilder
+from spaf_edge.exporters.quantize import ACCURACY_LEVEL, quantize_rows
+from spaf_edge.embedding_layout import EmbeddingLayout
 from spaf_edge.exporters.layers import (
     AttentionShape,
+    HeadBlocks,
+    QuantizedHead,
     make_decoder_layers,
     make_last_rows,
     make_lm_head,
@@ -42,6 +48,7 @@ LM_HEAD_BIAS = "lm_head.bias"
 DRAFT_HEAD = "spaf.draft_head.weight"
 DRAFT_HEAD_BIAS = "spaf.draft_head.bias"
 FINAL_NORM = "model.norm"
+PACKED, SCALES = ".packed", ".scales"  # name suffixes of a quantized head's weights
 HEAD_BLOCK_BYTES = 16 * 2**20  # a private LM head is split into row blocks of at most this size
 PAGE = 4096  # block offsets in embeddings.bin stay page-aligned (ONNX Runtime can map them)
 
@@ -54,9 +61,11 @@ class GraphPlan:
     exit_layer: int  # k
     dtype: np.dtype
     max_length: int
+    quantization: str | None = None  # None | "int8" | "int4": also the LM heads and embeddings.bin
 
     def __post_init__(self) -> None:
         self._arrays: dict[str, np.ndarray] = {}
+        self._quantized: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         # weight name -> byte offset in embeddings.bin for weights that are rows of the table
         self.placements: dict[str, int] = {EMBED: 0}
 
@@ -82,7 +91,8 @@ class GraphPlan:
     def shape(self) -> AttentionShape:
         config = self.config
         return AttentionShape(
-            config.num_attention_heads, config.num_key_value_heads, self.model.arch.head_dim(config), self.max_length
+            config.num_attention_heads, config.num_key_value_heads, self.model.arch.head_dim(config),
+            self.max_length, pad_row=True,
         )
 
     @property
@@ -112,8 +122,38 @@ class GraphPlan:
 
     # ---- embedding and LM head -----------------------------------------
     def embedding_table(self) -> np.ndarray:
-        """The [V, H] embedding in the export dtype: the bytes of ``embeddings.bin``."""
+        """The [V, H] embedding in the export dtype: the rows of ``embeddings.bin`` before quantization."""
         return self.array(EMBED, self.model.arch.embed_tokens(self.base).weight)
+
+    @property
+    def embedding_layout(self) -> EmbeddingLayout:
+        config = self.config
+        return EmbeddingLayout.for_export(config.vocab_size, config.hidden_size, self.dtype.name, self.quantization)
+
+    def quantized(self, name: str, rows) -> tuple[np.ndarray, np.ndarray]:
+        """(packed, scales) of the float rows ``rows`` (a [N, H] tensor), quantized once per name."""
+        if name not in self._quantized:
+            self._quantized[name] = quantize_rows(to_numpy(rows), self.embedding_layout)
+        return self._quantized[name]
+
+    def embedding_bytes(self) -> list[np.ndarray]:
+        """The pieces of ``embeddings.bin`` in order, with the padding before the scales (layout above)."""
+        if not self.quantization:
+            return [self.embedding_table()]
+        packed, scales = self.quantized(EMBED, self.model.arch.embed_tokens(self.base).weight)
+        padding = np.zeros(self.embedding_layout.scales_offset - packed.nbytes, dtype=np.uint8)
+        return [packed, padding, scales]
+
+    def quantized_head(self, b: GraphBuilder, name: str, rows, bias) -> QuantizedHead:
+        """LM-head ``rows`` [N, H] as a MatMulNBits head; the tied full head reads embeddings.bin's bytes."""
+        packed, scales = self.quantized(name, rows)
+        layout = self.embedding_layout
+        if name == EMBED:
+            self.placements[EMBED + PACKED] = 0
+            self.placements[EMBED + SCALES] = layout.scales_offset
+        bias_name = b.weight(f"{name}.bias", bias) if bias is not None else None
+        return QuantizedHead(b.weight(name + PACKED, packed, packed=True), b.weight(name + SCALES, scales.reshape(-1)),
+                             bias_name, layout.hidden_size, layout.bits, layout.block_size, ACCURACY_LEVEL)
 
     @property
     def tied(self) -> bool:
@@ -125,7 +165,7 @@ class GraphPlan:
         """Only ``upper`` uses the full LM head: the draft head has draft-vocabulary rows of its own."""
         return self.model.draft_vocab.numel() > 0
 
-    def lm_head_blocks(self, b: GraphBuilder) -> list[tuple[str, str | None]]:
+    def lm_head_blocks(self, b: GraphBuilder) -> HeadBlocks | QuantizedHead:
         """The full LM head as (weight [rows, H], bias) blocks; a tied head is the embedding table itself.
 
         A head shared with the draft head stays one tensor (one shared buffer, read in place).
@@ -136,8 +176,10 @@ class GraphPlan:
         """
         head = self.model.arch.lm_head(self.base)
         name = EMBED if self.tied else LM_HEAD
-        table = self.embedding_table() if self.tied else self.array(LM_HEAD, head.weight)
         bias = to_numpy(head.bias) if head.bias is not None else None
+        if self.quantization:
+            return self.quantized_head(b, name, head.weight, bias)
+        table = self.embedding_table() if self.tied else self.array(LM_HEAD, head.weight)
         if not self.head_is_private:
             return [(b.weight(name, table), b.weight(LM_HEAD_BIAS, bias) if bias is not None else None)]
         row_bytes = table.shape[1] * table.dtype.itemsize
@@ -167,17 +209,20 @@ class GraphPlan:
             return None
         return {"num_heads": int(self.adapter.num_heads), "head_dim": int(self.adapter.head_dim)}
 
-    def draft_head_blocks(self, b: GraphBuilder) -> list[tuple[str, str | None]]:
+    def draft_head_blocks(self, b: GraphBuilder) -> HeadBlocks | QuantizedHead:
         """LM-head rows of the draft vocabulary (the full, shared head when there is none).
 
         The rows are used by the draft-head graph only, so they stay a private initializer
-        that ONNX Runtime can prepack.
+        that ONNX Runtime can prepack (quantized like the full head in an int4/int8 export).
         """
         vocab = self.model.draft_vocab
         if vocab.numel() == 0:
             return self.lm_head_blocks(b)
         head = self.model.arch.lm_head(self.base)
         ids = vocab.to(head.weight.device)
+        if self.quantization:
+            bias = to_numpy(head.bias[ids]) if head.bias is not None else None
+            return self.quantized_head(b, DRAFT_HEAD, head.weight[ids], bias)
         name = b.weight(DRAFT_HEAD, to_numpy(head.weight[ids]))
         bias = b.weight(DRAFT_HEAD_BIAS, to_numpy(head.bias[ids])) if head.bias is not None else None
         return [(name, bias)]

@@ -29,6 +29,7 @@ class AttentionShape:
     kv_heads: int
     head_dim: int
     max_length: int  # rows of the KV buffers and of the rotary caches
+    pad_row: bool = False  # attention runs one more query row than the call has (make_group_query_attention)
 
 
 # ---- primitives ------------------------------------------------------------
@@ -108,23 +109,52 @@ def make_attention(
     scale = float(getattr(attn, "scaling", shape.head_dim**-0.5))
     kv = (past_key(index), past_value(index), present_key(index), present_value(index))
     context = make_group_query_attention(b, qkv, kv, shape.num_heads, shape.kv_heads, scale, rotary,
-                                         f"/model/layers.{index}/attn/GroupQueryAttention")
+                                         f"/model/layers.{index}/attn/GroupQueryAttention", shape.pad_row)
     return make_module_linear(b, context, f"{name}.o_proj", attn.o_proj)
 
 
 def make_group_query_attention(
     b: GraphBuilder, qkv: str, kv: tuple[str, str, str, str], num_heads: int, kv_heads: int, scale: float,
-    rotary: tuple[str, str], path: str,
+    rotary: tuple[str, str], path: str, pad_row: bool = False,
 ) -> str:
     """GroupQueryAttention on packed QKV [1, S, (nh + 2 kvh) * hd] with rotary inside; ``kv`` names its
-    (past_key, past_value, present_key, present_value), bound to one buffer each at run time. -> [1, S, nh * hd]"""
+    (past_key, past_value, present_key, present_value), bound to one buffer each at run time. -> [1, S, nh * hd]
+
+    ``pad_row``: the node runs S+1 query rows, the last a copy of row S-1 one position later,
+    whose output is dropped. ONNX Runtime's CPU kernel rounds a one-row call differently from a
+    multi-row one (docs/runtime.md, "Row invariance"); with the extra row a decode step and a
+    verify pass take the same path. The copy's KV entry lands at position P+S, past what the
+    call commits, so the caches need one row more than the context and the entry is never read.
+    """
     past_k, past_v, present_k, present_v = kv
+    lengths = [SEQLENS_K, TOTAL_SEQUENCE_LENGTH]
+    if pad_row:
+        last = make_last_rows(b, qkv, b.int64s(f"{path}/pad/one_row", [1]), f"{path}/pad/last_row")
+        (qkv,) = b.make_node("Concat", [qkv, last], f"{path}/pad/Concat", axis=1)
+        lengths = make_padded_lengths(b)
     context, _, _ = b.make_node(
-        "GroupQueryAttention", [qkv, "", "", past_k, past_v, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *rotary],
+        "GroupQueryAttention", [qkv, "", "", past_k, past_v, *lengths, *rotary],
         path, domain=MS_DOMAIN, outputs=[f"{path}/output_0", present_k, present_v],
         num_heads=num_heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1, rotary_interleaved=0,
     )
+    if pad_row:
+        starts, ends, axes = (b.int64s(f"{path}/pad/{n}", [v]) for n, v in (("starts", 0), ("ends", -1), ("axes", 1)))
+        (context,) = b.make_node("Slice", [context, starts, ends, axes], f"{path}/pad/Slice")
     return context
+
+
+PADDED_LENGTHS = "/model/attention_pad"
+
+
+def make_padded_lengths(b: GraphBuilder) -> list[str]:
+    """``seqlens_k + 1`` and ``total_sequence_length + 1`` (once per graph): a call's lengths with its padding row."""
+    seqlens, total = f"{PADDED_LENGTHS}/seqlens_k", f"{PADDED_LENGTHS}/total_sequence_length"
+    if not any(node.name == seqlens for node in b.nodes):
+        one, scalar_one = np.ones(1, dtype=np.int32), np.ones((), dtype=np.int32)
+        b.make_node("Add", [SEQLENS_K, b.constant(f"{PADDED_LENGTHS}/one", one)], seqlens, outputs=[seqlens])
+        b.make_node("Add", [TOTAL_SEQUENCE_LENGTH, b.constant(f"{PADDED_LENGTHS}/scalar_one", scalar_one)], total,
+                    outputs=[total])
+    return [seqlens, total]
 
 
 def make_mlp(b: GraphBuilder, x: str, index: int, mlp: nn.Module) -> str:
@@ -188,22 +218,45 @@ def make_last_rows(b: GraphBuilder, x: str, count: str, path: str) -> str:
     return rows
 
 
-def make_lm_head(
-    b: GraphBuilder, normed: str, path: str, blocks: list[tuple[str, str | None]], vocab: int, output: str
-) -> str:
-    """Logits float32 [1, n, V] from normed states [1, n, H] and the head's (weight [rows, H], bias) blocks.
+@dataclass(frozen=True)
+class QuantizedHead:
+    """An LM head as one MatMulNBits node: weight names and quantization (spaf_edge.embedding_layout)."""
+
+    packed: str  # uint8 [N, blocks, blob]
+    scales: str  # [N * blocks], the export's float dtype
+    bias: str | None
+    hidden: int  # K
+    bits: int
+    block_size: int
+    accuracy_level: int
+
+
+HeadBlocks = list[tuple[str, str | None]]  # (weight [rows, H], bias) per consecutive row range
+
+
+def make_lm_head(b: GraphBuilder, normed: str, path: str, head: HeadBlocks | QuantizedHead, vocab: int,
+                 output: str) -> str:
+    """Logits float32 [1, n, V] from normed states [1, n, H] and the head's float blocks or quantized rows.
 
     Gemm(transB=1) reads a [V, H] table in place: a tied embedding serves as LM head
     without a transposed copy. Several blocks (consecutive row ranges) give one Gemm each,
-    concatenated along the vocabulary axis.
+    concatenated along the vocabulary axis. A quantized head is one MatMulNBits node, whose
+    weight layout is also row-major over the vocabulary.
     """
-    hidden = b.weights[blocks[0][0]].shape[1]
+    hidden = head.hidden if isinstance(head, QuantizedHead) else b.weights[head[0][0]].shape[1]
     (flat,) = b.make_node("Reshape", [normed, b.int64s(f"{path}/flat_shape", [-1, hidden])], f"{path}/Reshape")
-    pieces = []
-    for index, (weight, bias) in enumerate(blocks):
-        name = f"{path}/Gemm" if len(blocks) == 1 else f"{path}/Gemm_{index}"
-        pieces += b.make_node("Gemm", [flat, weight] + ([bias] if bias else []), name, transB=1)
-    logits = pieces[0] if len(pieces) == 1 else b.make_node("Concat", pieces, f"{path}/Concat", axis=1)[0]
+    if isinstance(head, QuantizedHead):
+        (logits,) = b.make_node("MatMulNBits", [flat, head.packed, head.scales], f"{path}/MatMulNBits",
+                                domain=MS_DOMAIN, K=hidden, N=vocab, bits=head.bits, block_size=head.block_size,
+                                accuracy_level=head.accuracy_level)
+        if head.bias:
+            (logits,) = b.make_node("Add", [logits, head.bias], f"{path}/Add")
+    else:
+        pieces = []
+        for index, (weight, bias) in enumerate(head):
+            name = f"{path}/Gemm" if len(head) == 1 else f"{path}/Gemm_{index}"
+            pieces += b.make_node("Gemm", [flat, weight] + ([bias] if bias else []), name, transB=1)
+        logits = pieces[0] if len(pieces) == 1 else b.make_node("Concat", pieces, f"{path}/Concat", axis=1)[0]
     shape = b.int64s(f"{path}/logits_shape", [1, -1, vocab])
     if b.dtype == np.float32:
         b.make_node("Reshape", [logits, shape], f"{path}/Reshape_1", outputs=[output])

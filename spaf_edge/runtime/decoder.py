@@ -36,9 +36,12 @@ import onnxruntime as ort
 
 from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.graphs import DraftHeadGraph, DrafterGraph, HostBuffer, LowerGraph, UpperGraph
-from spaf_edge.sampling import SamplingParams, accept, choose, logits_to_probs, softmax
+from spaf_edge.sampling import SamplingParams, accept, choose, draft_distribution, logits_to_probs, softmax
 from spaf_edge.stats import GenerationStats
 
+# The stacks' GroupQueryAttention runs one query row more than each call, whose KV entry lands
+# past the call's rows (spaf_edge.exporters.layers.make_group_query_attention).
+ATTENTION_PAD_ROWS = 1
 MODES = ("spaf", "greedy")  # greedy: plain decoding, one token per full pass (the same-engine baseline)
 
 
@@ -152,11 +155,28 @@ class Decoder:
         self.draft_vocab = draft_vocab  # int64 [V_d] token ids, None = every token
         self.eos = eos
         self.prefill_chunk = prefill_chunk
-        self.max_length = lower.kv.max_length
         self.tokens: list[int] = []  # committed x_0 .. x_T of the current generation
         self.attends = draft_head.kv is not None  # the adapter keeps a KV cache of its own
         self.adapter_rows = 0  # rows of adapter_hidden/adapter_prev waiting for the next first draft
         self.drafting = True  # False in plain greedy mode: the adapter's cache is not kept
+        # Run one-row stack calls as two rows (the second is padding), so that decode steps and
+        # verify passes share one kernel path where the device rounds one row differently
+        # (spaf_edge.runtime.rows.check_rows sets it).
+        self.pad = False
+
+    @property
+    def max_length(self) -> int:
+        """Positions a generation may use: the stacks' attention writes a row past each call (export
+        format 5), and a padded call has one row more."""
+        return self.lower.kv.max_length - ATTENTION_PAD_ROWS - int(self.pad)
+
+    def reset(self) -> None:
+        """Forget the current generation: empty caches, no tokens."""
+        self.tokens = []
+        self.adapter_rows = 0
+        for kv in (self.lower.kv, self.upper.kv, self.draft_head.kv):
+            if kv is not None:
+                kv.reset()
 
     @property
     def position(self) -> int:
@@ -235,7 +255,7 @@ class Decoder:
         self.lower.kv.rewind_to(min(start, self.lower.kv.length))
         self.upper.kv.rewind_to(min(start, self.upper.kv.length))
         self.tokens = list(prompt_ids)
-        self.buffers.ensure_rows(min(len(body), self.prefill_chunk))
+        self.buffers.ensure_rows(max(2, min(len(body), self.prefill_chunk)))  # 2: a padded one-row call
         self.buffers.prev_tops.array[:, 0] = 0  # no position before x_0: the reference's zeros
         for begin in range(self.lower.kv.length, len(body), self.prefill_chunk):
             chunk = body[begin:begin + self.prefill_chunk]
@@ -289,6 +309,8 @@ class Decoder:
                 self.draft_head.run(rows.view(j - 1, j), prev_view, buffers.prev_tops.view(j, j + 1))
             logits = buffers.draft_logits[0, 0]  # [V_d]
             q = self.draft_distribution(logits, params)
+            if q is None:  # NaN/inf logits (broken drafter weights): nothing to draw a draft from
+                break
             if stop_threshold is not None:
                 confidence = softmax(logits).max() if params.greedy else q.max()
                 if confidence < stop_threshold:
@@ -320,21 +342,21 @@ class Decoder:
         self.upper.kv.rewind_to(valid)
         return new
 
-    def draft_distribution(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-        """Processed draft distribution over the full vocabulary from draft-vocabulary logits [V_d]."""
-        probs = logits_to_probs(logits, params)
-        if self.draft_vocab is None:
-            return probs
-        full = np.zeros(self.vocab_size, dtype=np.float64)
-        full[self.draft_vocab] = probs
-        return full
+    def draft_distribution(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray | None:
+        """Processed draft distribution over the full vocabulary from draft-vocabulary logits [V_d];
+        None for NaN/inf logits (:func:`spaf_edge.sampling.draft_distribution`)."""
+        return draft_distribution(logits, params, self.draft_vocab, self.vocab_size)
 
     # ---- graph calls ----------------------------------------------------
     def _run_lower(self, tokens: Sequence[int], row: int) -> None:
         """Lower stack on ``tokens`` at the next positions; cutoff states into hidden rows ``row ..``."""
         new, buffers = len(tokens), self.buffers
+        rows = self._call_rows(new)
         self.embeddings.lookup(tokens, buffers.embeds.array[0, :new])
-        self.lower.run(buffers.embeds.view(0, new), new, buffers.hidden.view(row, row + new))
+        if rows > new:  # the padding row repeats the token; its output row (row + 1) is scratch
+            buffers.embeds.array[0, new] = buffers.embeds.array[0, 0]
+        self.lower.run(buffers.embeds.view(0, rows), rows, buffers.hidden.view(row, row + rows))
+        self.lower.kv.rewind_to(self.lower.kv.length - (rows - new))
 
     def _run_upper(self, new: int, num_logits: int) -> np.ndarray:
         """Upper stack on hidden rows ``0 .. new-1``: top states of all, logits of the last ``num_logits``.
@@ -342,9 +364,18 @@ class Decoder:
         Returns logits [num_logits, V] (a view of the buffer).
         """
         buffers = self.buffers
-        self.upper.run(buffers.hidden.view(0, new), new, buffers.logits.view(0, num_logits),
-                       buffers.top_hidden.view(0, new), num_logits)
+        rows = self._call_rows(new)
+        # A padding row (hidden row 1, the padded lower call's scratch) comes last: asking for one
+        # more logit row keeps the real row's logits in row 0.
+        logit_rows = num_logits + (rows - new) if num_logits else 0
+        self.upper.run(buffers.hidden.view(0, rows), rows, buffers.logits.view(0, logit_rows),
+                       buffers.top_hidden.view(0, rows), logit_rows)
+        self.upper.kv.rewind_to(self.upper.kv.length - (rows - new))
         return buffers.logits.array[0, :num_logits]
+
+    def _call_rows(self, new: int) -> int:
+        """Rows a stack call of ``new`` positions runs: two for one when padding (the cache keeps ``new``)."""
+        return 2 if self.pad and new == 1 else new
 
     # ---- an attending adapter's cache ------------------------------------
     def _adapt_prefill(self, first: int, stop: int) -> None:

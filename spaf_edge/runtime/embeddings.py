@@ -16,37 +16,47 @@ from pathlib import Path
 
 import numpy as np
 
+from spaf_edge.embedding_layout import EmbeddingLayout
 from spaf_edge.errors import ExportFormatError
+from spaf_edge.manifest import check_embedding_file
 
 
 class EmbeddingTable:
-    """The ``[V, H]`` rows of ``path`` (raw, row-major, ``dtype``); :meth:`lookup` copies rows out."""
+    """The ``[V, H]`` rows of ``path`` (``dtype``, raw or quantized: ``quantization``); :meth:`lookup` copies
+    (and dequantizes) rows out."""
 
-    def __init__(self, path: str | Path, vocab_size: int, hidden_size: int, dtype: type) -> None:
+    def __init__(
+        self, path: str | Path, vocab_size: int, hidden_size: int, dtype: type, quantization: str | None = None
+    ) -> None:
         self.path = Path(path)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.dtype = np.dtype(dtype)
-        self.row_bytes = hidden_size * self.dtype.itemsize
-        if not self.path.is_file():
-            raise ExportFormatError(f"{self.path} is missing. The export is incomplete: re-run `spaf-edge export`.")
-        size = self.path.stat().st_size
-        if size != vocab_size * self.row_bytes:
-            raise ExportFormatError(
-                f"{self.path} has {size} bytes; the manifest's {vocab_size} x {hidden_size} {self.dtype.name} "
-                f"table needs {vocab_size * self.row_bytes}. The file is truncated or from another export: "
-                "re-run `spaf-edge export`."
-            )
+        self.layout = EmbeddingLayout.for_export(vocab_size, hidden_size, self.dtype.name, quantization)
+        self.row_bytes = self.layout.row_bytes
+        check_embedding_file(self.path, vocab_size, hidden_size, self.dtype.name, quantization)
         self._file = open(self.path, "rb", buffering=0)  # unbuffered: reads go straight into the rows
         self._fd = self._file.fileno()
 
     def lookup(self, token_ids: Sequence[int], out: np.ndarray) -> np.ndarray:
         """Rows of ``token_ids`` into ``out`` [n, H] (C-contiguous, the table's dtype). Returns ``out``."""
+        if self.layout.quantized:
+            return self._lookup_quantized(token_ids, out)
         rows = memoryview(out).cast("B")
         for index, token in enumerate(token_ids):
             start = index * self.row_bytes
             self._read_row(int(token), rows[start : start + self.row_bytes])
         return out
+
+    def _lookup_quantized(self, token_ids: Sequence[int], out: np.ndarray) -> np.ndarray:
+        layout, n = self.layout, len(token_ids)
+        packed = np.empty((n, layout.row_bytes), dtype=np.uint8)
+        scales = np.empty((n, layout.blocks), dtype=self.dtype)
+        for index, token in enumerate(token_ids):
+            self._read_row(int(token), memoryview(packed[index]))
+            self._read(layout.scales_offset + int(token) * layout.scale_bytes, memoryview(scales[index]).cast("B"),
+                       int(token))
+        return layout.dequantize(packed, scales, out)
 
     def rows(self, token_ids: Sequence[int]) -> np.ndarray:
         """A new [n, H] array holding the rows of ``token_ids``."""
@@ -55,13 +65,16 @@ class EmbeddingTable:
     def _read_row(self, token: int, target: memoryview) -> None:
         if not 0 <= token < self.vocab_size:
             raise ValueError(f"token id {token} is outside the vocabulary 0..{self.vocab_size - 1}")
-        offset = token * self.row_bytes
+        self._read(token * self.row_bytes, target, token)
+
+    def _read(self, offset: int, target: memoryview, token: int) -> None:
+        """Fill ``target`` from ``offset`` of the file (part of ``token``'s row)."""
         if hasattr(os, "preadv"):
             count = os.preadv(self._fd, [target], offset)
         else:  # Windows: no positioned reads in os
             self._file.seek(offset)
             count = self._file.readinto(target)
-        if count != self.row_bytes:
+        if count != len(target):
             raise ExportFormatError(f"{self.path} ended inside row {token}: re-run `spaf-edge export`.")
 
     def close(self) -> None:

@@ -36,10 +36,12 @@ from spaf_edge.runtime.decoder import MODES, Decoder, DecodeSettings, EngineResu
 from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.graphs import DraftHeadGraph, DrafterGraph, LowerGraph, UpperGraph
 from spaf_edge.runtime.kv import KVCache
+from spaf_edge.runtime.rows import ROW_CALLS, RowCheck, check_rows
 from spaf_edge.runtime.session import (
     Provider,
     check_thread_pool,
     open_session,
+    release_freed_memory,
     resolve_provider,
     session_options,
 )
@@ -70,10 +72,20 @@ class Engine:
         self.provider = provider
         self.decoder = decoder
         self.tokenizer = tokenizer
-        self.max_length = manifest.sizes.max_length
         self.vocab_size = manifest.sizes.vocab_size
         self.eos = decoder.eos
         self._generation = 0  # bumped by every start; an older stream notices and stops
+        self.rows: RowCheck | None = None  # set by from_folder: the stacks' row invariance on this device
+
+    @property
+    def max_length(self) -> int:
+        """Context positions a generation may use (one less than the export's when calls are padded)."""
+        return self.decoder.max_length
+
+    @property
+    def lossless(self) -> str:
+        """``exact`` when SpAF's tokens are provably plain decoding's on this device, else ``near``."""
+        return self.rows.lossless if self.rows is not None else "near"
 
     @classmethod
     def from_folder(
@@ -84,14 +96,19 @@ class Engine:
         verify: bool = True,
         prefill_chunk: int = PREFILL_CHUNK,
         thread_pool: str | None = None,
+        row_calls: str = "auto",
     ) -> Engine:
         """Load an export folder: manifest (+ sha256 of every file with ``verify``), graphs, tokenizer.
 
         ``thread_pool``: ``"session"`` or ``"global"`` (ONNX Runtime's process-wide pool: faster
         with several threads, but every later session of the process must use it), default the
         process default (``"session"``; the CLI sets ``"global"``). See
-        :func:`spaf_edge.runtime.session.session_options`.
+        :func:`spaf_edge.runtime.session.session_options`. ``row_calls``: how one-row stack calls
+        run, ``auto`` (measured at load, :func:`spaf_edge.runtime.rows.check_rows`), ``native`` or
+        ``padded``.
         """
+        if row_calls not in ROW_CALLS:
+            raise ConfigError(f"Invalid row_calls={row_calls!r}: expected one of {', '.join(ROW_CALLS)}.")
         thread_pool = check_thread_pool(thread_pool)
         for name, value in (("threads", threads), ("prefill_chunk", prefill_chunk)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -122,13 +139,15 @@ class Engine:
             DrafterGraph(sessions[DRAFTER_GRAPH], buffers.token_embeds),
             DraftHeadGraph(sessions[DRAFT_HEAD_GRAPH], buffers.draft_logits_value, manifest.reads_top_state,
                            adapter_kv),
-            EmbeddingTable(folder / EMBEDDINGS, sizes.vocab_size, sizes.hidden_size, dtype),
+            EmbeddingTable(folder / EMBEDDINGS, sizes.vocab_size, sizes.hidden_size, dtype, manifest.quantization),
             buffers, sizes.vocab_size, load_draft_vocab(folder, manifest), frozenset(manifest.eos_token_ids),
             prefill_chunk,
         )
         has_tokenizer = (folder / TOKENIZER).is_file()
         tokenizer = TextTokenizer.from_folder(folder, manifest.chat_template) if has_tokenizer else None
-        return cls(folder, manifest, chosen, decoder, tokenizer, thread_pool)
+        engine = cls(folder, manifest, chosen, decoder, tokenizer, thread_pool)
+        engine.rows = check_rows(decoder, row_calls)
+        return engine
 
     # ---- settings -------------------------------------------------------
     @property
@@ -165,12 +184,16 @@ class Engine:
         return DecodeSettings(params, n, s, eta, mode)
 
     # ---- text -----------------------------------------------------------
-    def encode(self, prompt: str | Sequence[int], chat: bool = True) -> list[int]:
-        """Prompt text (through the chat template when ``chat``) or token ids -> token ids."""
+    def encode(self, prompt: str | Sequence[int], chat: bool = True, special_tokens: bool = False) -> list[int]:
+        """Prompt text (through the chat template when ``chat``) or token ids -> token ids.
+
+        Special-token strings in the text are plain text unless ``special_tokens`` (then e.g. a
+        ``<|im_end|>`` in it ends the user's turn).
+        """
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ConfigError(f"{self.folder} has no {TOKENIZER}; pass the prompt as token ids.")
-            return self.tokenizer.encode_prompt(prompt, chat=chat)
+            return self.tokenizer.encode_prompt(prompt, chat=chat, special_tokens=special_tokens)
         ids = [int(t) for t in prompt]
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
@@ -195,16 +218,18 @@ class Engine:
         chat: bool = True,
         mode: str = "spaf",
         reuse_cache: bool = False,
+        special_tokens: bool = False,
     ) -> EngineResult:
         """Generate up to ``max_new_tokens`` tokens; unset options come from :attr:`defaults`.
 
         ``mode="greedy"`` is plain decoding (one full pass per token, no drafts; it samples
         when ``temperature > 0``). ``reuse_cache`` keeps the KV rows of the previous
-        generation's tokens that the new prompt starts with (multi-turn chat).
+        generation's tokens that the new prompt starts with (multi-turn chat). ``special_tokens``
+        lets special-token strings in a text prompt act as control tokens (see :meth:`encode`).
         """
         settings = self.settings(temperature, top_p, top_k, num_draft_tokens, serial_parallel_transition,
                                  draft_stop_threshold, mode)
-        result, steps = self._start(prompt, max_new_tokens, seed, chat, reuse_cache, settings)
+        result, steps = self._start(prompt, max_new_tokens, seed, chat, reuse_cache, settings, special_tokens)
         for _ in steps:
             pass
         result.text = self.decode(result.tokens)
@@ -215,16 +240,21 @@ class Engine:
         if self.tokenizer is None:
             raise ConfigError(f"{self.folder} has no {TOKENIZER}: streaming text needs one; use generate().")
         seed, chat, reuse = options.pop("seed", None), options.pop("chat", True), options.pop("reuse_cache", False)
-        result, steps = self._start(prompt, max_new_tokens, seed, chat, reuse, self.settings(**options))
+        special_tokens = options.pop("special_tokens", False)
+        result, steps = self._start(prompt, max_new_tokens, seed, chat, reuse, self.settings(**options),
+                                    special_tokens)
         return TextStream(steps, IncrementalDecoder(self.tokenizer.decode), result)
 
     def _start(
-        self, prompt, max_new_tokens: int, seed: int | None, chat: bool, reuse_cache: bool, settings: DecodeSettings
+        self, prompt, max_new_tokens: int, seed: int | None, chat: bool, reuse_cache: bool, settings: DecodeSettings,
+        special_tokens: bool = False,
     ) -> tuple[EngineResult, Iterator[list[int]]]:
         """Validate eagerly (errors surface at the call, not at the first iteration)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"Invalid max_new_tokens={max_new_tokens!r}: expected an integer >= 1.")
-        prompt_ids = self.encode(prompt, chat)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ConfigError(f"Invalid seed={seed!r}: expected an integer >= 0 or None.")
+        prompt_ids = self.encode(prompt, chat, special_tokens)
         if not prompt_ids:
             raise ContextLengthError("The prompt is empty; give at least one token.")
         if len(prompt_ids) > self.max_length:
@@ -243,6 +273,25 @@ class Engine:
             yield new
             if generation != self._generation:
                 raise RuntimeError("Another generation started on this engine; this stream cannot continue.")
+
+    # ---- lifetime -------------------------------------------------------
+    def close(self) -> None:
+        """Release the sessions, KV caches and open files now; the engine cannot generate after it.
+
+        Dropping the last reference frees them too, but keeps the freed heap in the process
+        (see :func:`spaf_edge.runtime.session.release_freed_memory`); ``close`` returns it.
+        """
+        if self.decoder is None:
+            return
+        self.decoder.embeddings.close()
+        self.decoder = None
+        release_freed_memory()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class TextStream:

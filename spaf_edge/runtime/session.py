@@ -7,7 +7,9 @@ another, never at the same time, so their thread pools must not compete for core
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,3 +191,18 @@ def load_cuda_libraries() -> None:
     if not _state["cuda_loaded"] and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
     _state["cuda_loaded"] = True
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory that closed sessions freed back to the system (glibc only; else a no-op).
+
+    Freeing one session's weights raises glibc's dynamic mmap threshold to 32 MiB, so the next
+    session's weights and prepacked buffers come from the heap, which ``free`` rarely shrinks:
+    without this, a process that loads and closes engines keeps about one engine's weights
+    resident (docs/runtime.md, "Closing an engine").
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    process = ctypes.CDLL(None)  # the process's own symbols: libc's among them
+    if hasattr(process, "malloc_trim"):  # glibc; not musl
+        process.malloc_trim(0)

@@ -204,7 +204,8 @@ class GraphSessions:
         self.shared = SharedWeights(folder)
         self.dtype = np.dtype(manifest.dtype)
         sizes = manifest.sizes
-        self.embeddings = EmbeddingTable(folder / io_names.EMBEDDINGS, sizes.vocab_size, sizes.hidden_size, self.dtype)
+        self.embeddings = EmbeddingTable(folder / io_names.EMBEDDINGS, sizes.vocab_size, sizes.hidden_size, self.dtype,
+                                         manifest.quantization)
         kv_shape = (1, sizes.num_kv_heads, sizes.max_length, sizes.head_dim)
         self.length = 0  # valid cache rows (P), the same in both stacks
 

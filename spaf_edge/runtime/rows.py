@@ -1,0 +1,123 @@
+"""Row invariance of the two stacks on this device: does a verify row get a decode step's bits?
+
+Speculative greedy output equals plain greedy output only if the target pass gives every
+row of a multi-row verify call exactly the bits that a one-row decode step gives it: at a
+near-tie, one flipped last bit picks another token. Kernels do not promise that. On
+ONNX Runtime's CPU provider, GroupQueryAttention takes another path for one query row than
+for several, and some ``MatMulNBits`` configurations compute one row differently from many
+(``benchmarks/engine/nbits_rows.py``), so results depend on the CPU and the export.
+
+:func:`check_rows` measures it on the engine's own graphs at load: it runs the same
+positions as one-row calls, as two-row calls whose second row is padding, and as calls of
+2..``max_rows`` rows, and compares every row's cutoff state, top state and logits bit for
+bit. The decoder then runs one-row stack calls as two-row calls (``pad``) when only that
+keeps every call on one kernel path. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ROW_CALLS = ("auto", "native", "padded")  # auto: choose from the measurement
+PROBE_PROMPT = 5  # positions prefilled before the compared rows
+MAX_ROWS = 9  # widest verify call compared (8 drafts + the pending token)
+
+
+@dataclass(frozen=True)
+class RowCheck:
+    """What :func:`check_rows` found, and the mode the decoder runs in."""
+
+    native: bool  # every multi-row call matches one-row calls
+    padded: bool  # every multi-row call matches two-row calls (one real row + padding)
+    pad: bool  # the decoder runs one-row stack calls as two rows
+    rows: int  # widest call compared (0: the context was too short to compare any)
+
+    @property
+    def lossless(self) -> str:
+        """``exact``: verify rows get decode-step bits in the chosen mode; ``near``: only up to rounding."""
+        return "exact" if (self.padded if self.pad else self.native) else "near"
+
+    def describe(self) -> str:
+        mode = "one-row calls run as two rows" if self.pad else "calls of any row count"
+        return f"lossless: {self.lossless} ({mode}; {self.finding})"
+
+    @property
+    def finding(self) -> str:
+        if not self.rows:
+            return "the context is too short to check row invariance"
+        if self.native:
+            return "verify rows get decode-step bits on this device"
+        if self.padded:
+            return "one row rounds differently from several on this device; two-row calls match any count"
+        return "no call shape gives verify rows decode-step bits on this device"
+
+
+def check_rows(decoder, row_calls: str = "auto", max_rows: int = MAX_ROWS) -> RowCheck:
+    """Compare one-row, padded and multi-row calls of ``decoder``'s stacks; set ``decoder.pad``.
+
+    Leaves the decoder with empty caches and no tokens. ``row_calls``: ``auto`` pads only
+    when padding is exact and plain calls are not; ``native`` / ``padded`` force the mode
+    (the check still reports whether it is exact).
+    """
+    if row_calls not in ROW_CALLS:
+        raise ValueError(f"row_calls={row_calls!r}: expected one of {ROW_CALLS}")
+    # room for the prompt, the widest call and the rows padding writes past it
+    rows = min(max_rows, decoder.lower.kv.max_length - PROBE_PROMPT - 3)
+    if rows < 2:  # a context too short to compare multi-row calls: nothing is claimed
+        decoder.pad = row_calls == "padded"
+        return RowCheck(native=False, padded=False, pad=decoder.pad, rows=0)
+    vocab = decoder.vocab_size
+    ids = [(7919 * i + 101) % vocab for i in range(PROBE_PROMPT + 1 + rows)]  # spread, deterministic
+    decoder.buffers.ensure_rows(rows + 2, logit_rows=rows + 1)
+    decoder.pad, decoder.drafting = False, False
+    decoder.prefill(ids[: PROBE_PROMPT + 1])
+    start = decoder.position
+    tokens = ids[PROBE_PROMPT: PROBE_PROMPT + rows]
+    try:
+        single = _row_by_row(decoder, start, tokens, pad=False)
+        paired = _row_by_row(decoder, start, tokens, pad=True)
+        native = padded = True
+        for size in range(2, rows + 1):
+            together = _all_at_once(decoder, start, tokens[:size])
+            native = native and _same(together, single, size)
+            padded = padded and _same(together, paired, size)
+    finally:
+        decoder.reset()
+    pad = {"auto": padded and not native, "native": False, "padded": True}[row_calls]
+    decoder.pad = pad
+    return RowCheck(native=native, padded=padded, pad=pad, rows=rows)
+
+
+def _row_by_row(decoder, start: int, tokens: list[int], pad: bool) -> list[np.ndarray]:
+    """Cutoff states, top states and logits of ``tokens`` at ``start ..``, one decode step each."""
+    decoder.pad = pad
+    _rewind(decoder, start)
+    buffers, out = decoder.buffers, []
+    for token in tokens:
+        decoder._run_lower([token], row=0)
+        logits = decoder._run_upper(1, num_logits=1)
+        out.append(np.concatenate([buffers.hidden.array[0, 0].ravel().astype(np.float32),
+                                   buffers.top_hidden.array[0, 0].ravel().astype(np.float32), logits[0]]))
+    decoder.pad = False
+    return out
+
+
+def _all_at_once(decoder, start: int, tokens: list[int]) -> list[np.ndarray]:
+    """The same rows from one call of ``len(tokens)`` rows, as a verify pass runs them."""
+    _rewind(decoder, start)
+    buffers, n = decoder.buffers, len(tokens)
+    decoder._run_lower(tokens, row=0)
+    logits = decoder._run_upper(n, num_logits=n)
+    return [np.concatenate([buffers.hidden.array[0, r].ravel().astype(np.float32),
+                            buffers.top_hidden.array[0, r].ravel().astype(np.float32), logits[r]]) for r in range(n)]
+
+
+def _same(together: list[np.ndarray], reference: list[np.ndarray], size: int) -> bool:
+    return all(np.array_equal(together[r], reference[r]) for r in range(size))
+
+
+def _rewind(decoder, start: int) -> None:
+    decoder.lower.kv.rewind_to(start)
+    decoder.upper.kv.rewind_to(start)
