@@ -65,20 +65,14 @@ def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_si
             base_dtype, deepspeed_config, resume, init_from, progress, **settings):
     """Train SpAF components (only they train; the base stays frozen)."""
     from spaf_edge.config import SpAFConfig
-    from spaf_edge.errors import ConfigError
     from spaf_edge.training.distributed import DistributedSettings, end_process_group
-    from spaf_edge.training.trainer import train_run
+    from spaf_edge.training.trainer import check_run_start, train_run
 
     overrides = {name: value for name, value in settings.items() if value is not None}
+    spaf_options = (config_path, cutoff_layer, draft_vocab_size, rollout_steps)
+    check_run_start(resume, init_from, any(option is not None for option in spaf_options))
     config = None
-    if resume and init_from:
-        raise ConfigError("--resume continues a run's checkpoint; --init-from starts a new run. Pass one of them.")
-    if resume or init_from:
-        if config_path or cutoff_layer is not None or draft_vocab_size is not None or rollout_steps is not None:
-            source = "--resume keeps the saved" if resume else "--init-from keeps its components'"
-            raise ConfigError(f"{source} SpAF config: drop --config/--cutoff-layer/--draft-vocab-size/"
-                              "--rollout-steps, or start a new run without it.")
-    else:
+    if not (resume or init_from):
         config = SpAFConfig.load(config_path) if config_path else SpAFConfig()
         changes = {"cutoff_layer": cutoff_layer, "draft_vocab_size": draft_vocab_size,
                    "alignment_rollout_steps": rollout_steps}

@@ -245,195 +245,327 @@ def train(
     of a distributed run calls this with the same arguments (launched by torchrun,
     accelerate launch or deepspeed); ``distributed`` picks precision and DeepSpeed.
     """
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+    run = TrainingRun(model, data_path, Path(run_dir), settings, resume, progress,
+                      distributed or DistributedSettings())
+    if settings.eval_every and run.step == 0:
+        run.eval_losses = run.evaluate()  # the starting point
+    run.start()
+    while run.step < settings.steps:  # a time budget may move settings.steps
+        losses = run.optimizer_step()
+        if run.budget is not None:
+            run.check_budget()
+        run.show_progress(losses)
+        last = run.step == settings.steps
+        if settings.eval_every and run.step % settings.eval_every == 0 or last:
+            run.eval_losses = run.evaluate() or run.eval_losses
+        if settings.save_every and (run.step % settings.save_every == 0 or last):
+            run.save_checkpoint()
+    return run.finish()
 
-    settings.validate()
-    distributed = distributed or DistributedSettings()
-    run_dir = Path(run_dir)
+
+class TrainingRun:
+    """One call of :func:`train`: what its phases share (engines, data stream, clock, counters).
+
+    The constructor sets the run up (accelerator, resumed state, data, optimizer and
+    scheduler, run folder); :func:`train` then drives :meth:`optimizer_step`,
+    :meth:`check_budget`, :meth:`evaluate` and :meth:`save_checkpoint`, and ends with
+    :meth:`finish`. ``settings`` is the caller's object: a time budget rewrites its
+    ``steps``, which the loop and the learning-rate schedule read live.
+    """
+
+    def __init__(self, model: SpAFModel, data_path: str | os.PathLike, run_dir: Path, settings: TrainSettings,
+                 resume: bool, progress: bool, distributed: DistributedSettings) -> None:
+        from accelerate.utils import set_seed
+
+        settings.validate()
+        self.model, self.run_dir, self.settings, self.progress = model, run_dir, settings, progress
+        self.accelerator = accelerator = run_accelerator(model, settings, distributed)
+        set_seed(settings.seed)
+        state = load_resume_state(model, run_dir, accelerator.num_processes) if resume else None
+        model.to(accelerator.device)
+
+        train_set, eval_set = prepare_data(model, data_path, settings)
+        choose_draft_vocab(model, train_set)
+        train_data, eval_data = attach_feature_cache(model, train_set, eval_set, settings, accelerator, progress)
+        sampler = EpochSampler(len(train_data), settings.seed)
+        num_parameters = model.num_trainable_parameters()  # before ZeRO-3 could partition them
+        self.parameters = model.spaf_parameters()
+        self._prepare_engines(train_data, eval_data, sampler)
+        steps_per_epoch = len(self.train_loader) // settings.grad_accum
+        global_batch = settings.batch_size * settings.grad_accum * accelerator.num_processes
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                f"The training split has {len(train_set)} sequences, fewer than one global batch of {global_batch} "
+                f"(--batch-size {settings.batch_size} x --grad-accum {settings.grad_accum} x "
+                f"{accelerator.num_processes} processes). Add data, or lower --batch-size or --grad-accum."
+            )
+        self.step = self._restore(state) if state is not None else 0
+
+        self.run_settings = {"train": settings.to_dict(), "data": str(data_path), "spaf": model.config.to_dict()}
+        self.logger = RunLog(run_dir, accelerator.is_main_process, keep_until=self.step if resume else None)
+        if accelerator.is_main_process and not resume:
+            write_run_settings(run_dir, self.run_settings)
+        if accelerator.is_main_process:
+            log.info("SpAF parameters: %d (%.2f%% of the base); %d train / %d eval sequences of %d tokens",
+                     num_parameters, 100 * num_parameters / model.num_base_parameters(), len(train_set),
+                     len(eval_set) if eval_set is not None else 0, settings.seq_len)
+            log.info("%d process(es) (%s, %s precision); global batch %d sequences; %d optimizer steps per epoch",
+                     accelerator.num_processes, accelerator.distributed_type, distributed.precision(),
+                     global_batch, steps_per_epoch)
+
+        self.batches = micro_batches(self.train_loader, sampler, steps_per_epoch * settings.grad_accum,
+                                     self.step * settings.grad_accum)
+        self.eval_losses: dict[str, float] | None = None
+        self.recent: list[dict[str, float]] = []  # the last logged train losses
+        self.tokens = 0  # sequence tokens trained on, all ranks
+        self.train_seconds = 0.0  # optimizer steps only: eval and checkpoint time excluded from tokens/s
+        self.started = 0.0
+        self.bar = None
+        self.budget: TimeBudget | None = None
+
+    def _prepare_engines(self, train_data, eval_data, sampler: EpochSampler) -> None:
+        """Loaders, LossModule and optimizer through the accelerator; the scheduler on the innermost optimizer."""
+        settings, accelerator = self.settings, self.accelerator
+        train_loader = torch.utils.data.DataLoader(
+            train_data, batch_size=settings.batch_size, sampler=sampler, drop_last=True
+        )
+        eval_loader = (
+            torch.utils.data.DataLoader(eval_data, batch_size=settings.batch_size) if eval_data is not None else None
+        )
+        module = LossModule(self.model, settings.logit_chunk_rows, dist.count_normalizer(accelerator))
+        optimizer = torch.optim.AdamW(self.parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+        loaders = [train_loader] + ([eval_loader] if eval_loader is not None else [])
+        self.module, self.optimizer, *loaders = accelerator.prepare(module, optimizer, *loaders)
+        self.train_loader, self.eval_loader = loaders[0], (loaders[1] if eval_loader is not None else None)
+        # Built on the innermost torch optimizer: the one whose lr DeepSpeed's ZeRO step reads too.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(dist.innermost_optimizer(self.optimizer),
+                                                           lambda step: lr_factor(step, settings))
+
+    def _restore(self, state: dict[str, Any]) -> int:
+        """Put a checkpoint's optimizer, scheduler and this rank's RNG state back; return its step."""
+        dist.load_optimizer_state(self.accelerator, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        per_rank = state.get("rng_per_rank")
+        ckpt.restore_rng_state(per_rank[self.accelerator.process_index] if per_rank else state["rng"])
+        return state["step"]
+
+    def start(self) -> None:
+        """Open the progress bar, start the clock and, with a time budget, its planner."""
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.settings.steps, initial=self.step, desc="train",
+                        disable=not (self.progress and self.accelerator.is_main_process))
+        self.started = time.perf_counter()
+        self.module.train()
+        if self.settings.time_budget is not None:
+            self.budget = TimeBudget(self.settings.time_budget, self.settings.steps, self.step, self.started)
+
+    def optimizer_step(self) -> dict[str, float]:
+        """One optimizer step on ``grad_accum`` micro-batches per rank, logged; returns the losses (mean over ranks)."""
+        settings, accelerator = self.settings, self.accelerator
+        step_started = time.perf_counter()
+        micro_losses = []
+        for _ in range(settings.grad_accum):
+            batch = next(self.batches)
+            # accelerate divides the loss by grad_accum and syncs gradients on the last micro-batch only.
+            with accelerator.accumulate(self.module):
+                losses = self.module(batch)
+                accelerator.backward(losses["total"])
+            micro_losses.append({name: value.detach() for name, value in losses.items()})
+            self.tokens += batch["input_ids"].numel() * accelerator.num_processes
+        grad_norm = accelerator.clip_grad_norm_(self.parameters, settings.grad_clip) if settings.grad_clip else None
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()  # under DeepSpeed the engine stepped inside backward; this is a no-op
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        values = reduce_losses(accelerator, mean_losses(micro_losses))
+        self.train_seconds += time.perf_counter() - step_started
+        row = {"split": "train", "step": self.step, "lr": lr, **values, "tokens_per_s": self.tokens_per_second()}
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        self.logger.write(row)
+        self.recent = (self.recent + [values])[-20:]
+        return values
+
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds else 0.0
+
+    def show_progress(self, losses: dict[str, float]) -> None:
+        postfix = {short_name(k): f"{v:.3f}" for k, v in losses.items()} | {"tok/s": f"{self.tokens_per_second():.0f}"}
+        self.bar.set_postfix(postfix)
+        self.bar.update(1)
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Mean losses over at most ``eval_batches`` held-out batches and all ranks, logged (None: no eval split)."""
+        if self.eval_loader is None:
+            return None
+        self.module.eval()
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        with torch.no_grad():
+            for index, batch in enumerate(self.eval_loader):
+                if index >= self.settings.eval_batches:
+                    break
+                for name, value in self.module(batch).items():
+                    sums[name] = sums.get(name, 0) + value.detach()
+                count += 1
+        self.module.train()
+        result = {name: float(self.accelerator.reduce(value / count, "mean")) for name, value in sums.items()}
+        self.logger.write({"split": "eval", "step": self.step, **result})
+        return result
+
+    def check_budget(self) -> None:
+        """At the time budget's points: open its step-time window, or re-plan from the window that ends here."""
+        if self.budget.opens_window(self.step):
+            self.budget.open_window(time.perf_counter(), self.step)
+        elif self.budget.check_due(self.step):
+            self._replan()
+            self.budget.checked(time.perf_counter(), self.step, self.settings.steps)
+
+    def _replan(self) -> None:
+        """Fit ``settings.steps`` to what the budget leaves; save the plan, without the budget, for a resume."""
+        settings, budget = self.settings, self.budget
+        now = time.perf_counter()
+        # Every rank must stop at the same step: plan with the slowest rank's times.
+        measured = torch.tensor([[now - self.started, budget.seconds_per_step(now, self.step)]],
+                                dtype=torch.float64, device=self.accelerator.device)
+        elapsed, per_step = self.accelerator.gather(measured).max(dim=0).values.tolist()
+        steps = budget.plan(self.step, settings.steps, elapsed, per_step)
+        if steps is not None:
+            log.info("Time budget %.0f s at %.3f s/step: %d steps instead of %d",
+                     budget.seconds, per_step, steps, settings.steps)
+            self.logger.write({"split": "budget", "step": self.step, "seconds_per_step": per_step,
+                               "steps": steps, "planned_steps": settings.steps})
+            settings.steps = steps
+            self.bar.total = steps
+        # The saved settings get the planned steps and no budget: a resume continues this schedule.
+        settings.time_budget = None
+        self.run_settings["train"] = settings.to_dict()
+        if self.accelerator.is_main_process:
+            write_run_settings(self.run_dir, self.run_settings)
+
+    def save_checkpoint(self) -> None:
+        save_training_checkpoint(self.run_dir, self.accelerator, self.module, self.model, self.optimizer,
+                                 self.scheduler, self.run_settings, self.step)
+
+    def finish(self) -> TrainResult:
+        """Close the bar, compare the ranks' weights, write ``final/`` and return the summary."""
+        accelerator, recent = self.accelerator, self.recent
+        self.bar.close()
+        seconds = time.perf_counter() - self.started
+        train_losses = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
+        final = self.run_dir / FINAL
+        replica_diff = dist.replica_max_diff(accelerator, self.parameters)
+        if replica_diff:
+            log.warning("SpAF weights differ between ranks by up to %.3g after training.", replica_diff)
+        if replica_diff is not None:
+            self.logger.write({"split": "replicas", "step": self.step, "max_abs_diff": replica_diff})
+        master_weights = dist.full_spaf_weights(accelerator, self.module, self.model)  # collective under DeepSpeed
+        if accelerator.is_main_process:
+            meta = {"step": self.step, "train_losses": train_losses, "eval_losses": self.eval_losses}
+            self.model.save_spaf_components(final, extra_meta=meta, state=master_weights)
+        accelerator.wait_for_everyone()
+        return TrainResult(self.run_dir, final, self.step, train_losses, self.eval_losses, self.tokens_per_second(),
+                           seconds, replica_diff, accelerator.is_main_process)
+
+
+class TimeBudget:
+    """When a run under ``time_budget`` measures its step time, and how many steps then fit.
+
+    Steps are counted from the run's ``first_step``. The window of :data:`BUDGET_PROBE`
+    gives the first plan, which always replaces ``steps``; later checks come at doubling
+    step counts while at most half of the plan is done, and move it only when it is off by
+    more than :data:`BUDGET_REPLAN_TOLERANCE` of the steps left. Times are passed in.
+    """
+
+    def __init__(self, seconds: float, requested_steps: int, first_step: int, now: float) -> None:
+        self.seconds = seconds
+        self.requested_steps = requested_steps  # a plan never exceeds it
+        self.first_step = first_step
+        self.next_check: int | None = first_step + BUDGET_PROBE[1]
+        self.window = (now, first_step)  # when and at which step the current step-time window began
+
+    def opens_window(self, step: int) -> bool:
+        return self.next_check is not None and step - self.first_step == BUDGET_PROBE[0]
+
+    def open_window(self, now: float, step: int) -> None:
+        self.window = (now, step)
+
+    def check_due(self, step: int) -> bool:
+        return step == self.next_check
+
+    def seconds_per_step(self, now: float, step: int) -> float:
+        """The mean step time since the window opened."""
+        window_started, window_step = self.window
+        return (now - window_started) / (step - window_step)
+
+    def plan(self, step: int, planned: int, elapsed: float, per_step: float) -> int | None:
+        """The step count to change ``planned`` to at this check, or None to keep it."""
+        fitted = fit_steps(self.seconds, self.requested_steps, step, elapsed, per_step)
+        off_by = abs(fitted - planned)
+        first = step - self.first_step == BUDGET_PROBE[1]
+        if off_by and (first or off_by > BUDGET_REPLAN_TOLERANCE * (planned - step)):
+            return fitted
+        return None
+
+    def checked(self, now: float, step: int, planned: int) -> None:
+        """Open the next window; the next check comes at twice the steps done, unless past half of ``planned``."""
+        self.open_window(now, step)
+        next_check = self.first_step + 2 * (step - self.first_step)
+        self.next_check = next_check if next_check - self.first_step <= (planned - self.first_step) / 2 else None
+
+
+def run_accelerator(model: SpAFModel, settings: TrainSettings, distributed: DistributedSettings):
+    """The Accelerator for this run; refuses a base dtype that cannot train with its precision."""
     weights = model.config.loss_weights
+    # A zero-weighted loss leaves the adapters or the heads without gradients: DDP must expect that.
     unused = (weights.adapter_base == 0 and weights.adapter_ce == 0) or (
         weights.alignment == 0 and weights.alignment_token == 0
     )
     accelerator = dist.make_accelerator(settings, distributed, model.hidden_size, unused)
     dist.check_precision_pair(next(model.base.parameters()).dtype, distributed.precision(),
                               dist.uses_deepspeed(accelerator))
-    set_seed(settings.seed)
-    checkpoint = ckpt.find_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
+    return accelerator
+
+
+def resume_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a ``--resume`` continues; an error naming the fix when there is none."""
+    checkpoint = ckpt.find_checkpoint(run_dir)
+    if checkpoint is None:
         raise ConfigError(f"No checkpoint in {run_dir} to resume from. Run without --resume to start training.")
-    state = None
-    if checkpoint is not None:
-        model.load_spaf_components(checkpoint / ckpt.COMPONENTS)
-        state = ckpt.load_trainer_state(checkpoint)
-        if state.get("world_size", 1) != accelerator.num_processes:
-            raise ConfigError(
-                f"{checkpoint} was written by a run with {state.get('world_size', 1)} process(es); this one has "
-                f"{accelerator.num_processes}. Resume with the same number of processes (the data position and "
-                "global batch depend on it), or start a new run."
-            )
-    model.to(accelerator.device)
+    return checkpoint
 
-    train_set, eval_set = prepare_data(model, data_path, settings)
-    choose_draft_vocab(model, train_set)
-    train_data, eval_data = attach_feature_cache(model, train_set, eval_set, settings, accelerator, progress)
 
-    sampler = EpochSampler(len(train_data), settings.seed)
-    train_loader = torch.utils.data.DataLoader(
-        train_data, batch_size=settings.batch_size, sampler=sampler, drop_last=True
-    )
-    eval_loader = (
-        torch.utils.data.DataLoader(eval_data, batch_size=settings.batch_size) if eval_data is not None else None
-    )
-    module = LossModule(model, settings.logit_chunk_rows, dist.count_normalizer(accelerator))
-    parameters = model.spaf_parameters()
-    num_parameters = model.num_trainable_parameters()  # before ZeRO-3 could partition them
-    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
-    loaders = [train_loader] + ([eval_loader] if eval_loader is not None else [])
-    module, optimizer, *loaders = accelerator.prepare(module, optimizer, *loaders)
-    train_loader, eval_loader = loaders[0], (loaders[1] if eval_loader is not None else None)
-    # Built on the innermost torch optimizer: the one whose lr DeepSpeed's ZeRO step reads too.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(dist.innermost_optimizer(optimizer),
-                                                  lambda step: lr_factor(step, settings))
-    steps_per_epoch = len(train_loader) // settings.grad_accum
-    global_batch = settings.batch_size * settings.grad_accum * accelerator.num_processes
-    if steps_per_epoch == 0:
+def load_resume_state(model: SpAFModel, run_dir: Path, num_processes: int) -> dict[str, Any]:
+    """Load ``run_dir``'s checkpointed SpAF weights into ``model``; return its trainer state.
+
+    The data position and global batch depend on the number of processes, so it must match.
+    """
+    checkpoint = resume_checkpoint(run_dir)
+    model.load_spaf_components(checkpoint / ckpt.COMPONENTS)
+    state = ckpt.load_trainer_state(checkpoint)
+    if state.get("world_size", 1) != num_processes:
         raise ConfigError(
-            f"The training split has {len(train_set)} sequences, fewer than one global batch of {global_batch} "
-            f"(--batch-size {settings.batch_size} x --grad-accum {settings.grad_accum} x "
-            f"{accelerator.num_processes} processes). Add data, or lower --batch-size or --grad-accum."
+            f"{checkpoint} was written by a run with {state.get('world_size', 1)} process(es); this one has "
+            f"{num_processes}. Resume with the same number of processes (the data position and "
+            "global batch depend on it), or start a new run."
         )
+    return state
 
-    step = 0
-    if state is not None:
-        dist.load_optimizer_state(accelerator, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        per_rank = state.get("rng_per_rank")
-        ckpt.restore_rng_state(per_rank[accelerator.process_index] if per_rank else state["rng"])
-        step = state["step"]
-    run_settings = {"train": settings.to_dict(), "data": str(data_path), "spaf": model.config.to_dict()}
-    logger = RunLog(run_dir, accelerator.is_main_process, keep_until=step if resume else None)
-    if accelerator.is_main_process and not resume:
-        write_run_settings(run_dir, run_settings)
-    if accelerator.is_main_process:
-        log.info("SpAF parameters: %d (%.2f%% of the base); %d train / %d eval sequences of %d tokens",
-                 num_parameters, 100 * num_parameters / model.num_base_parameters(), len(train_set),
-                 len(eval_set) if eval_set is not None else 0, settings.seq_len)
-        log.info("%d process(es) (%s, %s precision); global batch %d sequences; %d optimizer steps per epoch",
-                 accelerator.num_processes, accelerator.distributed_type, distributed.precision(),
-                 global_batch, steps_per_epoch)
 
-    def evaluate() -> dict[str, float] | None:
-        if eval_loader is None:
-            return None
-        module.eval()
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
-        with torch.no_grad():
-            for index, batch in enumerate(eval_loader):
-                if index >= settings.eval_batches:
-                    break
-                for name, value in module(batch).items():
-                    sums[name] = sums.get(name, 0) + value.detach()
-                count += 1
-        module.train()
-        result = {name: float(accelerator.reduce(value / count, "mean")) for name, value in sums.items()}
-        logger.write({"split": "eval", "step": step, **result})
-        return result
+def check_run_start(resume: bool, init_from: str | os.PathLike | None, spaf_config_given: bool) -> None:
+    """Refuse contradictory starts: ``--resume`` with ``--init-from``, or either with SpAF config options.
 
-    eval_losses = evaluate() if settings.eval_every and step == 0 else None
-    batches = micro_batches(train_loader, sampler, steps_per_epoch * settings.grad_accum, step * settings.grad_accum)
-    bar = tqdm(total=settings.steps, initial=step, desc="train", disable=not (progress and accelerator.is_main_process))
-    saving = (module, model, optimizer, scheduler, run_settings)
-    recent: list[dict[str, float]] = []
-    tokens = 0
-    started = time.perf_counter()
-    train_seconds = 0.0  # optimizer steps only: eval and checkpoint time excluded from tokens/s
-    module.train()
-
-    budget, requested_steps = settings.time_budget, settings.steps
-
-    def fit_to_budget(window_started: float, window_steps: int, first: bool) -> None:
-        """Fit ``settings.steps`` to what the time budget leaves, from the step time of the last window."""
-        now = time.perf_counter()
-        per_step = (now - window_started) / window_steps
-        # Every rank must stop at the same step: plan with the slowest rank's times.
-        measured = torch.tensor([[now - started, per_step]], dtype=torch.float64, device=accelerator.device)
-        elapsed, per_step = accelerator.gather(measured).max(dim=0).values.tolist()
-        fitted = fit_steps(budget, requested_steps, step, elapsed, per_step)
-        off_by = abs(fitted - settings.steps)
-        if off_by and (first or off_by > BUDGET_REPLAN_TOLERANCE * (settings.steps - step)):
-            log.info("Time budget %.0f s at %.3f s/step: %d steps instead of %d",
-                     budget, per_step, fitted, settings.steps)
-            logger.write({"split": "budget", "step": step, "seconds_per_step": per_step,
-                          "steps": fitted, "planned_steps": settings.steps})
-            settings.steps = fitted
-            bar.total = fitted
-        # The saved settings get the planned steps and no budget: a resume continues this schedule.
-        settings.time_budget = None
-        run_settings["train"] = settings.to_dict()
-        if accelerator.is_main_process:
-            write_run_settings(run_dir, run_settings)
-
-    first_step = step
-    window = (started, step)  # when and at which step the current step-time window began
-    next_fit = first_step + BUDGET_PROBE[1] if budget is not None else None
-    while step < settings.steps:
-        step_started = time.perf_counter()
-        micro_losses = []
-        for _ in range(settings.grad_accum):
-            batch = next(batches)
-            # accelerate divides the loss by grad_accum and syncs gradients on the last micro-batch only.
-            with accelerator.accumulate(module):
-                losses = module(batch)
-                accelerator.backward(losses["total"])
-            micro_losses.append({name: value.detach() for name, value in losses.items()})
-            tokens += batch["input_ids"].numel() * accelerator.num_processes
-        grad_norm = accelerator.clip_grad_norm_(parameters, settings.grad_clip) if settings.grad_clip else None
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()  # under DeepSpeed the engine stepped inside backward; this is a no-op
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        values = reduce_losses(accelerator, mean_losses(micro_losses))
-        train_seconds += time.perf_counter() - step_started
-        rate = tokens / train_seconds
-        row = {"split": "train", "step": step, "lr": lr, **values, "tokens_per_s": rate}
-        if grad_norm is not None:
-            row["grad_norm"] = float(grad_norm)
-        logger.write(row)
-        recent = (recent + [values])[-20:]
-        if next_fit is not None and step - first_step == BUDGET_PROBE[0]:
-            window = (time.perf_counter(), step)
-        elif step == next_fit:
-            fit_to_budget(window[0], step - window[1], first=step - first_step == BUDGET_PROBE[1])
-            window = (time.perf_counter(), step)
-            next_fit = first_step + 2 * (step - first_step)
-            if next_fit - first_step > (settings.steps - first_step) / 2:
-                next_fit = None
-        bar.set_postfix({short_name(k): f"{v:.3f}" for k, v in values.items()} | {"tok/s": f"{rate:.0f}"})
-        bar.update(1)
-        if settings.eval_every and step % settings.eval_every == 0 or step == settings.steps:
-            eval_losses = evaluate() or eval_losses
-        if settings.save_every and (step % settings.save_every == 0 or step == settings.steps):
-            save_training_checkpoint(run_dir, accelerator, *saving, step)
-    bar.close()
-    seconds = time.perf_counter() - started
-    train_losses = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
-    final = run_dir / FINAL
-    replica_diff = dist.replica_max_diff(accelerator, parameters)
-    if replica_diff:
-        log.warning("SpAF weights differ between ranks by up to %.3g after training.", replica_diff)
-    if replica_diff is not None:
-        logger.write({"split": "replicas", "step": step, "max_abs_diff": replica_diff})
-    master_weights = dist.full_spaf_weights(accelerator, module, model)  # collective under DeepSpeed
-    if accelerator.is_main_process:
-        meta = {"step": step, "train_losses": train_losses, "eval_losses": eval_losses}
-        model.save_spaf_components(final, extra_meta=meta, state=master_weights)
-    accelerator.wait_for_everyone()
-    rate = tokens / train_seconds if train_seconds else 0.0
-    return TrainResult(run_dir, final, step, train_losses, eval_losses, rate, seconds, replica_diff,
-                       accelerator.is_main_process)
+    Used by ``spaf-edge train`` and :func:`train_run` alike; both options keep an existing
+    SpAF config (the checkpoint's, or the components').
+    """
+    if resume and init_from:
+        raise ConfigError("--resume continues a run's checkpoint; --init-from starts a new run. Pass one of them.")
+    if (resume or init_from) and spaf_config_given:
+        source = "--resume keeps the saved" if resume else "--init-from keeps its components'"
+        raise ConfigError(f"{source} SpAF config: drop --config/--cutoff-layer/--draft-vocab-size/"
+                          "--rollout-steps, or start a new run without it.")
 
 
 def write_run_settings(run_dir: Path, run_settings: dict[str, Any]) -> None:
@@ -570,22 +702,22 @@ def train_run(
     must then match the saved settings except for :data:`RESUMABLE_CHANGES`. The base is
     loaded once per process, in ``dtype`` or else ``distributed.base_dtype``. ``init_from``
     starts a fresh run (new optimizer and schedule) from trained components: their config,
-    weights and draft vocabulary, e.g. to fine-tune them on new data.
+    weights and draft vocabulary, e.g. to fine-tune them on new data. ``config`` is for a
+    fresh run without ``init_from`` only (see :func:`check_run_start`).
     """
+    check_run_start(resume, init_from, config is not None)
     run_dir = Path(run_dir)
     overrides = dict(overrides or {})
     distributed = distributed or DistributedSettings()
     dtype = dtype or distributed.torch_base_dtype()
-    checkpoint = ckpt.find_checkpoint(run_dir)
     if resume:
-        if checkpoint is None:
-            raise ConfigError(f"No checkpoint in {run_dir} to resume from. Run without --resume to start training.")
+        checkpoint = resume_checkpoint(run_dir)
         saved = ckpt.load_checkpoint_settings(checkpoint)
         settings = resumed_settings(TrainSettings.from_dict(saved["train"]), overrides)
         data_path = data_path or saved["data"]
         model = SpAFModel.from_pretrained(base_model, components=checkpoint / ckpt.COMPONENTS, dtype=dtype)
     else:
-        if checkpoint is not None:
+        if ckpt.find_checkpoint(run_dir) is not None:
             raise ConfigError(
                 f"{run_dir} already holds a training checkpoint. Pass --resume to continue it, "
                 "or choose a new --out folder."
@@ -595,9 +727,6 @@ def train_run(
         settings = TrainSettings.from_dict(overrides)
         torch.manual_seed(settings.seed)  # the SpAF modules' initial weights: the same in every process
         if init_from is not None:
-            if config is not None:
-                raise ConfigError("--init-from takes the SpAF config of its components: drop --config/"
-                                  "--cutoff-layer/--draft-vocab-size/--rollout-steps.")
             settings.init_from = str(init_from)
             model = SpAFModel.from_pretrained(base_model, components=init_from, dtype=dtype)
         else:
