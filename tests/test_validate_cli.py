@@ -110,6 +110,17 @@ def test_validate_without_components_judges_tokens_and_backbone(tiny):
     assert "no --components" in result.stdout and "RESULT: PASS" in result.stdout
 
 
+def test_validate_judges_a_quantized_export_against_its_own_plain_greedy(tiny, tmp_path):
+    """An int4 export is another model than the float base: SpAF must equal the export's plain greedy."""
+    model = SpAFModel.from_pretrained(tiny / "base", components=tiny / "components")
+    export_model(model, tmp_path / "int4", quantization="int4", progress=False)
+    result = invoke("validate", tmp_path / "int4", "--base-model", tiny / "base", "--components",
+                    tiny / "components", "--max-new-tokens", 12, "--no-parity")
+    assert result.exit_code == 0, result.output
+    assert "engine SpAF == engine plain greedy (quantized export)" in result.stdout
+    assert "float base" in result.stdout and "RESULT: PASS" in result.stdout
+
+
 def test_validate_fails_on_other_components(tiny):
     result = invoke("validate", tiny / "export", "--base-model", tiny / "base", "--components",
                     tiny / "other_components", "--prompt", "Hi", "--max-new-tokens", 6)

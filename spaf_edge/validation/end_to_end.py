@@ -7,6 +7,10 @@ Hugging Face greedy decoding of the base model, on a few short prompts, in the e
 dtype. Greedy output does not depend on the drafter (SpAF is lossless), so without the
 SpAF components the token check is as strict as with them; graph parity then judges the
 backbone (upper logits) only, since the drafter weights are unknown.
+
+A quantized export is a different model from the float base: there the engine's SpAF tokens
+must equal the engine's own plain greedy tokens on the same export (what lossless means at
+that precision), and where the float reference parts from them is reported, not judged.
 """
 
 from __future__ import annotations
@@ -41,26 +45,31 @@ class PromptCheck:
     base: list[int]  # Hugging Face generate, greedy
     engine_tau: float
     spaf_tau: float
+    plain: list[int] | None = None  # the engine's plain greedy: the reference of a quantized export
+
+    @property
+    def judged(self) -> list[list[int]]:
+        """The token lists that must be equal: the engine's two modes, or the engine and both references."""
+        return [self.engine, self.plain] if self.plain is not None else [self.engine, self.spaf, self.base]
 
     @property
     def passed(self) -> bool:
-        return self.engine == self.spaf == self.base
+        return first_difference(self.judged) is None
 
     @property
     def first_mismatch(self) -> int | None:
-        """First position where the three token lists differ (None when equal)."""
-        if self.passed:
-            return None
-        for index, tokens in enumerate(zip(self.engine, self.spaf, self.base)):
-            if len(set(tokens)) > 1:
-                return index
-        return min(len(self.engine), len(self.spaf), len(self.base))
+        """First position where the judged token lists differ (None when equal)."""
+        return first_difference(self.judged)
 
     def line(self, index: int) -> str:
         status = "PASS" if self.passed else f"FAIL at new token {self.first_mismatch}"
         text = self.prompt if isinstance(self.prompt, str) else f"{len(self.prompt)} token ids"
-        return (f"  [{index}] {status}: {len(self.engine)} tokens, tau engine {self.engine_tau:.2f} / "
+        line = (f"  [{index}] {status}: {len(self.engine)} tokens, tau engine {self.engine_tau:.2f} / "
                 f"torch {self.spaf_tau:.2f}  {text[:60]!r}")
+        if self.plain is not None:
+            float_at = first_difference([self.engine, self.base])
+            line += "; float base: same tokens" if float_at is None else f"; float base parts at token {float_at}"
+        return line
 
 
 @dataclass
@@ -73,14 +82,17 @@ class EndToEndReport:
         return bool(self.checks) and all(check.passed for check in self.checks)
 
     def summary(self) -> str:
-        head = (f"end-to-end greedy tokens, engine == PyTorch SpAF == base ({self.settings}): "
-                f"{'PASS' if self.passed else 'FAIL'}")
+        quantized = bool(self.checks) and self.checks[0].plain is not None
+        what = "engine SpAF == engine plain greedy (quantized export)" if quantized else \
+            "engine == PyTorch SpAF == base"
+        head = f"end-to-end greedy tokens, {what} ({self.settings}): {'PASS' if self.passed else 'FAIL'}"
         lines = [head] + [check.line(i) for i, check in enumerate(self.checks)]
         for i, check in enumerate(self.checks):
             if not check.passed:
                 at = check.first_mismatch
-                lines.append(f"  [{i}] from token {at}: engine {check.engine[at:at + 5]}, "
-                             f"torch {check.spaf[at:at + 5]}, base {check.base[at:at + 5]}")
+                others = (f"plain {check.plain[at:at + 5]}" if quantized else
+                          f"torch {check.spaf[at:at + 5]}, base {check.base[at:at + 5]}")
+                lines.append(f"  [{i}] from token {at}: engine {check.engine[at:at + 5]}, {others}")
         return "\n".join(lines)
 
 
@@ -158,7 +170,8 @@ def validate_export(
 def check_end_to_end(
     engine: Any, model: Any, prompts: Sequence[str | list[int]], max_new_tokens: int = 32, chat: bool = True
 ) -> EndToEndReport:
-    """Greedy tokens of the engine, the PyTorch SpAF reference and HF base greedy, per prompt."""
+    """Greedy tokens of the engine, the PyTorch SpAF reference and HF base greedy (and, for a quantized
+    export, the engine's plain greedy), per prompt."""
     from spaf_edge.generation.reference import spaf_generate
 
     settings = engine.settings(temperature=0.0, top_p=1.0, top_k=0)
@@ -176,11 +189,24 @@ def check_end_to_end(
             model, ids, max_new_tokens=budget, temperature=0.0, top_p=1.0, top_k=0, eos_token_ids=eos,
             max_context=max(model.max_context, len(ids) + budget), **drafting,
         )
+        plain = None
+        if engine.manifest.quantization:
+            plain = engine.generate(ids, max_new_tokens=budget, temperature=0.0, mode="greedy").tokens
         report.checks.append(PromptCheck(
             prompt, len(ids), ran.tokens, reference.tokens, base_greedy(model.base, ids, budget, eos),
-            ran.stats.tau, reference.stats.tau,
+            ran.stats.tau, reference.stats.tau, plain,
         ))
     return report
+
+
+def first_difference(token_lists: list[list[int]]) -> int | None:
+    """First position where the lists differ (a shorter list differs where it ends); None when equal."""
+    if all(tokens == token_lists[0] for tokens in token_lists):
+        return None
+    for index, tokens in enumerate(zip(*token_lists)):
+        if len(set(tokens)) > 1:
+            return index
+    return min(len(tokens) for tokens in token_lists)
 
 
 @torch.no_grad()
