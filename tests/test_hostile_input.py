@@ -159,6 +159,15 @@ def test_threads_beyond_the_cores_are_capped_with_a_warning(export, monkeypatch)
     assert "--threads 999 is more than the 2 usable cores; using 2" in result.stderr
 
 
+def test_engine_caps_threads_beyond_the_cores_with_a_warning(export, monkeypatch):
+    from spaf_edge.runtime import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "default_threads", lambda: 1)
+    with pytest.warns(RuntimeWarning, match="threads=999 is more than the 1 usable cores; using 1"):
+        capped = Engine.from_folder(export, threads=999)
+    assert capped.generate([1, 2, 3], max_new_tokens=2, mode="greedy").tokens
+
+
 def test_engine_refuses_non_finite_temperature_and_negative_seeds(engine):
     for options, named in ((dict(temperature=math.inf), "temperature"), (dict(seed=-1), "seed")):
         with pytest.raises(ConfigError, match=f"Invalid {named}"):

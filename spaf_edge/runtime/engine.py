@@ -12,6 +12,7 @@ that is still open when another generation starts raises if iterated further.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from spaf_edge.runtime.rows import ROW_CALLS, RowCheck, check_rows
 from spaf_edge.runtime.session import (
     Provider,
     check_thread_pool,
+    default_threads,
     open_session,
     release_freed_memory,
     resolve_provider,
@@ -113,6 +115,11 @@ class Engine:
         for name, value in (("threads", threads), ("prefill_chunk", prefill_chunk)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"Invalid {name}={value!r}: expected an integer >= 1.")
+        if threads is not None and threads > default_threads():
+            # More threads than cores only wait on each other (300x slower measured): cap, and say so.
+            warnings.warn(f"threads={threads} is more than the {default_threads()} usable cores; using "
+                          f"{default_threads()}.", RuntimeWarning, stacklevel=2)
+            threads = default_threads()
         folder = Path(path)
         manifest = Manifest.load(folder, verify_files=verify)
         chosen = resolve_provider(provider)
