@@ -226,6 +226,27 @@ def test_short_embedding_table_is_named_before_any_session(tmp_path, monkeypatch
 
 
 # ---- disk full, killed exports ------------------------------------------------------------
+def test_corrupt_drafter_weights_are_named_at_load(copy):
+    """NaN weights behind re-sealed hashes: the draft graphs' logits on a short prompt give them away."""
+    data = copy / "drafter.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[:256] = bytes.fromhex("0000c07f") * 64  # float32 NaN
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ExportFormatError, match="draft graphs .* give NaN or inf logits"):
+        Engine.from_folder(copy, verify=False)
+
+
+def test_draft_vocabulary_that_is_a_pickle_is_named(tmp_path):
+    import numpy as np
+
+    model = make_tiny_spaf("llama", hidden_size=64)
+    model.set_draft_vocab(torch.arange(0, 96, 2))
+    folder = export_model(model, tmp_path / "export", max_length=32, progress=False)
+    np.save(folder / "draft_vocab.npy", np.array([{"not": "ids"}], dtype=object), allow_pickle=True)
+    with pytest.raises(ExportFormatError, match="draft_vocab.npy is not a saved id array"):
+        Engine.from_folder(folder, verify=False)
+
+
 def test_disk_full_during_export_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
     import spaf_edge.exporters.export as export_module
 

@@ -154,6 +154,7 @@ class Engine:
         tokenizer = TextTokenizer.from_folder(folder, manifest.chat_template) if has_tokenizer else None
         engine = cls(folder, manifest, chosen, decoder, tokenizer, thread_pool)
         engine.rows = check_rows(decoder, row_calls)
+        check_drafts(decoder, folder)
         return engine
 
     # ---- settings -------------------------------------------------------
@@ -334,6 +335,28 @@ def open_sessions(
     return sessions
 
 
+def check_drafts(decoder: Decoder, folder: Path) -> None:
+    """ExportFormatError when the draft graphs give non-finite logits on a short prompt.
+
+    Sampling stays exact whatever a drafter gives (an invalid ``q`` is rejected), but NaN or
+    inf here means corrupt weights in a folder whose hashes were re-sealed, so say so at load.
+    """
+    vocab, length = decoder.vocab_size, min(6, decoder.lower.kv.max_length - 2)
+    if length < 2:  # no room for a prompt and a draft
+        return
+    decoder.drafting = True
+    decoder.prefill([(7919 * i + 101) % vocab for i in range(length)])
+    try:
+        decoder.draft(2, 0, SamplingParams(), np.random.default_rng(0))
+        finite = bool(np.isfinite(decoder.buffers.draft_logits).all())
+    finally:
+        decoder.reset()
+    if not finite:
+        raise ExportFormatError(
+            f"The draft graphs of {folder} give NaN or inf logits: their weights are corrupt. Re-run `spaf-edge export`."
+        )
+
+
 def load_draft_vocab(folder: Path, manifest: Manifest) -> np.ndarray | None:
     """The draft vocabulary (int64 [V_d]) when ``V_d < V``; None when drafts cover every token."""
     sizes = manifest.sizes
@@ -345,8 +368,12 @@ def load_draft_vocab(folder: Path, manifest: Manifest) -> np.ndarray | None:
             f"The manifest has a draft vocabulary of {sizes.draft_vocab_size} tokens but {path} is missing. "
             "Re-run `spaf-edge export`."
         )
-    vocab = np.load(path, allow_pickle=False)
-    if vocab.shape != (sizes.draft_vocab_size,) or vocab.min() < 0 or vocab.max() >= sizes.vocab_size:
+    try:
+        vocab = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # not an .npy array of numbers (e.g. a pickle)
+        raise ExportFormatError(f"{path} is not a saved id array ({exc}). Re-run `spaf-edge export`.") from exc
+    if (vocab.dtype.kind not in "iu" or vocab.shape != (sizes.draft_vocab_size,) or vocab.min() < 0
+            or vocab.max() >= sizes.vocab_size):
         raise ExportFormatError(
             f"{path} holds {vocab.shape} ids, expected {sizes.draft_vocab_size} token ids in "
             f"0..{sizes.vocab_size - 1}. Re-run `spaf-edge export`."
