@@ -31,7 +31,7 @@ def test_distill_then_train_then_resume(tiny_model_dir, tmp_path):
     ))
     data = tmp_path / "distilled.jsonl"
     result = invoke("distill", "--prompts", prompts, "--out", data, "--base-model", tiny_model_dir,
-                    "--max-new-tokens", 8, "--batch-size", 4, "--no-progress")
+                    "--backend", "torch", "--max-new-tokens", 8, "--batch-size", 4, "--no-progress")
     assert result.exit_code == 0, result.output
     assert last_json(result.output)["written"] == 8
     assert len(data.read_text().splitlines()) == 8

@@ -1,4 +1,5 @@
-"""Self-distillation data: batched replies, attribution kept, resume, refusal of eval data."""
+"""Self-distillation data: batched replies, attribution kept, resume, refusal of eval data, and the
+ONNX Runtime backend against the torch one."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ import pytest
 import torch
 from conftest import make_tiny_base, make_tiny_tokenizer
 
-from spaf_edge.errors import ConfigError
+from spaf_edge.config import SpAFConfig
+from spaf_edge.errors import ConfigError, UnsupportedArchitectureError
+from spaf_edge.model import SpAFModel
+from spaf_edge.prompts import encode_prompt
 from spaf_edge.training.data import load_examples
-from spaf_edge.training.distill import distill, generate_batch
+from spaf_edge.training.distill import (
+    PromptRow, base_tokenizer, distill, generate_batch, onnx_backend, resolve_backend, torch_backend,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -125,3 +131,149 @@ def test_distill_device_errors_name_the_fix(tiny, prompts, tmp_path):
 def test_distill_device_cpu_moves_a_passed_model(tiny, prompts, tmp_path):
     summary = run(tiny, prompts, tmp_path / "out.jsonl", device="cpu")
     assert summary.device == "cpu" and summary.written == 7
+
+
+# ---- the onnx backend: a saved tiny Llama + random components, exported once per module -------------------
+@pytest.fixture(scope="module")
+def export_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPAF_EDGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(base folder, components folder): head_dim 16, which ONNX Runtime's attention needs; random
+    components, so drafts are both accepted and rejected."""
+    tokenizer = make_tiny_tokenizer()
+    base = make_tiny_base("llama", hidden_size=64, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+    base.generation_config.eos_token_id = tokenizer.eos_token_id
+    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    folder = tmp_path_factory.mktemp("exportable")
+    base.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model = SpAFModel.from_pretrained(folder, SpAFConfig(cutoff_layer=1, num_draft_tokens=3,
+                                                         serial_parallel_transition=1))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.spaf_parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return str(folder), str(model.save_spaf_components(tmp_path_factory.mktemp("components")))
+
+
+def run_saved(saved, prompts, out, **kwargs):
+    settings = dict(base_model=saved[0], components=saved[1], max_new_tokens=12, progress=False, threads=1)
+    settings.update(kwargs)
+    return distill(prompts, out, **settings)
+
+
+@pytest.mark.usefixtures("export_cache")
+def test_onnx_greedy_replies_are_torch_greedy_token_for_token(saved, prompts, tmp_path):
+    tokenizer = base_tokenizer(saved[0])
+    batch = [(PromptRow(i, text, {}), encode_prompt(tokenizer, text))
+             for i, text in enumerate(["Hi", "Why is the sky blue?", "List three colors.", "Tell me a joke."])]
+    sampling = dict(max_new_tokens=24, temperature=0.0, top_p=1.0, seed=0)
+    torch_replies = torch_backend(saved[0], None, None, "cpu", 1, **sampling)
+    onnx_replies = onnx_backend(saved[0], tokenizer, saved[1], None, 1, 64, **sampling)
+    expected = [torch_replies.generate([item])[0] for item in batch]  # one at a time: no padding
+    assert onnx_replies.generate(batch) == expected
+    assert sum(len(tokens) for tokens, _ in expected) > 4 * 8  # replies long enough to mean something
+
+    # End to end, from the same prompt file: the same rows but for the label of the backend.
+    torch_rows = {row["prompt_index"]: row for row in read_rows(_written(run_saved(
+        saved, prompts, tmp_path / "torch.jsonl", backend="torch", batch_size=1)))}
+    onnx_rows = {row["prompt_index"]: row for row in read_rows(_written(run_saved(
+        saved, prompts, tmp_path / "onnx.jsonl", backend="onnx")))}
+    assert len(onnx_rows) == 7
+    for index, row in onnx_rows.items():
+        assert row.pop("distilled_with")["backend"] == "onnx"
+        assert torch_rows[index].pop("distilled_with") == {"backend": "torch", "device": "cpu"}
+        assert row == torch_rows[index]
+
+
+def _written(summary):
+    assert summary.written == 7 and summary.new_tokens > 0
+    return summary.out
+
+
+@pytest.mark.usefixtures("export_cache")
+def test_onnx_distill_resumes_without_duplicates(saved, prompts, tmp_path):
+    out = tmp_path / "out.jsonl"
+    first = run_saved(saved, prompts, out, backend="onnx", limit=4)
+    assert first.backend == "onnx" and first.written == 4
+    rows = read_rows(out)
+    with out.open("a") as handle:
+        handle.write('{"messages": [{"role": "user", "con')
+    summary = run_saved(saved, prompts, out, backend="onnx")
+    assert summary.already_done == 4 and summary.written == 3
+    assert read_rows(out)[:4] == rows
+    assert sorted(row["prompt_index"] for row in read_rows(out)) == list(range(7))
+    assert len(load_examples(out, base_tokenizer(saved[0]))) == 7
+    assert run_saved(saved, prompts, out, backend="onnx").written == 0
+
+
+def by_index(path):
+    return sorted(read_rows(path), key=lambda row: row["prompt_index"])
+
+
+@pytest.mark.usefixtures("export_cache")
+def test_onnx_sampled_replies_are_seeded_per_prompt(saved, prompts, tmp_path):
+    sampled = dict(backend="onnx", temperature=1.0, seed=3)
+    run_saved(saved, prompts, tmp_path / "a.jsonl", **sampled)
+    # Interrupted after 3 prompts and resumed: the same replies as one uninterrupted run.
+    run_saved(saved, prompts, tmp_path / "b.jsonl", limit=3, **sampled)
+    run_saved(saved, prompts, tmp_path / "b.jsonl", **sampled)
+    assert by_index(tmp_path / "a.jsonl") == by_index(tmp_path / "b.jsonl")
+    run_saved(saved, prompts, tmp_path / "c.jsonl", **dict(sampled, seed=4))
+    assert by_index(tmp_path / "c.jsonl") != by_index(tmp_path / "a.jsonl")
+    run_saved(saved, prompts, tmp_path / "greedy.jsonl", backend="onnx")
+    assert by_index(tmp_path / "greedy.jsonl") != by_index(tmp_path / "a.jsonl")
+
+
+def test_auto_backend_is_onnx_on_a_cpu_and_torch_with_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_backend("auto", "auto") == "onnx" and resolve_backend("auto", "cpu") == "onnx"
+    assert resolve_backend("auto", "auto", model=object()) == "torch"
+    assert resolve_backend("torch", "cpu") == "torch" and resolve_backend("onnx", "auto") == "onnx"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_backend("auto", "auto") == "torch" and resolve_backend("auto", "cuda:0") == "torch"
+    assert resolve_backend("auto", "cpu") == "onnx"
+    with pytest.raises(ConfigError, match="expected one of auto, onnx, torch"):
+        resolve_backend("ort", "auto")
+
+
+@pytest.mark.usefixtures("export_cache")
+def test_onnx_backend_refuses_what_it_cannot_do(tiny, saved, tiny_model_dir, prompts, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="backend='torch'"):
+        run(tiny, prompts, tmp_path / "out.jsonl", backend="onnx")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="runs on the CPU"):
+        run_saved(saved, prompts, tmp_path / "out.jsonl", backend="onnx", device="cuda:0")
+    with pytest.raises(ConfigError, match="--export is an export for the onnx backend"):
+        run_saved(saved, prompts, tmp_path / "out.jsonl", backend="torch", export=tmp_path)
+    with pytest.raises(ConfigError, match="Pass one of them"):
+        run_saved(saved, prompts, tmp_path / "out.jsonl", backend="onnx", export=tmp_path)
+    with pytest.raises(UnsupportedArchitectureError, match="--backend torch"):  # head_dim 8: not exportable
+        run_saved((str(tiny_model_dir), None), prompts, tmp_path / "out.jsonl", backend="onnx")
+
+
+@pytest.mark.usefixtures("export_cache")
+def test_cli_distills_from_a_given_export_of_the_same_base_only(saved, prompts, tmp_path):
+    from click.testing import CliRunner
+
+    from spaf_edge.bench.exports import cached_export
+    from spaf_edge.cli import main
+
+    export = cached_export(saved[0], saved[1], "fp32", 1024)
+    args = ["distill", "--prompts", prompts, "--out", tmp_path / "out.jsonl", "--max-new-tokens", 6, "--threads", 1,
+            "--no-progress", "--export", export]
+    result = CliRunner().invoke(main, [str(arg) for arg in args + ["--base-model", saved[0]]])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["backend"] == "onnx" and summary["written"] == 7
+    other = tmp_path / "other"
+    make_tiny_base("llama", seed=5, hidden_size=64).save_pretrained(other)
+    make_tiny_tokenizer().save_pretrained(other)
+    result = CliRunner().invoke(main, [str(arg) for arg in args + ["--base-model", other]])
+    assert result.exit_code != 0 and "made from another base model" in result.output, result.output

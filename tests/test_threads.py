@@ -35,6 +35,8 @@ GLOBAL_POOL_SCRIPT = textwrap.dedent("""
     engine = Engine.from_folder(folder, threads=2, thread_pool="global")
     out = {"pool": global_pool_threads(), "same": engine.generate(prompt, max_new_tokens=12,
                                                                    temperature=0.0).tokens == expected}
+    import spaf_edge.runtime.engine as engine_module
+    engine_module.default_threads = lambda: 8  # 3 threads on a 2-core machine would be capped to 2
     try:
         Engine.from_folder(folder, threads=3, thread_pool="global")
     except ConfigError as exc:

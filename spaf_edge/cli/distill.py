@@ -16,7 +16,13 @@ from spaf_edge.cli import options
               help="Output chat JSONL for `spaf-edge train`; appended to and resumed if it exists.")
 @options.base_model
 @click.option("--max-new-tokens", type=options.NEW_TOKENS, default=256, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts generated together.")
+@click.option("--backend", type=click.Choice(["auto", "onnx", "torch"]), default="auto", show_default=True,
+              help="onnx: the ONNX Runtime engine's lossless SpAF decoding of an fp32 export (exported once, "
+                   "cached), one prompt at a time: the fast one on a CPU. torch: transformers generate in "
+                   "batches: the one for a GPU. auto: torch when --device is CUDA or (auto) torch sees a GPU, "
+                   "else onnx.")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Prompts generated together (torch backend; onnx generates one at a time).")
 @click.option("--limit", type=int, default=None, help="Use only N prompts (the first N, or random with --shuffle).")
 @click.option("--shuffle", is_flag=True, help="Pick --limit prompts at random (seeded) instead of the first ones.")
 @click.option("--seed", type=options.SEED, default=0, show_default=True, help="Seed of --shuffle and of sampling.")
@@ -25,11 +31,21 @@ from spaf_edge.cli import options
 @click.option("--max-prompt-tokens", type=int, default=1024, show_default=True,
               help="Skip prompts longer than this (in chat-template tokens).")
 @click.option("--device", default="auto", show_default=True,
-              help="torch device of the generation: auto (cuda when available, else cpu), cpu, cuda, cuda:N.")
+              help="torch device of the generation: auto (cuda when available, else cpu), cpu, cuda, cuda:N. "
+                   "The onnx backend runs on the CPU.")
+@options.components
+@click.option("--export", type=click.Path(exists=True, file_okay=False), default=None,
+              help="onnx backend: an existing export folder of --base-model (from `spaf-edge export`) instead of "
+                   "exporting the base + --components to the cache.")
+@options.threads
 @options.progress
-def command(prompts, out, base_model, max_new_tokens, batch_size, limit, shuffle, seed, temperature, top_p,
-            max_prompt_tokens, device, progress):
-    """Generate the base model's replies to training prompts (resumable)."""
+def command(prompts, out, base_model, backend, max_new_tokens, batch_size, limit, shuffle, seed, temperature, top_p,
+            max_prompt_tokens, device, components, export, threads, progress):
+    """Generate the base model's replies to training prompts (resumable).
+
+    Greedy by default; --temperature T samples, seeded per prompt (per batch with torch)
+    from --seed, so a resumed run writes what an uninterrupted one would.
+    """
     from spaf_edge.config import validate_sampling
     from spaf_edge.training.distill import distill
 
@@ -37,11 +53,11 @@ def command(prompts, out, base_model, max_new_tokens, batch_size, limit, shuffle
     summary = distill(
         prompts, out, base_model, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, seed=seed,
         temperature=temperature, top_p=top_p, shuffle=shuffle, max_prompt_tokens=max_prompt_tokens,
-        device=device, progress=progress,
+        device=device, progress=progress, backend=backend, components=components, export=export, threads=threads,
     )
     click.echo(json.dumps({
         "out": str(summary.out), "written": summary.written, "already_done": summary.already_done,
         "skipped_long": summary.skipped_long, "new_tokens": summary.new_tokens,
         "seconds": round(summary.seconds, 1), "tokens_per_second": round(summary.tokens_per_second, 1),
-        "device": summary.device,
+        "backend": summary.backend, "device": summary.device,
     }, indent=2))

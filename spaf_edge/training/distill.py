@@ -1,19 +1,36 @@
 """Self-distillation data: the base model's own replies to training prompts (DESIGN §3).
 
 Reads a prompt JSONL (``{"prompt": ..., "source": ..., "license": ...}`` per line),
-generates replies in batches (left padding, ``generate``; greedy unless a temperature
-is given) and appends chat rows that ``spaf-edge train`` reads:
+generates replies (greedy unless a temperature is given) and appends chat rows that
+``spaf-edge train`` reads:
 
 ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}], "prompt_index": i,
-"finish_reason": "eos" | "length", "source": ..., "license": ...}``
+"finish_reason": "eos" | "length", "distilled_with": {...}, "source": ..., "license": ...}``
 
 ``source``/``license`` (and any other fields of the prompt row) are carried over for
-attribution. The output is resumable: rows are appended as whole lines and flushed
-per batch; on restart a partial last line is cut off and prompts whose
-``prompt_index`` is already written are skipped. Prompts are processed in order of
-token length so that a batch pads little; the written order therefore differs from
-the prompt file's. Batched greedy decoding may differ from unbatched decoding by
-float rounding after a near-tie; for training data that does not matter.
+attribution; ``distilled_with`` names the backend (and the export or torch device) that
+wrote the row; ``spaf-edge train`` reads only ``messages``. The output is resumable: rows
+are appended as whole lines and flushed per group (a batch, or one prompt with ONNX); on
+restart a partial last line is cut off and prompts whose ``prompt_index`` is already
+written are skipped. Prompts are processed in order of token length, so the written order
+differs from the prompt file's.
+
+Two backends generate, from the same prompt ids (:func:`spaf_edge.prompts.encode_prompt`
+with the base's tokenizer):
+
+- ``onnx``: the project's ONNX Runtime engine, one prompt at a time, by SpAF decoding of an
+  fp32 export of the base + SpAF components (exported once into the cache). Lossless: its
+  greedy replies are the base's greedy replies, and sampling follows the exact
+  speculative-sampling rule, so replies are drawn from the base's distribution (not the
+  same draws as torch's for a seed). 1.45x batched ``generate`` on the 2-core CPU (docs/training.md).
+- ``torch``: transformers ``generate`` in batches with left padding. Batched greedy
+  decoding may differ from unbatched decoding by float rounding after a near-tie; for
+  training data that does not matter. The choice for a GPU.
+
+``auto`` picks ``torch`` when CUDA is chosen or available (or a torch model is passed in),
+``onnx`` otherwise. Sampling is seeded per prompt group (``seed * 1_000_003`` plus the
+first prompt's index), so a resumed run draws what an uninterrupted one would (for torch,
+with the same batch size).
 """
 
 from __future__ import annotations
@@ -22,12 +39,12 @@ import json
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spaf_edge.errors import ConfigError
+from spaf_edge.errors import ConfigError, UnsupportedArchitectureError
 from spaf_edge.prompts import encode_prompt
 from spaf_edge.training.data import read_jsonl, refuse_evaluation_data
 
@@ -48,6 +65,7 @@ class DistillSummary:
     new_tokens: int
     seconds: float
     device: str = "cpu"
+    backend: str = "torch"
 
     @property
     def tokens_per_second(self) -> float:
@@ -101,6 +119,22 @@ def repair_and_read_done(out: Path) -> set[int]:
     return done
 
 
+BACKENDS = ("auto", "onnx", "torch")
+EXPORT_LENGTH_STEP = 1024  # onnx exports hold a multiple of this many KV rows, so settings share exports
+
+
+@dataclass
+class ReplyBackend:
+    """Generates the replies of a group of prompts: ``generate([(row, prompt_ids), ...])``."""
+
+    name: str  # "onnx" | "torch"
+    tokenizer: Any  # the base's transformers tokenizer: encodes prompts, decodes replies
+    group: int  # prompts generated (and written) together
+    device: str
+    label: dict[str, str]  # written into each row as "distilled_with"
+    generate: Callable[[list[tuple[PromptRow, list[int]]]], list[tuple[list[int], str]]]
+
+
 def distill(
     prompts_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -117,14 +151,20 @@ def distill(
     progress: bool = True,
     model: Any = None,
     tokenizer: Any = None,
+    backend: str = "auto",
+    components: str | os.PathLike | None = None,
+    export: str | os.PathLike | None = None,
+    threads: int | None = None,
 ) -> DistillSummary:
     """Generate the base model's replies to the prompts and append them to ``out_path``.
 
-    ``model``/``tokenizer`` may be passed already loaded (then ``base_model`` is unused).
-    ``device`` "auto" keeps a passed model where it is and puts a loaded one on CUDA when
-    there is a GPU.
+    ``backend``: ``auto`` | ``onnx`` | ``torch`` (module docstring). torch: ``model``/``tokenizer``
+    may be passed already loaded (then ``base_model`` is unused); ``device`` "auto" keeps a
+    passed model where it is and puts a loaded one on CUDA when there is a GPU; ``batch_size``
+    prompts are generated together. onnx: ``components`` are the SpAF components exported with
+    the base (default: :func:`spaf_edge.models.loading.resolve_components`); ``export`` is an
+    existing export folder of the same base to use instead; ``threads`` are ONNX Runtime's.
     """
-    import torch
     from tqdm.auto import tqdm
 
     if batch_size < 1 or max_new_tokens < 1:
@@ -134,35 +174,41 @@ def distill(
     rows = select_prompts(read_prompts(prompts_path), limit, shuffle, seed)
     done = repair_and_read_done(out)
     pending = [row for row in rows if row.index not in done]
-    target = None if device == "auto" else torch_device(device)  # a bad --device fails before the load
-    if model is None:
-        from spaf_edge.models.loading import load_base_model
-
-        model, tokenizer = load_base_model(base_model)
-        target = target or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if target is not None:
-        model.to(target)
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    chosen = resolve_backend(backend, device, model)
+    if chosen == "torch":
+        if export is not None:
+            raise ConfigError("--export is an export for the onnx backend; drop it, or pass --backend onnx.")
+        replies = torch_backend(base_model, model, tokenizer, device, batch_size, **sampling)
+        tokenizer = replies.tokenizer
+    else:
+        if model is not None:
+            raise ConfigError("A loaded torch model is generated with backend='torch'; the onnx backend exports "
+                              "base_model itself. Pass backend='torch', or base_model instead of model.")
+        if device not in ("auto", "cpu"):
+            raise ConfigError(f"--device {device}: the onnx backend runs on the CPU. Use --backend torch to "
+                              "generate on a GPU.")
+        tokenizer = tokenizer or base_tokenizer(base_model)
     encoded = [(row, encode_prompt(tokenizer, row.prompt)) for row in pending]
     kept = [(row, ids) for row, ids in encoded if len(ids) <= max_prompt_tokens]
     kept.sort(key=lambda item: len(item[1]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = eos_token_ids(model, tokenizer)
+    if chosen == "onnx":
+        longest = max((len(ids) for _, ids in kept), default=1)
+        replies = onnx_backend(base_model, tokenizer, components, export, threads, longest + max_new_tokens,
+                               **sampling)
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = DistillSummary(out, 0, len(rows) - len(pending), len(encoded) - len(kept), 0, 0.0,
-                             str(next(model.parameters()).device))
+    summary = DistillSummary(out, 0, len(rows) - len(pending), len(encoded) - len(kept), 0, 0.0, replies.device,
+                             replies.name)
     started = time.perf_counter()
     with out.open("a", encoding="utf-8") as handle, tqdm(
         total=len(kept), desc="distill", unit="prompt", disable=not progress
     ) as bar:
-        for start in range(0, len(kept), batch_size):
-            batch = kept[start : start + batch_size]
-            torch.manual_seed(seed * 1_000_003 + batch[0][0].index)
-            replies = generate_batch(model, [ids for _, ids in batch], pad_id, eos_ids, max_new_tokens,
-                                     temperature, top_p)
+        for start in range(0, len(kept), replies.group):
+            batch = kept[start : start + replies.group]
             lines = []
-            for (row, _), (tokens, finish) in zip(batch, replies):
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
-                lines.append(json.dumps(output_row(row, text, finish), ensure_ascii=False) + "\n")
+            for (row, _), (tokens, finish) in zip(batch, replies.generate(batch)):
+                text = replies.tokenizer.decode(tokens, skip_special_tokens=True)
+                lines.append(json.dumps(output_row(row, text, finish, replies.label), ensure_ascii=False) + "\n")
                 summary.new_tokens += len(tokens)
             handle.write("".join(lines))
             handle.flush()
@@ -173,6 +219,132 @@ def distill(
             bar.set_postfix({"tok/s": f"{summary.tokens_per_second:.0f}"})
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def resolve_backend(backend: str, device: str, model: Any = None) -> str:
+    """``onnx`` or ``torch`` for ``backend``; ``auto`` is torch when CUDA is chosen or available or a model
+    is passed, onnx otherwise. A bad ``device`` fails here, before anything loads."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}.")
+    target = None if device == "auto" else torch_device(device)
+    if backend != "auto":
+        return backend
+    if model is not None:
+        return "torch"
+    if target is None:
+        import torch
+
+        return "torch" if torch.cuda.is_available() else "onnx"
+    return "torch" if target.type == "cuda" else "onnx"
+
+
+def group_seed(seed: int, first_index: int) -> int:
+    return seed * 1_000_003 + first_index
+
+
+def torch_backend(
+    base_model: str | None, model: Any, tokenizer: Any, device: str, batch_size: int, max_new_tokens: int,
+    temperature: float, top_p: float, seed: int,
+) -> ReplyBackend:
+    """transformers ``generate`` in batches of ``batch_size`` prompts (left padding)."""
+    import torch
+
+    target = None if device == "auto" else torch_device(device)
+    if model is None:
+        from spaf_edge.models.loading import load_base_model
+
+        model, tokenizer = load_base_model(base_model)
+        target = target or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if target is not None:
+        model.to(target)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = eos_token_ids(model, tokenizer)
+    where = str(next(model.parameters()).device)
+
+    def generate(batch: list[tuple[PromptRow, list[int]]]) -> list[tuple[list[int], str]]:
+        torch.manual_seed(group_seed(seed, batch[0][0].index))
+        return generate_batch(model, [ids for _, ids in batch], pad_id, eos_ids, max_new_tokens, temperature, top_p)
+
+    return ReplyBackend("torch", tokenizer, batch_size, where, {"backend": "torch", "device": where}, generate)
+
+
+def onnx_backend(
+    base_model: str | None, tokenizer: Any, components: str | os.PathLike | None, export: str | os.PathLike | None,
+    threads: int | None, context: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+) -> ReplyBackend:
+    """The ONNX Runtime engine's SpAF decoding, one prompt at a time, on an fp32 export of the base.
+
+    ``context``: the positions the export must hold (the longest prompt plus ``max_new_tokens``).
+    """
+    from spaf_edge.bench.exports import cached_export
+    from spaf_edge.models.loading import resolve_base_model, resolve_components
+    from spaf_edge.runtime.engine import Engine
+
+    base = resolve_base_model(base_model)
+    if export is None:
+        # One more row than the positions: an engine that pads one-row calls keeps one row spare.
+        rows = -(-(context + 1) // EXPORT_LENGTH_STEP) * EXPORT_LENGTH_STEP
+        try:
+            folder = cached_export(base, resolve_components(base_model, components), "fp32", rows)
+        except UnsupportedArchitectureError as exc:
+            raise UnsupportedArchitectureError(f"{exc} Distill this base with --backend torch.") from exc
+    else:
+        if components is not None:
+            raise ConfigError("--components and --export both name the SpAF components (an export holds its "
+                              "own). Pass one of them.")
+        folder = Path(export)
+        check_export_base(folder, base)
+    engine = Engine.from_folder(folder, threads=threads)
+    if engine.max_length < context:
+        raise ConfigError(
+            f"The export {folder} holds {engine.max_length} positions, fewer than the longest prompt plus "
+            f"--max-new-tokens ({context}): its replies would be cut. Lower --max-prompt-tokens or "
+            "--max-new-tokens, or pass an export with a larger --max-length (or none: one is made)."
+        )
+    eos = set(engine.eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+    def generate(batch: list[tuple[PromptRow, list[int]]]) -> list[tuple[list[int], str]]:
+        replies = []
+        for row, ids in batch:
+            result = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                     top_k=0, seed=group_seed(seed, row.index))
+            replies.append(cut_reply(result.tokens, eos))
+        return replies
+
+    label = {"backend": "onnx", "export": (engine.manifest.manifest_sha256 or "")[:16]}
+    return ReplyBackend("onnx", tokenizer, 1, f"{engine.provider.name} (onnxruntime)", label, generate)
+
+
+def base_tokenizer(base_model: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    from spaf_edge.models.loading import resolve_base_model
+
+    return AutoTokenizer.from_pretrained(str(resolve_base_model(base_model)))
+
+
+def check_export_base(folder: Path, base: Path) -> None:
+    """Refuse an export made from another base model than ``base`` (their fingerprints differ)."""
+    from spaf_edge.manifest import Manifest
+    from spaf_edge.models.loading import load_base_model, model_fingerprint
+
+    manifest = Manifest.load(folder, verify_files=False)
+    model, _ = load_base_model(base)
+    fingerprint = model_fingerprint(model)
+    del model
+    if manifest.base_fingerprint != fingerprint:
+        raise ConfigError(
+            f"--export {folder} was made from another base model (fingerprint {manifest.base_fingerprint}, "
+            f"--base-model has {fingerprint}). Pass the export of this base, or omit --export to make one."
+        )
+
+
+def cut_reply(tokens: Sequence[int], eos: set[int]) -> tuple[list[int], str]:
+    """The reply before its first EOS, and ``eos``; or all of it and ``length``."""
+    for index, token in enumerate(tokens):
+        if token in eos:
+            return list(tokens[:index]), "eos"
+    return list(tokens), "length"
 
 
 def torch_device(name: str) -> Any:
@@ -188,9 +360,10 @@ def torch_device(name: str) -> Any:
     return device
 
 
-def output_row(row: PromptRow, reply: str, finish_reason: str) -> dict[str, Any]:
+def output_row(row: PromptRow, reply: str, finish_reason: str, label: dict[str, str]) -> dict[str, Any]:
     messages = [{"role": "user", "content": row.prompt}, {"role": "assistant", "content": reply}]
-    return {"messages": messages, "prompt_index": row.index, "finish_reason": finish_reason, **row.extra}
+    return {"messages": messages, "prompt_index": row.index, "finish_reason": finish_reason,
+            "distilled_with": label, **row.extra}
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -224,11 +397,4 @@ def generate_batch(
             input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
             pad_token_id=pad_id, eos_token_id=eos_ids, **sampling,
         )
-    replies = []
-    for tokens in output[:, width:].tolist():
-        ends = [i for i, token in enumerate(tokens) if token in eos_ids]
-        if ends:
-            replies.append((tokens[: ends[0]], "eos"))
-        else:
-            replies.append((tokens, "length"))
-    return replies
+    return [cut_reply(tokens, set(eos_ids)) for tokens in output[:, width:].tolist()]
