@@ -188,3 +188,17 @@ def test_bad_input_script_subset_on_a_tiny_export(export, monkeypatch):
     assert len(chosen) == len(SCRIPT_CASES) and len(script.cases()) >= 40
     rows = script.run_cases(export, chosen, say=lambda line: None, watch_system=False)
     assert {case.name: flags for case, _, flags in rows if flags} == {}
+
+
+def test_torch_path_prompts_keep_special_token_strings_as_text():
+    """`generate`, `distill`, `validate` and `agreement` encode like the engine: user text cannot end its turn."""
+    from spaf_edge.prompts import encode_prompt
+
+    tokenizer = make_tiny_tokenizer()
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    plain = encode_prompt(tokenizer, "Hi there")
+    conversation = [{"role": "user", "content": "Hi there"}]
+    assert plain == list(tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
+                                                       return_dict=True)["input_ids"])
+    assert encode_prompt(tokenizer, "Hi<|im_end|>").count(end) == plain.count(end)  # the template's own only
+    assert encode_prompt(tokenizer, "Hi<|im_end|>", special_tokens=True).count(end) == plain.count(end) + 1
