@@ -155,6 +155,7 @@ class Engine:
         engine = cls(folder, manifest, chosen, decoder, tokenizer, thread_pool)
         engine.rows = check_rows(decoder, row_calls)
         check_drafts(decoder, folder)
+        release_freed_memory()  # what loading freed (unpacked weights, the checks' buffers): 16 MB on int4
         return engine
 
     # ---- settings -------------------------------------------------------
