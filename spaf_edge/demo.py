@@ -29,6 +29,7 @@ class DemoResult:
     acceptance_by_position: list[float]
     identical: bool
     export_dir: Path
+    lossless: str = "near"  # the engine's row check on this device: "exact" | "near"
 
     @property
     def speedup(self) -> float:
@@ -39,7 +40,8 @@ class DemoResult:
         return (
             f"SpAF {self.spaf_tokens_per_second:.1f} tok/s, tau {self.tau:.2f} (acceptance by position {accept}) | "
             f"plain greedy, same engine: {self.greedy_tokens_per_second:.1f} tok/s | "
-            f"speedup {self.speedup:.2f}x | tokens identical: {'yes' if self.identical else 'NO'}"
+            f"speedup {self.speedup:.2f}x | tokens identical: {'yes' if self.identical else 'NO'} | "
+            f"lossless on this device: {self.lossless}"
         )
 
 
@@ -83,5 +85,5 @@ def run_demo(
         text=spaf.text or "", spaf_tokens_per_second=spaf.stats.tokens_per_second,
         greedy_tokens_per_second=greedy.stats.tokens_per_second, tau=spaf.stats.tau,
         acceptance_by_position=spaf.stats.acceptance_by_position, identical=spaf.tokens == greedy.tokens,
-        export_dir=export_dir,
+        export_dir=export_dir, lossless=engine.lossless,
     )

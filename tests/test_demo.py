@@ -57,7 +57,7 @@ def test_demo_exports_generates_and_reports_a_lossless_speedup(exportable_model_
             "--max-new-tokens", 16, "--threads", 1]
     result = CliRunner().invoke(demo_command, [str(arg) for arg in args])
     assert result.exit_code == 0, result.output
-    assert "tokens identical: yes" in result.stderr
+    assert "tokens identical: yes" in result.stderr and "lossless on this device: exact" in result.stderr
     assert "speedup" in result.stderr and "tau" in result.stderr
     exports = list((tmp_path / "cache" / "exports").iterdir())
     assert len(exports) == 1  # exported once ...
