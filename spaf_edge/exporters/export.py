@@ -177,7 +177,8 @@ def measure_lossless(folder: Path) -> str:
     """``exact`` | ``near`` on this machine's CPU: whether verify rows get decode-step bits (engine row check)."""
     from spaf_edge.runtime.engine import Engine
 
-    return Engine.from_folder(folder, verify=False).lossless
+    with Engine.from_folder(folder, verify=False) as engine:
+        return engine.lossless
 
 
 def write_embeddings(folder: Path, plan: GraphPlan) -> list[str]:

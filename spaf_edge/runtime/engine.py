@@ -81,7 +81,7 @@ class Engine:
 
     @property
     def max_length(self) -> int:
-        """Context positions a generation may use (one less than the export's when calls are padded)."""
+        """Context positions a generation may use: the export's minus the rows padding writes past a call."""
         return self.decoder.max_length
 
     @property
@@ -259,6 +259,8 @@ class Engine:
         special_tokens: bool = False,
     ) -> tuple[EngineResult, Iterator[list[int]]]:
         """Validate eagerly (errors surface at the call, not at the first iteration)."""
+        if self.decoder is None:
+            raise ConfigError(f"This engine of {self.folder} was closed; load it again with Engine.from_folder.")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"Invalid max_new_tokens={max_new_tokens!r}: expected an integer >= 1.")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
