@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+QUANTIZATION_BITS = {"int8": 8, "int4": 4}  # weight-only quantizations of an export and their bit widths
 BLOCK_SIZE = 32  # elements per quantization block along the hidden axis
 PAGE = 4096  # the scales start on a page boundary (ONNX Runtime may map them)
 
@@ -34,7 +35,7 @@ class EmbeddingLayout:
     @classmethod
     def for_export(cls, vocab_size: int, hidden_size: int, dtype: str, quantization: str | None) -> EmbeddingLayout:
         """The layout of an export with ``dtype`` (``float32``/``float16``) and ``quantization`` (None/int8/int4)."""
-        bits = {None: None, "int8": 8, "int4": 4}[quantization]
+        bits = QUANTIZATION_BITS[quantization] if quantization else None
         return cls(vocab_size, hidden_size, np.dtype(dtype), bits)
 
     @property

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spaf_edge.embedding_layout import EmbeddingLayout
+from spaf_edge.embedding_layout import QUANTIZATION_BITS, EmbeddingLayout
 from spaf_edge.errors import ExportFormatError, ModelNotFoundError
 from spaf_edge.io_names import EMBEDDINGS, GRAPHS, MANIFEST
 
@@ -33,7 +33,7 @@ from spaf_edge.io_names import EMBEDDINGS, GRAPHS, MANIFEST
 # quantize embeddings.bin and every LM head (MatMulNBits), lossless (docs/export_format.md)
 FORMAT_VERSION = 5
 DTYPES = ("float32", "float16")
-QUANTIZATIONS = (None, "int8", "int4")
+QUANTIZATIONS = (None, *QUANTIZATION_BITS)
 LOSSLESS = (None, "exact", "near")
 DIGEST_FIELD = "manifest_sha256"
 UNSEALED_FIELDS = (DIGEST_FIELD, "tuned")  # left out of the digest: `tuned` is rewritten by `spaf-edge tune`
@@ -143,9 +143,13 @@ class Manifest:
                     "(or restore the file)."
                 )
             manifest.verify_files(folder)
-        check_embedding_file(folder / EMBEDDINGS, manifest.sizes.vocab_size, manifest.sizes.hidden_size,
-                             manifest.dtype, manifest.quantization)
+        check_embedding_file(folder / EMBEDDINGS, manifest.embedding_layout)
         return manifest
+
+    @property
+    def embedding_layout(self) -> EmbeddingLayout:
+        """The byte layout of the export's ``embeddings.bin``."""
+        return EmbeddingLayout.for_export(self.sizes.vocab_size, self.sizes.hidden_size, self.dtype, self.quantization)
 
     # ---- checks ------------------------------------------------------------
     def check_consistency(self, source: str = MANIFEST) -> None:
@@ -210,19 +214,17 @@ def content_digest(data: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def check_embedding_file(
-    path: Path, vocab_size: int, hidden_size: int, dtype: str, quantization: str | None = None
-) -> None:
-    """ExportFormatError unless ``path`` holds exactly a ``[vocab_size, hidden_size]`` table of ``dtype``
-    (quantized in the layout of :mod:`spaf_edge.embedding_layout` for an int4/int8 export)."""
+def check_embedding_file(path: Path, layout: EmbeddingLayout) -> None:
+    """ExportFormatError unless ``path`` holds exactly the table ``layout`` describes (raw, or quantized
+    for an int4/int8 export: :mod:`spaf_edge.embedding_layout`)."""
     if not path.is_file():
         raise ExportFormatError(f"{path} is missing. The export is incomplete: re-run `spaf-edge export`.")
-    expected = EmbeddingLayout.for_export(vocab_size, hidden_size, dtype, quantization).file_size
+    expected = layout.file_size
     size = path.stat().st_size
     if size != expected:
-        kind = f"{dtype} ({quantization})" if quantization else dtype
+        kind = f"{layout.dtype.name} (int{layout.bits})" if layout.quantized else layout.dtype.name
         raise ExportFormatError(
-            f"{path} has {size} bytes; the manifest's {vocab_size} x {hidden_size} {kind} table needs "
+            f"{path} has {size} bytes; the manifest's {layout.vocab_size} x {layout.hidden_size} {kind} table needs "
             f"{expected}. The file is truncated or from another export: re-run `spaf-edge export`."
         )
 

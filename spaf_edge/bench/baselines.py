@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from spaf_edge.embedding_layout import QUANTIZATION_BITS
 from spaf_edge.errors import ConfigError, SpAFError
 from spaf_edge.stats import GenerationStats
 
 _REGISTRY: dict[str, type[Runner]] = {}
 PRECISIONS = ("fp32", "fp16")
-QUANTIZATIONS = ("int8", "int4")  # weight-only, of the SpAF export and of genai's model
+QUANTIZATIONS = tuple(QUANTIZATION_BITS)  # weight-only, of the SpAF export and of genai's model
 
 
 @dataclass

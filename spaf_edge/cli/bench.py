@@ -8,6 +8,7 @@ import sys
 import click
 
 from spaf_edge.cli import options
+from spaf_edge.embedding_layout import QUANTIZATION_BITS
 
 
 def _remote(ctx, param, values):
@@ -33,7 +34,7 @@ def _remote(ctx, param, values):
 @options.chat
 @options.provider
 @options.precision
-@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+@click.option("--quantize", type=click.Choice(["none", *QUANTIZATION_BITS]), default="none", show_default=True,
               help="Weight-only quantization of the SpAF export (an --export-dir must match) and of genai's model.")
 @options.threads
 @click.option("--runners", default=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from spaf_edge.cli import options
+from spaf_edge.embedding_layout import QUANTIZATION_BITS
 
 
 @click.command("export")
@@ -12,7 +13,7 @@ from spaf_edge.cli import options
 @options.components
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Export folder to write.")
 @options.precision
-@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+@click.option("--quantize", type=click.Choice(["none", *QUANTIZATION_BITS]), default="none", show_default=True,
               help="Weight-only quantization of the decoder MatMuls (ONNX Runtime MatMulNBits).")
 @click.option("--max-length", type=int, default=None,
               help="KV cache rows = max prompt + generated tokens (default min(model context, 2048)).")

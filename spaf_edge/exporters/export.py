@@ -20,7 +20,8 @@ from spaf_edge.atomic import atomic_directory
 from spaf_edge.errors import ConfigError, NonFiniteWeightsError, UnsupportedArchitectureError
 from spaf_edge.exporters.graph_builder import OPSET
 from spaf_edge.exporters.graphs import GraphPlan, build_draft_head, build_drafter, build_lower, build_upper
-from spaf_edge.exporters.quantize import QUANTIZATION_BITS, quantize_graph
+from spaf_edge.embedding_layout import QUANTIZATION_BITS
+from spaf_edge.exporters.quantize import quantize_graph
 from spaf_edge.exporters.writer import write_graphs
 from spaf_edge.manifest import DTYPES, Manifest, ModelSizes, sha256_file
 from spaf_edge.model import SpAFModel

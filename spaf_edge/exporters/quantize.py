@@ -16,9 +16,8 @@ import logging
 import numpy as np
 import onnx
 
-from spaf_edge.embedding_layout import BLOCK_SIZE, EmbeddingLayout
+from spaf_edge.embedding_layout import BLOCK_SIZE, QUANTIZATION_BITS, EmbeddingLayout
 
-QUANTIZATION_BITS = {"int8": 8, "int4": 4}
 ACCURACY_LEVEL = 4  # MatMulNBits may compute with int8 activations where the CPU kernel supports it
 
 

@@ -34,7 +34,7 @@ class EmbeddingTable:
         self.dtype = np.dtype(dtype)
         self.layout = EmbeddingLayout.for_export(vocab_size, hidden_size, self.dtype.name, quantization)
         self.row_bytes = self.layout.row_bytes
-        check_embedding_file(self.path, vocab_size, hidden_size, self.dtype.name, quantization)
+        check_embedding_file(self.path, self.layout)
         self._file = open(self.path, "rb", buffering=0)  # unbuffered: reads go straight into the rows
         self._fd = self._file.fileno()
 

@@ -37,7 +37,7 @@ from spaf_edge.runtime.decoder import MODES, Decoder, DecodeSettings, EngineResu
 from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.graphs import DraftHeadGraph, DrafterGraph, LowerGraph, UpperGraph
 from spaf_edge.runtime.kv import KVCache
-from spaf_edge.runtime.rows import ROW_CALLS, RowCheck, check_rows
+from spaf_edge.runtime.rows import ROW_CALLS, RowCheck, check_rows, probe_tokens
 from spaf_edge.runtime.session import (
     Provider,
     check_thread_pool,
@@ -115,11 +115,12 @@ class Engine:
         for name, value in (("threads", threads), ("prefill_chunk", prefill_chunk)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"Invalid {name}={value!r}: expected an integer >= 1.")
-        if threads is not None and threads > default_threads():
+        cores = default_threads()
+        if threads is not None and threads > cores:
             # More threads than cores only wait on each other (300x slower measured): cap, and say so.
-            warnings.warn(f"threads={threads} is more than the {default_threads()} usable cores; using "
-                          f"{default_threads()}.", RuntimeWarning, stacklevel=2)
-            threads = default_threads()
+            warnings.warn(f"threads={threads} is more than the {cores} usable cores; using {cores}.",
+                          RuntimeWarning, stacklevel=2)
+            threads = cores
         folder = Path(path)
         manifest = Manifest.load(folder, verify_files=verify)
         chosen = resolve_provider(provider)
@@ -344,11 +345,11 @@ def check_drafts(decoder: Decoder, folder: Path) -> None:
     Sampling stays exact whatever a drafter gives (an invalid ``q`` is rejected), but NaN or
     inf here means corrupt weights in a folder whose hashes were re-sealed, so say so at load.
     """
-    vocab, length = decoder.vocab_size, min(6, decoder.lower.kv.max_length - 2)
+    length = min(6, decoder.lower.kv.max_length - 2)
     if length < 2:  # no room for a prompt and a draft
         return
     decoder.drafting = True
-    decoder.prefill([(7919 * i + 101) % vocab for i in range(length)])
+    decoder.prefill(probe_tokens(decoder.vocab_size, length))
     try:
         decoder.draft(2, 0, SamplingParams(), np.random.default_rng(0))
         finite = bool(np.isfinite(decoder.buffers.draft_logits).all())
@@ -356,7 +357,8 @@ def check_drafts(decoder: Decoder, folder: Path) -> None:
         decoder.reset()
     if not finite:
         raise ExportFormatError(
-            f"The draft graphs of {folder} give NaN or inf logits: their weights are corrupt. Re-run `spaf-edge export`."
+            f"The draft graphs of {folder} give NaN or inf logits: their weights are corrupt. "
+            "Re-run `spaf-edge export`."
         )
 
 

@@ -68,8 +68,7 @@ def check_rows(decoder, row_calls: str = "auto", max_rows: int = MAX_ROWS) -> Ro
     if rows < 2:  # a context too short to compare multi-row calls: nothing is claimed
         decoder.pad = row_calls == "padded"
         return RowCheck(native=False, padded=False, pad=decoder.pad, rows=0)
-    vocab = decoder.vocab_size
-    ids = [(7919 * i + 101) % vocab for i in range(PROBE_PROMPT + 1 + rows)]  # spread, deterministic
+    ids = probe_tokens(decoder.vocab_size, PROBE_PROMPT + 1 + rows)
     decoder.buffers.ensure_rows(rows + 2, logit_rows=rows + 1)
     decoder.pad, decoder.drafting = False, False
     decoder.prefill(ids[: PROBE_PROMPT + 1])
@@ -88,6 +87,11 @@ def check_rows(decoder, row_calls: str = "auto", max_rows: int = MAX_ROWS) -> Ro
     pad = {"auto": padded and not native, "native": False, "padded": True}[row_calls]
     decoder.pad = pad
     return RowCheck(native=native, padded=padded, pad=pad, rows=rows)
+
+
+def probe_tokens(vocab_size: int, count: int) -> list[int]:
+    """``count`` token ids spread over the vocabulary, the same every time (the load-time checks' inputs)."""
+    return [(7919 * i + 101) % vocab_size for i in range(count)]
 
 
 def _row_by_row(decoder, start: int, tokens: list[int], pad: bool) -> list[np.ndarray]:
