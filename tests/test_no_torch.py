@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import spaf_edge.decoding
 import spaf_edge.runtime
 from conftest import make_tiny_spaf, make_tiny_tokenizer
 from spaf_edge.exporters import export_model
@@ -63,10 +64,11 @@ def test_engine_and_run_command_never_import_torch(tiny_export):
 
 
 def test_runtime_modules_import_only_allowed_packages():
+    """The runtime's and the decoding core's modules (the loop is shared with the PyTorch reference)."""
     stdlib = set(sys.stdlib_module_names)
-    folder = Path(spaf_edge.runtime.__file__).parent
+    folders = [Path(spaf_edge.runtime.__file__).parent, Path(spaf_edge.decoding.__file__).parent]
     problems = []
-    for path in sorted(folder.glob("*.py")):
+    for path in sorted(path for folder in folders for path in folder.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -77,7 +79,7 @@ def test_runtime_modules_import_only_allowed_packages():
             for name in names:
                 top = name.split(".")[0]
                 ok = (top in stdlib or top in ALLOWED_PACKAGES or name in ALLOWED_SPAF_MODULES
-                      or name.startswith("spaf_edge.runtime") or name == "__future__")
+                      or name.startswith(("spaf_edge.runtime", "spaf_edge.decoding")) or name == "__future__")
                 if not ok:
                     problems.append(f"{path.name}: import {name}")
     assert not problems

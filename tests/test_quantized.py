@@ -130,7 +130,7 @@ def test_row_check_detects_a_graph_that_rounds_one_row_differently(tmp_path):
     """A decoder whose one-row upper calls differ in the last bit is found, and padding is chosen."""
     engine = Engine.from_folder(tiny_export(tmp_path / "export", None))
     decoder = engine.decoder
-    run_upper = type(decoder)._run_upper
+    run_upper = type(decoder).run_upper
 
     def one_row_rounds_up(self, new, num_logits):
         logits = run_upper(self, new, num_logits)
@@ -138,7 +138,7 @@ def test_row_check_detects_a_graph_that_rounds_one_row_differently(tmp_path):
             self.buffers.top_hidden.array[0, 0] = np.nextafter(self.buffers.top_hidden.array[0, 0], np.inf)
         return logits
 
-    decoder._run_upper = one_row_rounds_up.__get__(decoder)
+    decoder.run_upper = one_row_rounds_up.__get__(decoder)
     check = check_rows(decoder)
     assert (check.native, check.padded, check.pad, check.lossless) == (False, True, True, "exact")
     assert check_rows(decoder, "native").lossless == "near"

@@ -13,9 +13,11 @@ import torch
 from conftest import make_tiny_spaf
 from spaf_edge.config import SpAFConfig
 from spaf_edge.errors import ConfigError, ContextLengthError
-from spaf_edge.generation.reference import commit, prefill, spaf_draft, spaf_generate, spaf_verify
+from spaf_edge.decoding.loop import DecodeSettings, Proposal
+from spaf_edge.decoding.tree import accept_tree
+from spaf_edge.generation.reference import TorchBackend, spaf_generate
 from spaf_edge.model import SpAFModel
-from spaf_edge.sampling import SamplingParams, accept, logits_to_probs
+from spaf_edge.sampling import SamplingParams, logits_to_probs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -251,6 +253,31 @@ def test_top_aware_adapter_greedy_equals_hf_generate(model_type, num_drafts, tra
         assert result.tokens == expected
 
 
+def start(model: SpAFModel, prompt: list[int], max_length: int) -> TorchBackend:
+    backend = TorchBackend(model, max_length, frozenset())
+    backend.prefill(prompt, reuse_cache=False, active=True)
+    return backend
+
+
+def step(backend: TorchBackend, drafts: int, transition: int, params: SamplingParams, rng) -> tuple[Proposal, int]:
+    """One propose -> verify -> accept -> commit step, as the loop runs it."""
+    proposal = backend.proposer.propose(drafts, DecodeSettings(params, drafts, transition, None, "spaf"), rng)
+    path, bonus = accept_tree(proposal.tree, logits_to_probs(backend.verify(proposal), params), params, rng)
+    backend.proposer.accepted(proposal, [0, *path])
+    backend.commit(proposal, [0, *path], bonus)
+    return proposal, len(path)
+
+
+def probe(backend: TorchBackend, params: SamplingParams, rng) -> Proposal:
+    """One serial draft from the kept state (undone by :func:`undo_probe`)."""
+    return backend.proposer.propose(1, DecodeSettings(params, 1, 1, None, "spaf"), rng)
+
+
+def undo_probe(backend: TorchBackend) -> None:
+    backend.lower.rewind_to(backend.position)  # the probe's lower-stack step
+    backend.serial_hidden.clear()
+
+
 @torch.no_grad()
 def test_fused_drafts_read_the_exact_top_state_after_a_rejection():
     """After commit the state's top state is the base's own, and the first draft uses it."""
@@ -258,14 +285,11 @@ def test_fused_drafts_read_the_exact_top_state_after_a_rejection():
     assert model.reads_top_state()
     params = SamplingParams(temperature=0.0)
     rng = np.random.default_rng(0)
-    state = prefill(model, PROMPTS[0], 64)
+    state = start(model, PROMPTS[0], 64)
     rejected = 0
     for _ in range(6):
-        draft = spaf_draft(model, state, 4, 1, params, rng)
-        accepted, bonus = accept(draft.tokens, draft.probs, logits_to_probs(spaf_verify(model, state, draft), params),
-                                 params, rng)
+        draft, accepted = step(state, 4, 1, params, rng)
         rejected += accepted < len(draft.tokens)
-        commit(state, draft, accepted, bonus)
         with torch.no_grad():
             hidden = model.base_features(torch.tensor([state.tokens]))
         fresh_top = hidden[-1][:, -2:-1]  # post-norm top state of position T-1
@@ -274,9 +298,9 @@ def test_fused_drafts_read_the_exact_top_state_after_a_rejection():
         expected_logits = model.draft_logits(hidden[2][:, -1:], prev_top=fresh_top)
         zeros_logits = model.draft_logits(hidden[2][:, -1:], prev_top=torch.zeros_like(fresh_top))
         assert not torch.allclose(expected_logits, zeros_logits)  # the top state matters to this kind
-        next_draft = spaf_draft(model, state, 1, 1, params, rng)
+        next_draft = probe(state, params, rng)
         assert next_draft.tokens == [int(expected_logits[0, -1].argmax())]
-        state.lower.rewind_to(state.position)  # undo the probe's lower-stack step
+        undo_probe(state)
     assert rejected > 0
 
 
@@ -288,24 +312,22 @@ def test_attention_adapter_cache_holds_exact_entries_after_commit():
     model = fused_spaf(seed=3, kind="attention")
     params = SamplingParams(temperature=1.0)
     rng = np.random.default_rng(0)
-    state = prefill(model, PROMPTS[0], 80)
+    state = start(model, PROMPTS[0], 80)
+    calls = state.proposer.calls
     rejected = 0
-    for step in range(8):
-        draft = spaf_draft(model, state, 4, step % 3, params, rng)  # s = 0, 1, 2
-        target = logits_to_probs(spaf_verify(model, state, draft), params)
-        accepted, bonus = accept(draft.tokens, draft.probs, target, params, rng)
+    for index in range(8):
+        draft, accepted = step(state, 4, index % 3, params, rng)  # s = 0, 1, 2
         rejected += accepted < len(draft.tokens)
-        commit(state, draft, accepted, bonus)
         hidden = model.base_features(torch.tensor([state.tokens]))
         previous = torch.nn.functional.pad(hidden[-1][:, :-1], (0, 0, 1, 0))
         adapted = model.adapt(hidden[2], prev_top=previous, context=model.adapter_context(hidden[2], previous))
         expected = torch.softmax(model.lm_head_rows(model.top_state(adapted))[0, -1].double(), -1).numpy()
-        length, rows = state.adapter.length, list(state.adapter_rows)
-        probe = spaf_draft(model, state, 1, 1, params, np.random.default_rng(1))
-        np.testing.assert_allclose(probe.probs[0], expected, atol=1e-6)
-        state.lower.rewind_to(state.position)  # undo the probe
-        state.adapter.rewind_to(length)
-        state.adapter_rows = rows
+        length, rows = calls.adapter.length, list(calls.rows)
+        first = probe(state, params, np.random.default_rng(1))
+        np.testing.assert_allclose(first.tree.q(1), expected, atol=1e-6)
+        undo_probe(state)
+        calls.adapter.rewind_to(length)
+        calls.rows = rows
     assert rejected > 0
 
 

@@ -22,7 +22,7 @@ from spaf_edge.exporters import export_model
 from spaf_edge.generation.reference import spaf_generate
 from spaf_edge.io_names import EMBEDDINGS, LOWER_GRAPH, MANIFEST, UPPER_GRAPH
 from spaf_edge.manifest import DIGEST_FIELD, content_digest
-from spaf_edge.runtime.decoder import EngineResult, TargetProbs, common_prefix
+from spaf_edge.decoding.loop import DecodeResult, DecodeSettings, Proposal, TargetProbs, common_prefix
 from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.engine import Engine
 from spaf_edge.runtime.rows import MAX_ROWS
@@ -129,7 +129,7 @@ def test_draft_vocabulary_export_is_lossless(tmp_path):
     model = make_tiny_spaf("llama", **EXPORTABLE)
     model.set_draft_vocab(torch.arange(0, 96, 3))
     engine = Engine.from_folder(export(model, tmp_path / "export"))
-    assert engine.decoder.draft_vocab is not None and len(engine.decoder.draft_vocab) == 32
+    assert engine.decoder.proposer.calls.draft_vocab is not None and len(engine.decoder.proposer.calls.draft_vocab) == 32
     eos = sorted(engine.eos)
     result = engine.generate(PROMPTS[1], max_new_tokens=24, num_draft_tokens=3, serial_parallel_transition=1)
     reference = torch_greedy(model, PROMPTS[1], 24, eos, num_draft_tokens=3, serial_parallel_transition=1)
@@ -332,6 +332,11 @@ def make_fused_spaf(seed: int = 0):
     return model
 
 
+def probe_draft(decoder, params, rng) -> Proposal:
+    """One serial draft from the kept state; the caller undoes the cache rows it wrote."""
+    return decoder.proposer.propose(1, DecodeSettings(params, 1, 1, None, "spaf"), rng)
+
+
 def fresh_top_states(model, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(cutoff states, top states) of a full forward over ``tokens``: [1, len, H] each."""
     hidden = model.base_features(torch.tensor([tokens]))
@@ -397,12 +402,12 @@ def test_fused_top_state_after_rejections_is_the_full_forward_one(fused):
     engine = Engine.from_folder(folder)
     decoder = engine.decoder
     settings = engine.settings(num_draft_tokens=4, serial_parallel_transition=1)
-    result = EngineResult(tokens=[], stats=GenerationStats())
+    result = DecodeResult(tokens=[], stats=GenerationStats())
     rng = np.random.default_rng(0)
     for _ in decoder.steps(list(PROMPTS[0]), 24, settings, rng, result):
         hidden, top = fresh_top_states(model, decoder.tokens)
         np.testing.assert_allclose(decoder.exact_top, top[:, -2:-1].numpy(), rtol=1e-4, atol=1e-5)
-        first = decoder.draft(1, 1, settings.params, rng)  # probe: one serial draft from the kept state
+        first = probe_draft(decoder, settings.params, rng)  # one serial draft from the kept state
         expected = model.draft_logits(hidden[:, -1:], prev_top=top[:, -2:-1])[0, -1].numpy()
         np.testing.assert_allclose(decoder.buffers.draft_logits[0, 0], expected, rtol=1e-4, atol=1e-5)
         assert first.tokens == [int(expected.argmax())]
@@ -417,7 +422,7 @@ def test_fused_reuse_cache_recomputes_the_last_prompt_row(fused, fused_engine):
     model, _ = fused
     first = fused_engine.generate(PROMPTS[0], max_new_tokens=12)
     follow_up = PROMPTS[0] + first.tokens[:6]  # every row but the pending token's is cached
-    fused_engine.decoder.prefill(follow_up, reuse_cache=True)
+    fused_engine.decoder.prefill(follow_up, reuse_cache=True, active=True)
     _, top = fresh_top_states(model, follow_up)
     np.testing.assert_allclose(fused_engine.decoder.exact_top, top[:, -2:-1].numpy(), rtol=1e-4, atol=1e-5)
     options = dict(max_new_tokens=12, temperature=0.8, seed=2)
@@ -435,8 +440,9 @@ def prefill_state(decoder) -> dict[str, np.ndarray]:
     """What drafting reads after a prefill: f(T-1), f(T-2), h(T-1) and the adapter cache's entries."""
     buffers = decoder.buffers
     state = {name: getattr(buffers, name).array[:, :1].copy() for name in ("prev_tops", "prev_top2", "prev_hidden")}
-    if decoder.attends:
-        kv = decoder.draft_head.kv
+    calls = decoder.proposer.calls
+    if calls.attends:
+        kv = calls.draft_head.kv
         for layer in kv.layers:
             state[f"adapter {layer}"] = np.concatenate(kv.rows(layer))
     return state
@@ -452,24 +458,24 @@ def check_reuse_matches_fresh(engine, transition: int) -> None:
     for follow_up in (PROMPTS[0] + first.tokens[:6], PROMPTS[0] + first.tokens[:2] + [5, 9, 7]):
         engine.generate(PROMPTS[0], max_new_tokens=12, num_draft_tokens=3, serial_parallel_transition=transition)
         shared = common_prefix(PROMPTS[0] + first.tokens, follow_up)
-        decoder.prefill(follow_up, reuse_cache=True)
+        decoder.prefill(follow_up, reuse_cache=True, active=True)
         assert decoder.lower.kv.length == len(follow_up) - 1
         reused = prefill_state(decoder)
-        decoder.prefill(follow_up)
+        decoder.prefill(follow_up, active=True)
         fresh = prefill_state(decoder)
         assert reused.keys() == fresh.keys()
         for name in fresh:
             np.testing.assert_allclose(reused[name], fresh[name], rtol=1e-4, atol=1e-5, err_msg=name)
         rows = []
-        run_lower = decoder._run_lower
-        decoder._run_lower = lambda tokens, row: rows.append(len(tokens)) or run_lower(tokens, row)
+        run_lower = decoder.run_lower
+        decoder.run_lower = lambda tokens, row: rows.append(len(tokens)) or run_lower(tokens, row)
         try:
             engine.generate(PROMPTS[0], max_new_tokens=12, num_draft_tokens=3, serial_parallel_transition=transition)
             rows.clear()
             reused = engine.generate(follow_up, reuse_cache=True, **options)
             recomputed = rows[0]  # the prefill's one chunk
         finally:
-            del decoder._run_lower
+            del decoder.run_lower
         assert recomputed < len(follow_up) - shared + 3, "the shared rows were reused"
         fresh = engine.generate(follow_up, **options)
         assert reused.tokens == fresh.tokens
@@ -478,8 +484,9 @@ def check_reuse_matches_fresh(engine, transition: int) -> None:
 
 def test_plain_greedy_never_runs_the_draft_head(fused_engine, monkeypatch):
     calls = []
-    run = fused_engine.decoder.draft_head.run
-    monkeypatch.setattr(fused_engine.decoder.draft_head, "run", lambda *args: calls.append(1) or run(*args))
+    draft_head = fused_engine.decoder.proposer.calls.draft_head
+    run = draft_head.run
+    monkeypatch.setattr(draft_head, "run", lambda *args: calls.append(1) or run(*args))
     plain = fused_engine.generate(PROMPTS[0], max_new_tokens=10, mode="greedy")
     assert calls == [] and len(plain.tokens) == 10
     spaf = fused_engine.generate(PROMPTS[0], max_new_tokens=10)
@@ -877,17 +884,18 @@ def test_attention_adapter_cache_is_exact_after_every_commit(attending, transiti
     decoder = engine.decoder
     # sampling at temperature 1: drafts are accepted now and then also when every draft is aligned
     settings = engine.settings(temperature=1.0, num_draft_tokens=4, serial_parallel_transition=transition)
-    result = EngineResult(tokens=[], stats=GenerationStats())
+    result = DecodeResult(tokens=[], stats=GenerationStats())
     rng = np.random.default_rng(0)
     for _ in decoder.steps(list(PROMPTS[0]) + [4, 8], 24, settings, rng, result):
-        kv_length, queued = decoder.draft_head.kv.length, decoder.adapter_rows
-        decoder.draft(1, 1, settings.params, np.random.default_rng(1))  # probe: one serial draft
+        calls = decoder.proposer.calls
+        kv_length, queued = calls.draft_head.kv.length, calls.queued
+        probe_draft(decoder, settings.params, np.random.default_rng(1))
         expected = exact_first_draft_logits(model, decoder.tokens)
         np.testing.assert_allclose(decoder.buffers.draft_logits[0, 0], expected, rtol=1e-4, atol=1e-5)
         # undo the probe: the lower step, the adapter entries it wrote, the rows it consumed
         decoder.lower.kv.rewind_to(decoder.position)
-        decoder.draft_head.kv.rewind_to(kv_length)
-        decoder.adapter_rows = queued
+        calls.draft_head.kv.rewind_to(kv_length)
+        calls._queued = queued  # the queued rows are still in their buffers
     assert any(a < d for a, d in zip(result.stats.accepted, result.stats.drafted))  # rejections happened
     assert sum(result.stats.accepted) > 0
 
@@ -901,7 +909,7 @@ def test_attention_adapter_plain_greedy_skips_its_cache(attending_engine):
     """Plain greedy computes no adapter entries; a later reusing SpAF prefill recomputes the missing ones."""
     first = attending_engine.generate(PROMPTS[0], max_new_tokens=12)
     plain = attending_engine.generate(PROMPTS[0], max_new_tokens=12, mode="greedy")
-    assert attending_engine.decoder.draft_head.kv.length == 0 and plain.tokens == first.tokens
+    assert attending_engine.decoder.proposer.calls.draft_head.kv.length == 0 and plain.tokens == first.tokens
     follow_up = PROMPTS[0] + first.tokens[:6]
     reused = attending_engine.generate(follow_up, max_new_tokens=12, reuse_cache=True)
     assert reused.tokens == attending_engine.generate(follow_up, max_new_tokens=12).tokens

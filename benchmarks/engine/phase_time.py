@@ -34,8 +34,9 @@ def timed(graph, name: str) -> None:
     graph.run = wrapper
 
 
-for graph, name in ((decoder.lower, "lower"), (decoder.upper, "upper"), (decoder.drafter, "drafter"),
-                    (decoder.draft_head, "draft_head")):
+calls = decoder.proposer.calls
+for graph, name in ((decoder.lower, "lower"), (decoder.upper, "upper"), (calls.drafter, "drafter"),
+                    (calls.draft_head, "draft_head")):
     timed(graph, name)
 print(f"{platform.processor() or platform.machine()}, onnxruntime {onnxruntime.__version__}, {threads} threads, "
       f"defaults {engine.defaults}")

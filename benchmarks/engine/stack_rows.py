@@ -23,8 +23,8 @@ PROMPT = list(range(1000, 1100))  # 100 cached positions before the measured cal
 def call(decoder, rows: int, past: int) -> None:
     decoder.lower.kv.rewind_to(past)
     decoder.upper.kv.rewind_to(past)
-    decoder._run_lower([5] * rows, row=0)
-    decoder._run_upper(rows, num_logits=rows)
+    decoder.run_lower([5] * rows, row=0)
+    decoder.run_upper(rows, num_logits=rows)
 
 
 def main() -> None:

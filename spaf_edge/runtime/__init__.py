@@ -4,6 +4,7 @@ Imports only numpy, onnxruntime, tokenizers and jinja2 (plus the torch-free part
 spaf_edge); ``tests/test_no_torch.py`` proves it.
 """
 
-from spaf_edge.runtime.engine import Engine, EngineResult, TextStream
+from spaf_edge.decoding.loop import DecodeResult
+from spaf_edge.runtime.engine import Engine, TextStream
 
-__all__ = ["Engine", "EngineResult", "TextStream"]
+__all__ = ["DecodeResult", "Engine", "TextStream"]

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from spaf_edge.config import validate_drafting
 from spaf_edge.errors import ConfigError, ContextLengthError, ExportFormatError
 from spaf_edge.io_names import (
     ADAPTER_KV,
@@ -33,7 +32,10 @@ from spaf_edge.io_names import (
     UPPER_GRAPH,
 )
 from spaf_edge.manifest import Manifest
-from spaf_edge.runtime.decoder import MODES, Decoder, DecodeSettings, EngineResult, HostBuffers
+from spaf_edge.decoding.loop import DecodeResult, DecodeSettings, resolve_settings
+from spaf_edge.decoding.spaf import SpAFProposer
+from spaf_edge.runtime.decoder import Decoder, HostBuffers
+from spaf_edge.runtime.drafting import EngineDraftCalls
 from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.graphs import DraftHeadGraph, DrafterGraph, LowerGraph, UpperGraph
 from spaf_edge.runtime.kv import KVCache
@@ -144,13 +146,16 @@ class Engine:
         decoder = Decoder(
             LowerGraph(sessions[LOWER_GRAPH], cache(range(0, k))),
             UpperGraph(sessions[UPPER_GRAPH], cache(range(k, sizes.num_layers))),
+            EmbeddingTable(folder / EMBEDDINGS, sizes.vocab_size, sizes.hidden_size, dtype, manifest.quantization),
+            buffers, sizes.vocab_size, frozenset(manifest.eos_token_ids), prefill_chunk,
+        )
+        decoder.proposer = SpAFProposer(EngineDraftCalls(
+            decoder,
             DrafterGraph(sessions[DRAFTER_GRAPH], buffers.token_embeds),
             DraftHeadGraph(sessions[DRAFT_HEAD_GRAPH], buffers.draft_logits_value, manifest.reads_top_state,
                            adapter_kv),
-            EmbeddingTable(folder / EMBEDDINGS, sizes.vocab_size, sizes.hidden_size, dtype, manifest.quantization),
-            buffers, sizes.vocab_size, load_draft_vocab(folder, manifest), frozenset(manifest.eos_token_ids),
-            prefill_chunk,
-        )
+            load_draft_vocab(folder, manifest),
+        ))
         has_tokenizer = (folder / TOKENIZER).is_file()
         tokenizer = TextTokenizer.from_folder(folder, manifest.chat_template) if has_tokenizer else None
         engine = cls(folder, manifest, chosen, decoder, tokenizer, thread_pool)
@@ -177,21 +182,8 @@ class Engine:
         mode: str = "spaf",
     ) -> DecodeSettings:
         """Resolve unset options from :attr:`defaults` and validate them (ConfigError)."""
-        if mode not in MODES:
-            raise ConfigError(f"Invalid mode={mode!r}: expected one of {MODES}.")
-        defaults = self.defaults
-        params = SamplingParams(
-            temperature=defaults.get("temperature", 0.0) if temperature is None else temperature,
-            top_k=defaults.get("top_k", 0) if top_k is None else top_k,
-            top_p=defaults.get("top_p", 1.0) if top_p is None else top_p,
-        )
-        n = defaults.get("num_draft_tokens", 5) if num_draft_tokens is None else num_draft_tokens
-        s = serial_parallel_transition
-        if s is None and isinstance(n, int):
-            s = min(defaults.get("serial_parallel_transition", 2), n)
-        eta = defaults.get("draft_stop_threshold") if draft_stop_threshold is None else draft_stop_threshold
-        validate_drafting(n, s, eta)
-        return DecodeSettings(params, n, s, eta, mode)
+        return resolve_settings(self.defaults, temperature, top_p, top_k, num_draft_tokens, serial_parallel_transition,
+                                draft_stop_threshold, mode)
 
     # ---- text -----------------------------------------------------------
     def encode(self, prompt: str | Sequence[int], chat: bool = True, special_tokens: bool = False) -> list[int]:
@@ -229,7 +221,7 @@ class Engine:
         mode: str = "spaf",
         reuse_cache: bool = False,
         special_tokens: bool = False,
-    ) -> EngineResult:
+    ) -> DecodeResult:
         """Generate up to ``max_new_tokens`` tokens; unset options come from :attr:`defaults`.
 
         ``mode="greedy"`` is plain decoding (one full pass per token, no drafts; it samples
@@ -258,7 +250,7 @@ class Engine:
     def _start(
         self, prompt, max_new_tokens: int, seed: int | None, chat: bool, reuse_cache: bool, settings: DecodeSettings,
         special_tokens: bool = False,
-    ) -> tuple[EngineResult, Iterator[list[int]]]:
+    ) -> tuple[DecodeResult, Iterator[list[int]]]:
         """Validate eagerly (errors surface at the call, not at the first iteration)."""
         if self.decoder is None:
             raise ConfigError(f"This engine of {self.folder} was closed; load it again with Engine.from_folder.")
@@ -274,7 +266,7 @@ class Engine:
                 f"The prompt has {len(prompt_ids)} tokens but the export's context is {self.max_length} "
                 "tokens. Shorten the prompt, or re-export with a larger --max-length."
             )
-        result = EngineResult(tokens=[], stats=GenerationStats(prompt_tokens=len(prompt_ids)), prompt_ids=prompt_ids)
+        result = DecodeResult(tokens=[], stats=GenerationStats(prompt_tokens=len(prompt_ids)), prompt_ids=prompt_ids)
         self._generation += 1
         steps = self.decoder.steps(prompt_ids, max_new_tokens, settings, np.random.default_rng(seed), result,
                                    reuse_cache)
@@ -296,6 +288,7 @@ class Engine:
         if self.decoder is None:
             return
         self.decoder.embeddings.close()
+        self.decoder.proposer = None  # its draft calls point back at the decoder: no cycle left for the GC
         self.decoder = None
         release_freed_memory()
 
@@ -309,7 +302,7 @@ class Engine:
 class TextStream:
     """Iterates text pieces of a running generation; ``result`` is complete once exhausted."""
 
-    def __init__(self, steps: Iterator[list[int]], decoder: IncrementalDecoder, result: EngineResult) -> None:
+    def __init__(self, steps: Iterator[list[int]], decoder: IncrementalDecoder, result: DecodeResult) -> None:
         self._steps = steps
         self._decoder = decoder
         self.result = result
@@ -348,10 +341,10 @@ def check_drafts(decoder: Decoder, folder: Path) -> None:
     length = min(6, decoder.lower.kv.max_length - 2)
     if length < 2:  # no room for a prompt and a draft
         return
-    decoder.drafting = True
-    decoder.prefill(probe_tokens(decoder.vocab_size, length))
+    proposer = decoder.proposer
+    decoder.prefill(probe_tokens(decoder.vocab_size, length), active=True)
     try:
-        decoder.draft(2, 0, SamplingParams(), np.random.default_rng(0))
+        proposer.propose(2, DecodeSettings(SamplingParams(), 2, 0, None, "spaf"), np.random.default_rng(0))
         finite = bool(np.isfinite(decoder.buffers.draft_logits).all())
     finally:
         decoder.reset()

@@ -70,7 +70,7 @@ def check_rows(decoder, row_calls: str = "auto", max_rows: int = MAX_ROWS) -> Ro
         return RowCheck(native=False, padded=False, pad=decoder.pad, rows=0)
     ids = probe_tokens(decoder.vocab_size, PROBE_PROMPT + 1 + rows)
     decoder.buffers.ensure_rows(rows + 2, logit_rows=rows + 1)
-    decoder.pad, decoder.drafting = False, False
+    decoder.pad = False
     decoder.prefill(ids[: PROBE_PROMPT + 1])
     start = decoder.position
     tokens = ids[PROBE_PROMPT: PROBE_PROMPT + rows]
@@ -100,8 +100,8 @@ def _row_by_row(decoder, start: int, tokens: list[int], pad: bool) -> list[np.nd
     _rewind(decoder, start)
     buffers, out = decoder.buffers, []
     for token in tokens:
-        decoder._run_lower([token], row=0)
-        logits = decoder._run_upper(1, num_logits=1)
+        decoder.run_lower([token], row=0)
+        logits = decoder.run_upper(1, num_logits=1)
         out.append(np.concatenate([buffers.hidden.array[0, 0].ravel().astype(np.float32),
                                    buffers.top_hidden.array[0, 0].ravel().astype(np.float32), logits[0]]))
     decoder.pad = False
@@ -112,8 +112,8 @@ def _all_at_once(decoder, start: int, tokens: list[int]) -> list[np.ndarray]:
     """The same rows from one call of ``len(tokens)`` rows, as a verify pass runs them."""
     _rewind(decoder, start)
     buffers, n = decoder.buffers, len(tokens)
-    decoder._run_lower(tokens, row=0)
-    logits = decoder._run_upper(n, num_logits=n)
+    decoder.run_lower(tokens, row=0)
+    logits = decoder.run_upper(n, num_logits=n)
     return [np.concatenate([buffers.hidden.array[0, r].ravel().astype(np.float32),
                             buffers.top_hidden.array[0, r].ravel().astype(np.float32), logits[r]]) for r in range(n)]
 

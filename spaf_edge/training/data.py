@@ -16,11 +16,18 @@ cut into ``seq_len`` windows, so no compute goes to padding; attention runs acro
 row boundaries inside a window, which is harmless for self-distillation because the
 teacher and the drafters see exactly the same context. Without packing each row is
 truncated to ``seq_len`` and right-padded (padding is masked everywhere).
+
+Evaluation data is never trained on: files named like MT-Bench or the grounded prompt set
+are refused, and rows whose text holds a passage of a packaged grounded prompt
+(spaf_edge/data/grounded_prompts.jsonl: the prompt itself, or another question on the same
+passage) are skipped, with a log line saying how many.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -30,9 +37,11 @@ from typing import Any
 
 import torch
 
+from spaf_edge.bench.prompts import grounded_passages
 from spaf_edge.errors import ConfigError
 
-EVALUATION_NAME = re.compile(r"mt[-_ ]?bench", re.IGNORECASE)
+log = logging.getLogger(__name__)
+EVALUATION_NAME = re.compile(r"mt[-_ ]?bench|grounded_prompts", re.IGNORECASE)
 
 
 @dataclass
@@ -44,12 +53,42 @@ class Example:
 
 
 def refuse_evaluation_data(path: str | os.PathLike) -> None:
-    """Evaluation sets (MT-Bench) must never be trained on: refuse them by name."""
+    """Evaluation sets (MT-Bench, the grounded prompts) must never be trained on: refuse them by name."""
     if EVALUATION_NAME.search(str(path)):
         raise ConfigError(
-            f"{path} looks like MT-Bench evaluation data; training on it would contaminate "
-            "every benchmark. Use training prompts instead (e.g. /work/shared/data/train_prompts.jsonl)."
+            f"{path} looks like evaluation data (MT-Bench or the grounded prompts); training on it would "
+            "contaminate every benchmark. Use training prompts instead (e.g. /work/shared/data/train_prompts.jsonl)."
         )
+
+
+@functools.cache
+def _evaluation_passages() -> tuple[str, ...]:
+    return tuple(_flatten(passage) for passage in grounded_passages())
+
+
+def _flatten(text: str) -> str:
+    """Runs of whitespace as one space: templates may re-wrap a passage's lines."""
+    return " ".join(text.split())
+
+
+def holds_evaluation_text(text: str) -> bool:
+    """True when ``text`` quotes a passage of a grounded evaluation prompt (whitespace-insensitive)."""
+    flat = _flatten(text)
+    return any(passage in flat for passage in _evaluation_passages())
+
+
+def row_texts(row: dict[str, Any]) -> list[str]:
+    """The strings of a data row that could quote evaluation text: prompt, text, every message."""
+    texts = [row[key] for key in ("prompt", "text") if isinstance(row.get(key), str)]
+    messages = row.get("messages")
+    if isinstance(messages, list):
+        texts += [m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return texts
+
+
+def is_evaluation_row(row: dict[str, Any]) -> bool:
+    """True for a prompt, text or chat row that quotes a grounded evaluation prompt's passage."""
+    return any(holds_evaluation_text(text) for text in row_texts(row))
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -141,14 +180,22 @@ def render_chat(messages: Sequence[dict[str, str]], tokenizer: Any, where: str =
 
 
 def load_examples(path: str | os.PathLike, tokenizer: Any, limit: int | None = None) -> list[Example]:
+    """Render the rows of ``path`` (the first ``limit`` kept), skipping rows that quote evaluation prompts."""
     refuse_evaluation_data(path)
     examples = []
+    skipped = 0
     for number, row in read_jsonl(path):
+        if is_evaluation_row(row):
+            skipped += 1
+            continue
         examples.append(render_row(row, tokenizer, where=f"{path}:{number}"))
         if limit is not None and len(examples) >= limit:
             break
+    if skipped:
+        log.info("Skipped %d rows of %s that quote grounded evaluation prompts.", skipped, path)
     if not examples:
-        raise ConfigError(f"{path} has no rows. Pass a JSONL file with at least one text or chat row.")
+        kept = f" besides {skipped} that quote evaluation prompts" if skipped else ""
+        raise ConfigError(f"{path} has no rows{kept}. Pass a JSONL file with at least one text or chat row.")
     return examples
 
 

@@ -36,6 +36,7 @@ with the same batch size).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import time
@@ -46,7 +47,9 @@ from typing import Any
 
 from spaf_edge.errors import ConfigError, UnsupportedArchitectureError
 from spaf_edge.prompts import encode_prompt
-from spaf_edge.training.data import read_jsonl, refuse_evaluation_data
+from spaf_edge.training.data import is_evaluation_row, read_jsonl, refuse_evaluation_data
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,16 +76,27 @@ class DistillSummary:
 
 
 def read_prompts(path: str | os.PathLike) -> list[PromptRow]:
+    """The file's prompts, less those quoting a grounded evaluation prompt's passage.
+
+    A row's ``index`` is its place among all the file's rows, skipped ones included, so
+    the ``prompt_index`` of written replies does not depend on the evaluation set.
+    """
     refuse_evaluation_data(path)
     rows = []
-    for number, row in read_jsonl(path):
+    skipped = 0
+    for index, (number, row) in enumerate(read_jsonl(path)):
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError(f"{path}:{number} has no 'prompt' string. Each line must be {{\"prompt\": ...}}.")
+        if is_evaluation_row(row):
+            skipped += 1
+            continue
         extra = {key: value for key, value in row.items() if key != "prompt"}
-        rows.append(PromptRow(len(rows), prompt, extra))
+        rows.append(PromptRow(index, prompt, extra))
+    if skipped:
+        log.info("Skipped %d prompts of %s that quote grounded evaluation prompts.", skipped, path)
     if not rows:
-        raise ConfigError(f"{path} has no prompts.")
+        raise ConfigError(f"{path} has no prompts" + (f" besides {skipped} evaluation ones." if skipped else "."))
     return rows
 
 
