@@ -28,6 +28,9 @@ SEQLENS_K = "seqlens_k"  # int32 [1]: past_length + S - 1 (GroupQueryAttention c
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 []: past_length + S
 CUTOFF_HIDDEN = "cutoff_hidden"  # float [1, S, H]: output of lower, input of upper
 NUM_LOGITS = "num_logits"  # int64 [1]: upper input n, logits of the last n positions only (0 <= n <= S)
+# Stack inputs of a draft tree (format 6): a chain passes P .. P+S-1 and zeros.
+TREE_POSITIONS = "tree_positions"  # int64 [1, S]: rotary position of each row, P + its depth
+TREE_BIAS = "tree_bias"  # float [1, 1, S, S]: additive mask among the rows, 0 where the key is an ancestor-or-self
 TOKEN_EMBEDS = "token_embeds"  # float [1, 1, H]: drafter input, the embedding of the previous draft d_{j-1}
 PREV_HIDDEN = "prev_hidden"  # float [1, 1, H]: drafter input h̄(t)
 DRAFT_HIDDEN = "draft_hidden"  # float [1, S, H]: draft-head input, exact h or pseudo ĥ (S = 1 unless it attends)

@@ -30,8 +30,11 @@ from spaf_edge.io_names import EMBEDDINGS, GRAPHS, MANIFEST
 
 # 2: draft head in its own graph, top states; 3: upper's num_logits input; 4: embedding rows read by the
 # runtime from embeddings.bin, a private prepacked LM head in upper; 5: manifest_sha256, int4/int8 exports
-# quantize embeddings.bin and every LM head (MatMulNBits), lossless (docs/export_format.md)
-FORMAT_VERSION = 5
+# quantize embeddings.bin and every LM head (MatMulNBits), lossless; 6: the stacks' tree inputs, tree_attention
+# (docs/export_format.md)
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (5, 6)  # a format-5 folder still loads: its stacks verify chains only
+TREE_VERSION = 6  # first version whose stacks take tree_positions and tree_bias
 DTYPES = ("float32", "float16")
 QUANTIZATIONS = (None, *QUANTIZATION_BITS)
 LOSSLESS = (None, "exact", "near")
@@ -78,6 +81,9 @@ class Manifest:
     # plain greedy there; "near": only up to rounding; None: not measured. The engine measures its own
     # device at load (spaf_edge.runtime.rows).
     lossless: str | None = None
+    # the stacks take tree_positions and tree_bias (io_names), so a verify pass may be a draft tree (format 6);
+    # False in format 5, whose stacks verify chains
+    tree_attention: bool = False
     format_version: int = FORMAT_VERSION
     manifest_sha256: str | None = None  # content_digest() as read; to_dict() writes the current one
 
@@ -99,10 +105,11 @@ class Manifest:
                 f"{source} holds a JSON {_kind(data)}, not an object of manifest fields. {REEXPORT}"
             )
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
             raise ExportFormatError(
                 f"{source}: unknown manifest format version {version!r}; this spaf-edge reads "
-                f"version {FORMAT_VERSION}. Re-export the model with this version of spaf-edge."
+                f"versions {', '.join(map(str, READABLE_VERSIONS))}. Re-export the model with this version of "
+                "spaf-edge."
             )
         problems = _schema_problems(cls, data)
         digest = data.get(DIGEST_FIELD)
@@ -170,6 +177,9 @@ class Manifest:
             problems.append(f"lossless {self.lossless!r} not in {LOSSLESS}")
         if self.opset < 1:
             problems.append(f"opset {self.opset} must be >= 1")
+        if self.tree_attention != (self.format_version >= TREE_VERSION):
+            problems.append(f"tree_attention {self.tree_attention} does not match format version {self.format_version} "
+                            f"(the stacks take tree inputs from version {TREE_VERSION} on)")
         if sizes.num_attention_heads % max(sizes.num_kv_heads, 1):
             problems.append("num_attention_heads is not a multiple of num_kv_heads")
         if self.adapter_attention is not None and (

@@ -243,7 +243,7 @@ def test_manifest_describes_the_folder(tiny_llama, llama_export):
     assert set(manifest.files) == on_disk
     assert {*io_names.GRAPHS, io_names.EMBEDDINGS, io_names.SHARED_WEIGHTS, io_names.TOKENIZER,
             io_names.TOKENIZER_CONFIG} <= on_disk
-    assert manifest.format_version == 5
+    assert manifest.format_version == 6 and manifest.tree_attention
     assert manifest.base_fingerprint == tiny_llama.fingerprint
     assert (manifest.cutoff_layer, manifest.exits, manifest.dtype, manifest.quantization) == (2, [2], "float32", None)
     assert manifest.sizes.max_length == MAX_LENGTH and manifest.sizes.head_dim == 16

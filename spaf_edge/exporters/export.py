@@ -168,7 +168,7 @@ def build_manifest(
         quantization=quantization, opset=OPSET, files=files, eos_token_ids=default_eos_ids(model),
         bos_token_id=bos if bos is not None else getattr(config, "bos_token_id", None),
         chat_template=chat_template, spaf=spaf, reads_top_state=plan.reads_top_state,
-        adapter_attention=plan.adapter_attention,
+        adapter_attention=plan.adapter_attention, tree_attention=plan.shape.tree,
     )
     manifest.check_consistency()
     return manifest

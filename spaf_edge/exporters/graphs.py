@@ -11,7 +11,8 @@ alone (the draft head has its own draft-vocabulary rows) is then ``upper``'s pri
 initializer, which ONNX Runtime prepacks; its bytes stay in ``embeddings.bin``
 (:attr:`GraphPlan.placements`), so the folder holds the table once. An int4/int8 export
 (format 5) quantizes the table and every LM head: the tied head is a MatMulNBits node on
-the quantized rows of ``embeddings.bin`` (:mod:`spaf_edge.embedding_layout`).
+the quantized rows of ``embeddings.bin`` (:mod:`spaf_edge.embedding_layout`). The stacks take
+``tree_positions`` and ``tree_bias`` (format 6), so one verify pass can run a draft tree.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class GraphPlan:
         config = self.config
         return AttentionShape(
             config.num_attention_heads, config.num_key_value_heads, self.model.arch.head_dim(config),
-            self.max_length, pad_row=True,
+            self.max_length, pad_row=True, tree=True,
         )
 
     @property
@@ -109,6 +110,11 @@ class GraphPlan:
         for past_k, past_v, _, _ in io_names.kv_names(layer_ids):
             b.input(past_k, b.float_type, shape or self.kv_shape)
             b.input(past_v, b.float_type, shape or self.kv_shape)
+
+    def tree_inputs(self, b: GraphBuilder) -> None:
+        """The stacks' tree inputs (format 6): per-row rotary positions and the ancestor mask among the rows."""
+        b.input(io_names.TREE_POSITIONS, TensorProto.INT64, [1, "sequence_length"])
+        b.input(io_names.TREE_BIAS, b.float_type, [1, 1, "sequence_length", "sequence_length"])
 
     def kv_outputs(self, b: GraphBuilder, layer_ids: Sequence[int | str], shape: list[int] | None = None) -> None:
         for _, _, present_k, present_v in io_names.kv_names(layer_ids):
@@ -241,6 +247,7 @@ def build_lower(plan: GraphPlan, on_layer: Callable[[], None] | None = None) -> 
     hidden = b.input(io_names.INPUTS_EMBEDS, b.float_type, [1, "sequence_length", hidden_size])
     layer_ids = range(0, plan.exit_layer)
     plan.kv_inputs(b, layer_ids)
+    plan.tree_inputs(b)
     rotary = make_rotary_caches(b, plan.model.arch.rotary(plan.base), plan.shape.head_dim, plan.max_length)
     layers = plan.model.arch.layers(plan.base)
     mlp_out, residual = make_decoder_layers(b, hidden, layers, layer_ids, plan.eps, plan.shape, rotary, on_layer)
@@ -259,6 +266,7 @@ def build_upper(plan: GraphPlan, on_layer: Callable[[], None] | None = None) -> 
     num_logits = b.input(io_names.NUM_LOGITS, TensorProto.INT64, [1])
     layer_ids = range(plan.exit_layer, config.num_hidden_layers)
     plan.kv_inputs(b, layer_ids)
+    plan.tree_inputs(b)
     rotary = make_rotary_caches(b, plan.model.arch.rotary(plan.base), plan.shape.head_dim, plan.max_length)
     layers = plan.model.arch.layers(plan.base)
     mlp_out, residual = make_decoder_layers(b, hidden, layers, layer_ids, plan.eps, plan.shape, rotary, on_layer)

@@ -16,7 +16,16 @@ import torch
 from torch import nn
 
 from spaf_edge.exporters.graph_builder import MS_DOMAIN, GraphBuilder, node_path
-from spaf_edge.io_names import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, past_key, past_value, present_key, present_value
+from spaf_edge.io_names import (
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
+    TREE_BIAS,
+    TREE_POSITIONS,
+    past_key,
+    past_value,
+    present_key,
+    present_value,
+)
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -30,6 +39,7 @@ class AttentionShape:
     head_dim: int
     max_length: int  # rows of the KV buffers and of the rotary caches
     pad_row: bool = False  # attention runs one more query row than the call has (make_group_query_attention)
+    tree: bool = False  # attention reads the tree inputs: per-row positions and an ancestor mask (make_tree_inputs)
 
 
 # ---- primitives ------------------------------------------------------------
@@ -109,13 +119,13 @@ def make_attention(
     scale = float(getattr(attn, "scaling", shape.head_dim**-0.5))
     kv = (past_key(index), past_value(index), present_key(index), present_value(index))
     context = make_group_query_attention(b, qkv, kv, shape.num_heads, shape.kv_heads, scale, rotary,
-                                         f"/model/layers.{index}/attn/GroupQueryAttention", shape.pad_row)
+                                         f"/model/layers.{index}/attn/GroupQueryAttention", shape.pad_row, shape.tree)
     return make_module_linear(b, context, f"{name}.o_proj", attn.o_proj)
 
 
 def make_group_query_attention(
     b: GraphBuilder, qkv: str, kv: tuple[str, str, str, str], num_heads: int, kv_heads: int, scale: float,
-    rotary: tuple[str, str], path: str, pad_row: bool = False,
+    rotary: tuple[str, str], path: str, pad_row: bool = False, tree: bool = False,
 ) -> str:
     """GroupQueryAttention on packed QKV [1, S, (nh + 2 kvh) * hd] with rotary inside; ``kv`` names its
     (past_key, past_value, present_key, present_value), bound to one buffer each at run time. -> [1, S, nh * hd]
@@ -125,6 +135,9 @@ def make_group_query_attention(
     multi-row one (docs/runtime.md, "Row invariance"); with the extra row a decode step and a
     verify pass take the same path. The copy's KV entry lands at position P+S, past what the
     call commits, so the caches need one row more than the context and the entry is never read.
+
+    ``tree``: the node also reads the graph's tree inputs (:func:`make_tree_inputs`), so each row
+    has its own rotary position and attends to the cache and its ancestors among the call's rows.
     """
     past_k, past_v, present_k, present_v = kv
     lengths = [SEQLENS_K, TOTAL_SEQUENCE_LENGTH]
@@ -132,8 +145,9 @@ def make_group_query_attention(
         last = make_last_rows(b, qkv, b.int64s(f"{path}/pad/one_row", [1]), f"{path}/pad/last_row")
         (qkv,) = b.make_node("Concat", [qkv, last], f"{path}/pad/Concat", axis=1)
         lengths = make_padded_lengths(b)
+    tree_inputs = make_tree_inputs(b, pad_row) if tree else []
     context, _, _ = b.make_node(
-        "GroupQueryAttention", [qkv, "", "", past_k, past_v, *lengths, *rotary],
+        "GroupQueryAttention", [qkv, "", "", past_k, past_v, *lengths, *rotary, *tree_inputs],
         path, domain=MS_DOMAIN, outputs=[f"{path}/output_0", present_k, present_v],
         num_heads=num_heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1, rotary_interleaved=0,
     )
@@ -155,6 +169,50 @@ def make_padded_lengths(b: GraphBuilder) -> list[str]:
         b.make_node("Add", [TOTAL_SEQUENCE_LENGTH, b.constant(f"{PADDED_LENGTHS}/scalar_one", scalar_one)], total,
                     outputs=[total])
     return [seqlens, total]
+
+
+TREE_INPUTS = "/model/attention_tree"
+
+
+def make_tree_inputs(b: GraphBuilder, pad_row: bool) -> list[str]:
+    """GroupQueryAttention's ``position_ids`` and ``attention_bias`` from the graph's tree inputs (once per graph).
+
+    ``tree_positions`` [1, S] and ``tree_bias`` [1, 1, S, S] describe the call's own rows. The
+    kernel wants the bias over every key, [1, 1, S, P+S]: the P cached columns are zeros (every
+    row sees the whole cache). With ``pad_row`` the padding row gets the last row's position + 1
+    and the last row's mask plus itself: [1, S+1] and [1, 1, S+1, P+S+1]. The kernel's causal
+    mask still applies on top, so a key row after the query row is never read whatever its bias.
+
+    ONNX Runtime's CPU kernel ignores per-row positions in a call without a past (``P = 0``,
+    its "first prompt"): it then uses ``position_ids[0] + row``, so a tree needs ``P >= 1``
+    (the runtime checks it, ``spaf_edge.runtime.graphs.TreeInputs``).
+    """
+    positions, bias = f"{TREE_INPUTS}/position_ids", f"{TREE_INPUTS}/attention_bias"
+    if any(node.name == bias for node in b.nodes):
+        return [positions, bias]
+    path = TREE_INPUTS
+    rows, source = TREE_POSITIONS, TREE_BIAS
+    if pad_row:
+        last = make_last_rows(b, TREE_POSITIONS, b.int64s(f"{path}/one_row", [1]), f"{path}/last_position")
+        (later,) = b.make_node("Add", [last, b.int64s(f"{path}/one", [1])], f"{path}/pad_position")
+        (rows,) = b.make_node("Concat", [TREE_POSITIONS, later], f"{path}/positions_Concat", axis=1)
+        # [1, 1, S, S] -> [1, 1, S, S+1] (a zero column the real rows never read: it is after them) and the
+        # last row again as the padding row's: its ancestors, itself (the diagonal) and the new zero
+        (wide,) = b.make_node("Pad", [TREE_BIAS, b.int64s(f"{path}/pad_column", [0, 0, 0, 0, 0, 0, 0, 1])],
+                              f"{path}/pad_column/Pad")
+        starts, ends, axes = (b.int64s(f"{path}/last_row/{n}", [v])
+                              for n, v in (("starts", -1), ("ends", np.iinfo(np.int64).max), ("axes", 2)))
+        (last_row,) = b.make_node("Slice", [wide, starts, ends, axes], f"{path}/last_row/Slice")
+        (source,) = b.make_node("Concat", [wide, last_row], f"{path}/bias_Concat", axis=2)
+    b.make_node("Identity", [rows], positions, outputs=[positions])
+    # P = total_sequence_length - S zero columns in front: pads [0, 0, 0, P, 0, 0, 0, 0]
+    (total,) = b.make_node("Cast", [TOTAL_SEQUENCE_LENGTH], f"{path}/total_Cast", to=7)  # int64 []
+    (count,) = b.make_node("Shape", [TREE_POSITIONS], f"{path}/Shape", start=1, end=2)  # [1]: S
+    (past,) = b.make_node("Sub", [total, count], f"{path}/past")  # [1]
+    (pads,) = b.make_node("Concat", [b.int64s(f"{path}/pads_before", [0, 0, 0]), past,
+                                     b.int64s(f"{path}/pads_after", [0, 0, 0, 0])], f"{path}/pads", axis=0)
+    b.make_node("Pad", [source, pads], bias, outputs=[bias])
+    return [positions, bias]
 
 
 def make_mlp(b: GraphBuilder, x: str, index: int, mlp: nn.Module) -> str:

@@ -5,7 +5,8 @@ allocated once. The same OrtValue is bound as the graph's past input AND its pre
 output, so GroupQueryAttention writes a step's rows into it in place: a decode step
 copies no cache. The valid length lives here, in Python; rollback is ``rewind_to(n)``
 and the next call simply passes the shorter length (stale rows are never read and get
-overwritten). Torch-free.
+overwritten). After a draft tree's verify pass, :meth:`KVCache.compact` moves the accepted
+path's entries to consecutive positions. Torch-free.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class KVCache(CacheLength):
     ) -> None:
         super().__init__(max_length)
         self.layers = layers
+        self.device = device
         self.shape = [1, num_kv_heads, max_length, head_dim]  # [B=1, kv_heads, max_length, head_dim]
         self.dtype = np.dtype(dtype)
         # Uninitialised on purpose: rows past the valid length are never read, and untouched
@@ -47,6 +49,31 @@ class KVCache(CacheLength):
         index = self.layers.index(layer)
         length = self.length if length is None else length
         return self.keys[index].numpy()[:, :, :length].copy(), self.values[index].numpy()[:, :, :length].copy()
+
+    def compact(self, rows: Sequence[int]) -> None:
+        """Commit the entries of call rows ``rows`` (ascending) at the next positions, then advance past them.
+
+        Row ``r`` is the entry at position ``length + r`` (a tree call's rows start at the valid
+        length); ``rows[i]`` moves to ``length + i`` in every layer's key and value buffer, in
+        place, and the valid length grows by ``len(rows)``. For a tree: rewind to the committed
+        length ``T``, then ``compact(accepted path's rows)`` (the root is row 0).
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        start = self.length
+        if len(rows) and ((rows[0] < 0) or (np.diff(rows) <= 0).any() or start + rows[-1] >= self.max_length):
+            raise ValueError(f"rows {rows.tolist()} must ascend inside the cache (valid length {start})")
+        moved = np.flatnonzero(rows != np.arange(len(rows)))  # the prefix already in place stays
+        if len(moved):
+            if self.device != "cpu":
+                raise NotImplementedError(
+                    f"Moving KV rows on device {self.device!r} is not implemented yet (only on the CPU): verify "
+                    "chains there, or run the engine on the CPU provider."
+                )
+            source, target = start + rows[moved], start + moved  # target < source: a gather before the write
+            for buffer in (*self.keys, *self.values):
+                array = buffer.numpy()  # [1, kv_heads, max_length, head_dim], a view of the CPU buffer
+                array[:, :, target] = array[:, :, source]
+        self.advance(len(rows))
 
     @property
     def nbytes(self) -> int:

@@ -35,6 +35,8 @@ from spaf_edge.io_names import (
     TOKEN_EMBEDS,
     TOP_HIDDEN,
     TOTAL_SEQUENCE_LENGTH,
+    TREE_BIAS,
+    TREE_POSITIONS,
     UPPER_GRAPH,
     kv_names,
 )
@@ -63,6 +65,9 @@ def expected_io(manifest: Manifest, dtype: type) -> dict[str, tuple[list[Expecte
     sizes = manifest.sizes
     k, hidden = manifest.cutoff_layer, sizes.hidden_size
     positions = [Expected(SEQLENS_K, np.int32, [1]), Expected(TOTAL_SEQUENCE_LENGTH, np.int32, [])]
+    # format 6: the stacks' tree inputs (a format-5 stack has none, and then must not have them)
+    tree = [Expected(TREE_POSITIONS, np.int64, [1, None]), Expected(TREE_BIAS, dtype, [1, 1, None, None])]
+    tree = tree if manifest.tree_attention else []
 
     def kv(layers: Sequence[int | str], shape: list[int] | None = None) -> tuple[list[Expected], list[Expected]]:
         shape = shape or [1, sizes.num_kv_heads, sizes.max_length, sizes.head_dim]
@@ -84,12 +89,12 @@ def expected_io(manifest: Manifest, dtype: type) -> dict[str, tuple[list[Expecte
         adapter_past = [*positions, *adapter_past]
     return {
         LOWER_GRAPH: (
-            [Expected(INPUTS_EMBEDS, dtype, [1, None, hidden]), *positions, *lower_past],
+            [Expected(INPUTS_EMBEDS, dtype, [1, None, hidden]), *positions, *tree, *lower_past],
             [Expected(CUTOFF_HIDDEN, dtype, [1, None, hidden]), *lower_present],
         ),
         UPPER_GRAPH: (
             [Expected(CUTOFF_HIDDEN, dtype, [1, None, hidden]), Expected(NUM_LOGITS, np.int64, [1]), *positions,
-             *upper_past],
+             *tree, *upper_past],
             [Expected(LOGITS, np.float32, [1, None, sizes.vocab_size]), Expected(TOP_HIDDEN, dtype, [1, None, hidden]),
              *upper_present],
         ),

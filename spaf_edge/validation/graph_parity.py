@@ -272,7 +272,13 @@ class GraphSessions:
         return outputs
 
     def _run_stack(self, session, kv, feeds, outputs) -> dict[str, np.ndarray]:
-        """Positions ``length .. length+S-1``; the caller advances ``length`` once both stacks ran."""
+        """Positions ``length .. length+S-1`` as a chain; the caller advances ``length`` once both stacks ran."""
+        hidden = next(iter(feeds.values()))  # [1, S, H]
+        if io_names.TREE_POSITIONS in {arg.name for arg in session.get_inputs()}:  # format 6: a chain's tree inputs
+            count = hidden.shape[1]
+            positions = np.arange(self.length, self.length + count, dtype=np.int64)[None]  # [1, S]
+            feeds = {**feeds, io_names.TREE_POSITIONS: positions,
+                     io_names.TREE_BIAS: np.zeros((1, 1, count, count), dtype=hidden.dtype)}
         return self._run_cached(session, kv, feeds, outputs, self.length)
 
     def _run_cached(self, session, kv, feeds, outputs, past_length: int) -> dict[str, np.ndarray]:
