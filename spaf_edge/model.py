@@ -310,15 +310,24 @@ class SpAFModel(nn.Module):
             dtype=param.dtype, device=param.device,
         )
 
-    def run_layers(self, hidden: torch.Tensor, cache: StackKVCache) -> torch.Tensor:
+    def run_layers(
+        self, hidden: torch.Tensor, cache: StackKVCache, tree: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Run the layers ``cache.layer_ids`` on new positions ``cache.length ..``.
 
-        hidden: [1, S, H] -> [1, S, H]; the cache advances by S.
+        hidden: [1, S, H] -> [1, S, H]; the cache advances by S. ``tree``: the rows are nodes of
+        a draft tree (DESIGN §4b): their rotary positions (int64 [S]) and which of the call's
+        cache rows each may see besides the committed ones (bool [S, S_tree], the last S columns
+        the call's own rows; the others, rows of the same tree written by an earlier call).
         """
         assert hidden.shape[0] == 1, "the KV-cached path is batch-1"
         start, length = cache.length, hidden.shape[1]
-        positions = torch.arange(start, start + length, device=hidden.device).unsqueeze(0)  # [1, S]
-        mask = causal_mask(start, length, hidden.dtype, hidden.device)  # [1, 1, S, start+S]
+        if tree is None:
+            positions = torch.arange(start, start + length, device=hidden.device).unsqueeze(0)  # [1, S]
+            mask = causal_mask(start, length, hidden.dtype, hidden.device)  # [1, 1, S, start+S]
+        else:
+            positions, visible = tree[0].to(hidden.device).unsqueeze(0), tree[1].to(hidden.device)
+            mask = tree_mask(start + length - visible.shape[1], visible, hidden.dtype)  # [1, 1, S, start+S]
         rope = self.arch.rotary(self.base)(hidden, positions)
         layers = self.arch.layers(self.base)
         for index in cache.layer_ids:
@@ -355,6 +364,13 @@ def causal_mask(start: int, length: int, dtype: torch.dtype, device: torch.devic
     blocked = key > query  # [S, start+S]
     mask = torch.zeros(blocked.shape, dtype=dtype, device=device)
     mask.masked_fill_(blocked, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def tree_mask(committed: int, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [1, 1, S, committed+R]: every committed key is seen, tree rows where ``visible`` [S, R]."""
+    mask = torch.zeros(visible.shape[0], committed + visible.shape[1], dtype=dtype, device=visible.device)
+    mask[:, committed:].masked_fill_(~visible, torch.finfo(dtype).min)
     return mask[None, None]
 
 

@@ -13,12 +13,15 @@ class GenerationStats:
     verify_steps: int = 0  # one per target (full-model) pass after the prefill
     drafted: list[int] = field(default_factory=list)  # drafted[j]: drafts proposed at position j+1
     accepted: list[int] = field(default_factory=list)  # accepted[j]: of those, accepted
+    candidates: int = 0  # tree nodes verified besides the pending tokens (a chain's: its drafts)
     prefill_seconds: float = 0.0
     wall_seconds: float = 0.0
     first_token_seconds: float = 0.0
 
-    def record(self, num_drafts: int, num_accepted: int) -> None:
-        """Count one verify step that proposed ``num_drafts`` and accepted ``num_accepted``."""
+    def record(self, num_drafts: int, num_accepted: int, candidates: int | None = None) -> None:
+        """Count one verify step that proposed drafts down to depth ``num_drafts`` (``candidates``
+        nodes in all; a chain's ``num_drafts``) and accepted ``num_accepted``."""
+        self.candidates += num_drafts if candidates is None else candidates
         need = max(num_drafts - len(self.drafted), 0)
         self.drafted.extend([0] * need)
         self.accepted.extend([0] * need)

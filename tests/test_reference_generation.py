@@ -37,7 +37,9 @@ def hf_greedy(base, prompt: list[int], max_new_tokens: int, eos: int | list[int]
 
 
 def greedy(model, prompt, max_new_tokens=NEW_TOKENS, **kwargs):
+    """SpAF greedy, SpAF drafting alone unless ``proposers`` says otherwise (these tests are of its drafts)."""
     kwargs.setdefault("eos_token_ids", [])
+    kwargs.setdefault("proposers", "spaf")
     return spaf_generate(model, prompt, max_new_tokens=max_new_tokens, temperature=0.0, **kwargs)
 
 
@@ -313,7 +315,7 @@ def test_attention_adapter_cache_holds_exact_entries_after_commit():
     params = SamplingParams(temperature=1.0)
     rng = np.random.default_rng(0)
     state = start(model, PROMPTS[0], 80)
-    calls = state.proposer.calls
+    calls = state.proposer.spaf.calls
     rejected = 0
     for index in range(8):
         draft, accepted = step(state, 4, index % 3, params, rng)  # s = 0, 1, 2

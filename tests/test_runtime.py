@@ -114,14 +114,17 @@ def test_high_acceptance_when_the_upper_layers_are_identity(tmp_path):
     eos = sorted(engine.eos)
     prompt = PROMPTS[0]
     expected = base_greedy(model.base, prompt, 30, eos)
-    all_serial = engine.generate(prompt, max_new_tokens=30, num_draft_tokens=4, serial_parallel_transition=4)
+    all_serial = engine.generate(prompt, max_new_tokens=30, num_draft_tokens=4, serial_parallel_transition=4,
+                                 proposers="spaf")
     assert all_serial.tokens == expected
     assert all_serial.stats.acceptance_rate == 1.0
     assert all_serial.stats.tau > 4.0
-    mixed = engine.generate(prompt, max_new_tokens=30, num_draft_tokens=5, serial_parallel_transition=2)
+    mixed = engine.generate(prompt, max_new_tokens=30, num_draft_tokens=5, serial_parallel_transition=2,
+                            proposers="spaf")
     assert mixed.tokens == expected
     assert mixed.stats.acceptance_by_position[:2] == [1.0, 1.0]
-    reference = torch_greedy(model, prompt, 30, eos, num_draft_tokens=5, serial_parallel_transition=2)
+    reference = torch_greedy(model, prompt, 30, eos, num_draft_tokens=5, serial_parallel_transition=2,
+                             proposers="spaf")
     assert mixed.stats.accepted == reference.stats.accepted
 
 
@@ -129,7 +132,7 @@ def test_draft_vocabulary_export_is_lossless(tmp_path):
     model = make_tiny_spaf("llama", **EXPORTABLE)
     model.set_draft_vocab(torch.arange(0, 96, 3))
     engine = Engine.from_folder(export(model, tmp_path / "export"))
-    assert engine.decoder.proposer.calls.draft_vocab is not None and len(engine.decoder.proposer.calls.draft_vocab) == 32
+    assert engine.decoder.proposer.spaf.calls.draft_vocab is not None and len(engine.decoder.proposer.spaf.calls.draft_vocab) == 32
     eos = sorted(engine.eos)
     result = engine.generate(PROMPTS[1], max_new_tokens=24, num_draft_tokens=3, serial_parallel_transition=1)
     reference = torch_greedy(model, PROMPTS[1], 24, eos, num_draft_tokens=3, serial_parallel_transition=1)
@@ -334,7 +337,7 @@ def make_fused_spaf(seed: int = 0):
 
 def probe_draft(decoder, params, rng) -> Proposal:
     """One serial draft from the kept state; the caller undoes the cache rows it wrote."""
-    return decoder.proposer.propose(1, DecodeSettings(params, 1, 1, None, "spaf"), rng)
+    return decoder.proposer.spaf.propose(1, DecodeSettings(params, 1, 1, None, "spaf"), rng)
 
 
 def fresh_top_states(model, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,7 +443,7 @@ def prefill_state(decoder) -> dict[str, np.ndarray]:
     """What drafting reads after a prefill: f(T-1), f(T-2), h(T-1) and the adapter cache's entries."""
     buffers = decoder.buffers
     state = {name: getattr(buffers, name).array[:, :1].copy() for name in ("prev_tops", "prev_top2", "prev_hidden")}
-    calls = decoder.proposer.calls
+    calls = decoder.proposer.spaf.calls
     if calls.attends:
         kv = calls.draft_head.kv
         for layer in kv.layers:
@@ -484,12 +487,12 @@ def check_reuse_matches_fresh(engine, transition: int) -> None:
 
 def test_plain_greedy_never_runs_the_draft_head(fused_engine, monkeypatch):
     calls = []
-    draft_head = fused_engine.decoder.proposer.calls.draft_head
+    draft_head = fused_engine.decoder.proposer.spaf.calls.draft_head
     run = draft_head.run
     monkeypatch.setattr(draft_head, "run", lambda *args: calls.append(1) or run(*args))
     plain = fused_engine.generate(PROMPTS[0], max_new_tokens=10, mode="greedy")
     assert calls == [] and len(plain.tokens) == 10
-    spaf = fused_engine.generate(PROMPTS[0], max_new_tokens=10)
+    spaf = fused_engine.generate(PROMPTS[0], max_new_tokens=10, proposers="spaf")
     assert spaf.tokens == plain.tokens and len(calls) == sum(spaf.stats.drafted)
 
 
@@ -498,9 +501,9 @@ def record_num_logits(decoder, monkeypatch) -> list[tuple[int, int]]:
     calls = []
     run = decoder.upper.run
 
-    def recording(cutoff_hidden, new, logits, top_hidden, num_logits):
+    def recording(cutoff_hidden, new, logits, top_hidden, num_logits, tree=None):
         calls.append((new, num_logits))
-        run(cutoff_hidden, new, logits, top_hidden, num_logits)
+        run(cutoff_hidden, new, logits, top_hidden, num_logits, tree)
 
     monkeypatch.setattr(decoder.upper, "run", recording)
     return calls
@@ -887,7 +890,7 @@ def test_attention_adapter_cache_is_exact_after_every_commit(attending, transiti
     result = DecodeResult(tokens=[], stats=GenerationStats())
     rng = np.random.default_rng(0)
     for _ in decoder.steps(list(PROMPTS[0]) + [4, 8], 24, settings, rng, result):
-        calls = decoder.proposer.calls
+        calls = decoder.proposer.spaf.calls
         kv_length, queued = calls.draft_head.kv.length, calls.queued
         probe_draft(decoder, settings.params, np.random.default_rng(1))
         expected = exact_first_draft_logits(model, decoder.tokens)
@@ -909,7 +912,7 @@ def test_attention_adapter_plain_greedy_skips_its_cache(attending_engine):
     """Plain greedy computes no adapter entries; a later reusing SpAF prefill recomputes the missing ones."""
     first = attending_engine.generate(PROMPTS[0], max_new_tokens=12)
     plain = attending_engine.generate(PROMPTS[0], max_new_tokens=12, mode="greedy")
-    assert attending_engine.decoder.proposer.calls.draft_head.kv.length == 0 and plain.tokens == first.tokens
+    assert attending_engine.decoder.proposer.spaf.calls.draft_head.kv.length == 0 and plain.tokens == first.tokens
     follow_up = PROMPTS[0] + first.tokens[:6]
     reused = attending_engine.generate(follow_up, max_new_tokens=12, reuse_cache=True)
     assert reused.tokens == attending_engine.generate(follow_up, max_new_tokens=12).tokens

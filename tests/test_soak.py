@@ -53,7 +53,7 @@ def export(tmp_path_factory):
 def test_close_releases_the_sessions_and_the_embedding_file(export):
     with Engine.from_folder(export) as engine:
         engine.generate([1, 2, 3], max_new_tokens=2, chat=False, temperature=0.0)
-        decoder, calls = engine.decoder, engine.decoder.proposer.calls
+        decoder, calls = engine.decoder, engine.decoder.proposer.spaf.calls
         graphs = (decoder.lower, decoder.upper, calls.drafter, calls.draft_head)
         sessions = [weakref.ref(graph.session) for graph in graphs]
         del decoder, calls, graphs

@@ -34,7 +34,7 @@ def timed(graph, name: str) -> None:
     graph.run = wrapper
 
 
-calls = decoder.proposer.calls
+calls = decoder.proposer.spaf.calls
 for graph, name in ((decoder.lower, "lower"), (decoder.upper, "upper"), (calls.drafter, "drafter"),
                     (calls.draft_head, "draft_head")):
     timed(graph, name)

@@ -150,3 +150,38 @@ def drafting(func):
     ]):
         func = option(func)
     return func
+
+
+def tree(func):
+    """--proposers/--tree-width/--lookup-branches/--max-nodes: what drafts and the draft tree's shape.
+
+    Unset, they come from the export's `spaf-edge tune` result, else the defaults (SpAF chains).
+    """
+    for option in reversed([
+        click.option("--proposers", default=None,
+                     type=Checked(click.STRING, "proposers", _valid_proposers, "spaf, lookup or spaf+lookup"),
+                     help="Who drafts: spaf (the trained drafter), lookup (copies from the prompt and the "
+                          "answer so far, no model call) or spaf+lookup (merged into one tree)."),
+        click.option("--tree-width", default=None,
+                     type=Checked(click.INT, "tree_width", lambda n: n >= 1, "an integer >= 1"),
+                     help="SpAF candidates per depth: its draft plus runner-up leaves (1: a chain)."),
+        click.option("--lookup-branches", default=None,
+                     type=Checked(click.INT, "lookup_branches", lambda n: n >= 1, "an integer >= 1"),
+                     help="Lookup continuations merged into the tree."),
+        click.option("--max-nodes", default=None,
+                     type=Checked(click.INT, "max_nodes", lambda n: n >= 1, "an integer >= 1"),
+                     help="Candidates a draft tree may hold (the verify pass's rows, less one)."),
+    ]):
+        func = option(func)
+    return func
+
+
+def _valid_proposers(value: str) -> bool:
+    from spaf_edge.decoding.proposers import parse_proposers
+    from spaf_edge.errors import ConfigError
+
+    try:
+        parse_proposers(value)
+    except ConfigError:
+        return False
+    return True

@@ -21,6 +21,7 @@ from spaf_edge.cli import options
 @options.special_tokens
 @options.sampling
 @options.drafting
+@options.tree
 @click.option("--mode", type=click.Choice(["spaf", "greedy"]), default="spaf", show_default=True,
               help="spaf: speculative decoding; greedy: plain decoding, one token per pass (the baseline).")
 @options.provider
@@ -28,8 +29,8 @@ from spaf_edge.cli import options
 @click.option("--stats", is_flag=True, help="Print tau, acceptance and speed to stderr after each answer.")
 @options.json_output
 def command(export_dir, prompt, from_stdin, chat_loop, max_new_tokens, chat, special_tokens, temperature, top_p,
-            top_k, seed, num_draft_tokens, serial_parallel_transition, draft_stop_threshold, mode, provider, threads,
-            stats, json_output):
+            top_k, seed, num_draft_tokens, serial_parallel_transition, draft_stop_threshold, proposers, tree_width,
+            lookup_branches, max_nodes, mode, provider, threads, stats, json_output):
     """Generate from an export folder (from `spaf-edge export`) with ONNX Runtime, streaming the text."""
     from spaf_edge.runtime.engine import Engine
 
@@ -49,6 +50,7 @@ def command(export_dir, prompt, from_stdin, chat_loop, max_new_tokens, chat, spe
     settings = dict(
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, num_draft_tokens=num_draft_tokens,
         serial_parallel_transition=serial_parallel_transition, draft_stop_threshold=draft_stop_threshold, mode=mode,
+        proposers=proposers, tree_width=tree_width, lookup_branches=lookup_branches, max_nodes=max_nodes,
     )
     if chat_loop:
         chat_session(engine, max_new_tokens, settings, stats, special_tokens)

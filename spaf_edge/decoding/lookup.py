@@ -105,34 +105,39 @@ class NgramIndex:
         Ordered by match length (longest first), then recency (most recent first); ``[]``
         when the last tokens never occurred before, or when either limit is 0.
         """
+        return [branch for _, branch in self.matches(max_tokens, max_branches)]
+
+    def matches(self, max_tokens: int, max_branches: int) -> list[tuple[int, list[int]]]:
+        """:meth:`candidates` with the length of the match each was found by: ``(n, branch)``."""
         if max_tokens < 0 or max_branches < 0:
             raise ConfigError(
                 f"lookup candidates: max_tokens={max_tokens}, max_branches={max_branches}; give integers >= 0."
             )
         history = self._tokens
         last = len(history) - 1
-        branches: list[list[int]] = []
+        found: list[tuple[int, list[int]]] = []
         if max_tokens == 0 or max_branches == 0:
-            return branches
+            return found
         for n in range(min(self.max_ngram, last + 1), self.min_ngram - 1, -1):
             positions = self._ends.get(tuple(history[last - n + 1 :]), ())
             # The newest position is the suffix itself (nothing follows it): skip it.
             for end in positions[-2 : -2 - self.max_scan : -1]:
-                _merge(branches, history[end + 1 : end + 1 + max_tokens])
-                if len(branches) == max_branches:
-                    return branches
-        return branches
+                _merge(found, n, history[end + 1 : end + 1 + max_tokens])
+                if len(found) == max_branches:
+                    return found
+        return found
 
 
-def _merge(branches: list[list[int]], continuation: list[int]) -> None:
-    """Add ``continuation`` unless a branch starts with it; a branch that is its prefix grows to it."""
-    for index, branch in enumerate(branches):
+def _merge(found: list[tuple[int, list[int]]], n: int, continuation: list[int]) -> None:
+    """Add ``continuation`` (matched by ``n`` tokens) unless a branch starts with it; a branch that
+    is its prefix grows to it (keeping its own, longer or equal, match length)."""
+    for index, (matched, branch) in enumerate(found):
         shorter = min(len(branch), len(continuation))
         if branch[:shorter] == continuation[:shorter]:
             if len(continuation) > len(branch):
-                branches[index] = continuation
+                found[index] = (matched, continuation)
             return
-    branches.append(continuation)
+    found.append((n, continuation))
 
 
 def candidates_to_trie(candidates: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -35,6 +35,12 @@ class DecodeSettings:
     serial_parallel_transition: int
     draft_stop_threshold: float | None
     mode: str  # one of MODES
+    proposers: tuple[str, ...] = ("spaf", "lookup")  # spaf_edge.decoding.proposers.PROPOSERS
+    tree_width: int = 1  # SpAF candidates per depth: its draft plus tree_width - 1 runner-up leaves
+    lookup_branches: int = 2  # lookup continuations merged into the tree
+    lookup_min_match: int = 2  # chains only: a lookup branch replaces SpAF's chain when matched by this many tokens
+    lookup_depth: int = 8  # tokens a lookup branch copies at most (SpAF drafts num_draft_tokens)
+    max_nodes: int = 16  # candidates in a tree at most (the pending token not counted)
 
 
 @dataclass
@@ -73,7 +79,7 @@ class Proposer(Protocol):
         """After a prefill call on positions ``begin .. begin+rows-1`` (their exact states are the call's rows)."""
 
     def propose(self, budget: int, settings: DecodeSettings, rng: np.random.Generator) -> Proposal:
-        """At most ``budget`` drafts after the pending token."""
+        """Drafts after the pending token, at most ``budget`` deep (each proposer's own depth applies too)."""
 
     def accepted(self, proposal: Proposal, rows: list[int]) -> None:
         """After verify, before commit: the verify call's ``rows`` (nodes) hold positions ``T .. T+n``, exact."""
@@ -141,7 +147,6 @@ def decode(
     stats, params = result.stats, settings.params
     proposer = backend.proposer
     drafting = proposer is not None and settings.mode == "spaf"
-    drafts = settings.num_draft_tokens if drafting else 0
     start = time.perf_counter()
     backend.prefill(prompt_ids, reuse_cache, drafting)
     stats.prefill_seconds = time.perf_counter() - start
@@ -152,9 +157,11 @@ def decode(
         if position >= backend.max_length:
             result.stop_reason = "context"
             break
-        budget = min(drafts, max_new_tokens - len(generated) - 1, backend.max_length - 1 - position)
+        room = backend.max_length - 1 - position  # cache rows a verify pass may still write after x_T
+        budget = min(max_new_tokens - len(generated) - 1, room)  # how deep a proposal may go
         if drafting and budget > 0:
-            proposal = proposer.propose(budget, settings, rng)
+            step = settings if settings.max_nodes <= room else replace(settings, max_nodes=room)
+            proposal = proposer.propose(budget, step, rng)
         else:
             proposal = Proposal(DraftTree(backend.tokens[-1]))
         tree = proposal.tree
@@ -164,7 +171,7 @@ def decode(
         if drafting:
             proposer.accepted(proposal, rows)
         backend.commit(proposal, rows, bonus)
-        stats.record(int(tree.depths.max()), len(path))
+        stats.record(int(tree.depths.max()), len(path), len(tree) - 1)
         new, finished = cut_at_eos([*(tree.token(node) for node in path), bonus], backend.eos)
         generated.extend(new)
         stats.new_tokens = len(generated)
@@ -186,8 +193,16 @@ def resolve_settings(
     serial_parallel_transition: int | None = None,
     draft_stop_threshold: float | None = None,
     mode: str = "spaf",
+    proposers: str | Sequence[str] | None = None,
+    tree_width: int | None = None,
+    lookup_branches: int | None = None,
+    max_nodes: int | None = None,
+    lookup_min_match: int | None = None,
+    lookup_depth: int | None = None,
 ) -> DecodeSettings:
     """Options left unset come from ``defaults`` (a config's or manifest's decoding keys); validated (ConfigError)."""
+    from spaf_edge.decoding.proposers import parse_proposers  # the proposers build on this module
+
     if mode not in MODES:
         raise ConfigError(f"Invalid mode={mode!r}: expected one of {MODES}.")
     params = SamplingParams(
@@ -201,7 +216,16 @@ def resolve_settings(
         s = min(defaults.get("serial_parallel_transition", 2), n)
     eta = defaults.get("draft_stop_threshold") if draft_stop_threshold is None else draft_stop_threshold
     validate_drafting(n, s, eta)
-    return DecodeSettings(params, n, s, eta, mode)
+    tree = {}
+    for name, value, least in (("tree_width", tree_width, 1), ("lookup_branches", lookup_branches, 1),
+                               ("max_nodes", max_nodes, 1), ("lookup_min_match", lookup_min_match, 1),
+                               ("lookup_depth", lookup_depth, 1)):
+        value = defaults.get(name, DecodeSettings.__dataclass_fields__[name].default) if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"Invalid {name}={value!r}: expected an integer >= {least}.")
+        tree[name] = value
+    names = parse_proposers(defaults.get("proposers", DecodeSettings.proposers) if proposers is None else proposers)
+    return DecodeSettings(params, n, s, eta, mode, names, **tree)
 
 
 def cut_at_eos(tokens: list[int], eos: frozenset[int]) -> tuple[list[int], bool]:

@@ -39,6 +39,7 @@ class DraftCalls(Protocol):
     """The graph calls and kept states the SpAF proposer needs from a backend."""
 
     attends: bool  # the draft head has a KV cache (an attending adapter)
+    draft_vocab: np.ndarray | None  # int64 [V_d]: the token of each draft logit (None: every token)
 
     @property
     def position(self) -> int:
@@ -126,8 +127,10 @@ class SpAFProposer:
 
     def propose(self, budget: int, settings: DecodeSettings, rng: np.random.Generator) -> Proposal:
         calls, params = self.calls, settings.params
+        budget = min(budget, settings.num_draft_tokens)
         token = calls.pending
         tokens, probs, exact = [token], [], 0
+        runners: list[list[int]] = []  # per draft: the next most likely tokens of its q
         transition = settings.serial_parallel_transition
         serial = transition if calls.position > 0 else max(1, transition)  # no h(T-1) at T = 0
         previous = self._start_before() if serial == 0 and budget > 0 else calls.exact_top()
@@ -152,7 +155,16 @@ class SpAFProposer:
             token = choose(q, params, rng)
             tokens.append(token)
             probs.append(q)
-        return Proposal(DraftTree.from_chain(tokens, probs), exact)
+            runners.append(runners_up(logits, calls.draft_vocab, token, settings.tree_width - 1))
+        tree = DraftTree.from_chain(tokens, probs)
+        # Runner-up leaves, after the chain (its serial nodes stay first): deterministic candidates,
+        # point masses to the acceptance rule; one of them is often the base's token after a rejection.
+        for parent, leaves in enumerate(runners):
+            for leaf in leaves:
+                if len(tree) > settings.max_nodes:
+                    break
+                tree.add(leaf, parent)
+        return Proposal(tree, exact)
 
     def accepted(self, proposal: Proposal, rows: list[int]) -> None:
         """Drop the chain's drafted adapter entries and queue the exact rows of positions ``.. T+n``.
@@ -181,3 +193,16 @@ class SpAFProposer:
             calls.rewind_adapter(calls.adapter_length - 1)
             calls.queue(calls.exact_hidden(), calls.exact_top2())
         return calls.run_queue(CHAIN_START)[1]
+
+
+def runners_up(logits: np.ndarray, draft_vocab: np.ndarray | None, chosen: int, count: int) -> list[int]:
+    """The ``count`` tokens with the highest draft logits [V_d] besides ``chosen`` (highest first).
+
+    Read from the logits, not from ``q``: greedy drafting's ``q`` is a point mass.
+    """
+    if count <= 0:
+        return []
+    top = np.argpartition(logits, -(count + 1))[-(count + 1):]
+    top = top[np.argsort(-logits[top], kind="stable")]
+    tokens = top if draft_vocab is None else draft_vocab[top]
+    return [int(token) for token in tokens if token != chosen][:count]

@@ -40,3 +40,11 @@ class StackKVCache(CacheLength):
         self.values[layer_idx][:, :, self.length:end] = value
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
+    def keep_rows(self, start: int, rows: list[int]) -> None:
+        """Move the entries at ``start + rows`` (ascending) to ``start, start+1, ..`` in every layer
+        and keep ``start + len(rows)`` entries: a draft tree's accepted path put in place."""
+        source = torch.tensor([start + row for row in rows], device=next(iter(self.keys.values())).device)
+        for layer in self.layer_ids:
+            for buffer in (self.keys[layer], self.values[layer]):
+                buffer[:, :, start:start + len(rows)] = buffer[:, :, source]
+        self.rewind_to(start + len(rows))

@@ -9,12 +9,15 @@ caches hold positions ``0 .. T-1``; ``x_T`` is pending.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from spaf_edge.decoding.loop import DecodeResult, Proposal, decode, resolve_settings
+from spaf_edge.decoding.proposers import LookupProposer, Proposers
 from spaf_edge.decoding.spaf import SpAFProposer
+from spaf_edge.decoding.tree import DraftTree
 from spaf_edge.errors import ConfigError, ContextLengthError
 from spaf_edge.generation.drafting import TorchDraftCalls
 from spaf_edge.model import SpAFModel
@@ -27,7 +30,7 @@ DECODING_KEYS = ("temperature", "top_k", "top_p", "num_draft_tokens", "serial_pa
 class TorchBackend:
     """Both stacks of ``model`` with their caches, for one generation of at most ``max_length`` positions."""
 
-    def __init__(self, model: SpAFModel, max_length: int, eos: frozenset[int]) -> None:
+    def __init__(self, model: SpAFModel, max_length: int, eos: frozenset[int], trees: bool = False) -> None:
         self.model = model
         self.eos = eos
         self._max_length = max_length
@@ -42,7 +45,8 @@ class TorchBackend:
         self.call_hidden: torch.Tensor | None = None
         self.call_top: torch.Tensor | None = None
         self.serial_hidden: list[torch.Tensor] = []  # h(T .. T+e-1) from this step's serial drafts
-        self.proposer = SpAFProposer(TorchDraftCalls(self))
+        self.proposer = Proposers(SpAFProposer(TorchDraftCalls(self)), LookupProposer(lambda: self.tokens),
+                                  trees)
 
     @property
     def max_length(self) -> int:
@@ -71,28 +75,37 @@ class TorchBackend:
 
     @torch.no_grad()
     def verify(self, proposal: Proposal) -> np.ndarray:
-        """One batched target pass over positions ``T .. T+D``. Returns logits [D+1, V] (float32)."""
-        model = self.model
-        check_chain(proposal)
-        sequence = [self.tokens[-1], *proposal.tokens]
+        """One batched target pass over the tree's nodes (positions ``T + depth``), each seeing the
+        committed positions and its ancestors. Returns logits [N, V] (float32)."""
+        model, tree, exact = self.model, proposal.tree, proposal.exact
         pieces, self.serial_hidden = self.serial_hidden, []
-        if proposal.exact < len(sequence):
-            ids = torch.tensor([sequence[proposal.exact:]], device=model.base_device)  # [1, D+1-e]
-            pieces.append(model.run_layers(model.embed(ids), self.lower))
-        self._run_upper(torch.cat(pieces, dim=1))
+        shape = None if tree.is_chain else self._tree_shape(tree)
+        if exact < len(tree):
+            ids = torch.tensor([tree.tokens[exact:].tolist()], device=model.base_device)  # [1, N-e]
+            rows = None if shape is None else (shape[0][exact:], shape[1][exact:])
+            pieces.append(model.run_layers(model.embed(ids), self.lower, rows))
+        self._run_upper(torch.cat(pieces, dim=1), shape)
         return model.lm_head_rows(self.call_top)[0].float().cpu().numpy()
 
     def commit(self, proposal: Proposal, rows: list[int], bonus: int) -> None:
         valid = self.position + len(rows)  # positions T .. T+n now hold accepted tokens
+        if not proposal.tree.is_chain:  # the accepted path's cache rows move to T .. T+n
+            for cache in (self.lower, self.upper):
+                cache.keep_rows(self.position, rows)
         self.tokens.extend([*(proposal.tokens[row - 1] for row in rows[1:]), bonus])
         self._keep_exact(rows[-1], rows[-2] if len(rows) > 1 else None)
         self.lower.rewind_to(valid)
         self.upper.rewind_to(valid)
 
-    def _run_upper(self, hidden: torch.Tensor) -> None:
-        """The upper stack on cutoff states [1, R, H] at the next positions; the call's rows are kept."""
+    def _tree_shape(self, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary positions int64 [N] and ancestor-or-self visibility bool [N, N] of the tree's nodes."""
+        return torch.from_numpy(tree.positions(self.position)), torch.from_numpy(tree.ancestor_mask())
+
+    def _run_upper(self, hidden: torch.Tensor, tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """The upper stack on cutoff states [1, R, H] at the next positions (``tree``: see
+        :meth:`SpAFModel.run_layers`); the call's rows are kept."""
         model = self.model
-        self.call_hidden, self.call_top = hidden, model.top_state(model.run_layers(hidden, self.upper))
+        self.call_hidden, self.call_top = hidden, model.top_state(model.run_layers(hidden, self.upper, tree))
 
     def _keep_exact(self, row: int, before: int | None) -> None:
         """The states of the last call's row ``row`` become those of ``T-1``; row ``before``'s top state
@@ -100,11 +113,6 @@ class TorchBackend:
         self.top2 = self.top if before is None else self.call_top[:, before:before + 1]
         self.top = self.call_top[:, row:row + 1]
         self.hidden = self.call_hidden[:, row:row + 1]
-
-
-def check_chain(proposal: Proposal) -> None:
-    if not proposal.tree.is_chain:
-        raise NotImplementedError("The PyTorch reference verifies chains only.")
 
 
 def check_context(prompt_length: int, max_new_tokens: int, max_context: int) -> None:
@@ -135,15 +143,22 @@ def spaf_generate(
     eos_token_ids: Sequence[int] | None = None,
     max_context: int | None = None,
     on_tokens: Callable[[list[int]], None] | None = None,
+    trees: bool = False,
+    **tree: Any,
 ) -> DecodeResult:
-    """Generate up to ``max_new_tokens`` tokens; settings default to ``model.config``'s."""
+    """Generate up to ``max_new_tokens`` tokens; settings default to ``model.config``'s.
+
+    ``trees``: verify draft trees (else chains, as the engine does where trees are not exact).
+    ``tree``: ``proposers``, ``tree_width``, ``lookup_branches``, ``max_nodes``, ``lookup_min_match``
+    (:func:`spaf_edge.decoding.loop.resolve_settings`).
+    """
     defaults = {key: getattr(model.config, key) for key in DECODING_KEYS}
     settings = resolve_settings(defaults, temperature, top_p, top_k, num_draft_tokens, serial_parallel_transition,
-                                draft_stop_threshold)
+                                draft_stop_threshold, **tree)
     prompt = _as_token_list(input_ids)
     check_context(len(prompt), max_new_tokens, max_context or model.max_context)
     eos = frozenset(eos_token_ids if eos_token_ids is not None else default_eos_ids(model))
-    backend = TorchBackend(model, len(prompt) + max_new_tokens, eos)
+    backend = TorchBackend(model, len(prompt) + max_new_tokens, eos, trees)
     result = DecodeResult(tokens=[], stats=GenerationStats(prompt_tokens=len(prompt)), prompt_ids=prompt)
     for new in decode(backend, prompt, max_new_tokens, settings, np.random.default_rng(seed), result):
         if on_tokens is not None:

@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from spaf_edge.decoding.loop import DecodeResult, DecodeSettings, Proposal, Proposer, common_prefix, decode
 from spaf_edge.runtime.embeddings import EmbeddingTable
-from spaf_edge.runtime.graphs import HostBuffer, LowerGraph, UpperGraph
+from spaf_edge.runtime.graphs import HostBuffer, LowerGraph, TreeInputs, UpperGraph
 
 # The stacks' GroupQueryAttention runs one query row more than each call, whose KV entry lands
 # past the call's rows (spaf_edge.exporters.layers.make_group_query_attention).
@@ -97,6 +97,12 @@ class Decoder:
         # verify passes share one kernel path where the device rounds one row differently
         # (spaf_edge.runtime.rows.check_rows sets it).
         self.pad = False
+        self.tree_inputs = TreeInputs(buffers.rows, buffers.hidden.array.dtype)  # a tree verify's, both stacks
+
+    @property
+    def verifies_trees(self) -> bool:
+        """The stacks take a draft tree in one call (export format 6); older exports verify chains."""
+        return self.lower.accepts_trees and self.upper.accepts_trees
 
     @property
     def max_length(self) -> int:
@@ -133,9 +139,13 @@ class Decoder:
     ) -> Iterator[list[int]]:
         """Generate into ``result``, yielding the tokens each verify step commits."""
         drafts = settings.num_draft_tokens if settings.mode == "spaf" else 0
+        trees = drafts and self.proposer is not None and self.proposer.trees
+        depth = max(drafts, settings.lookup_depth if drafts and "lookup" in settings.proposers else 0)
+        nodes = max(depth, settings.max_nodes if trees else 0) + 1  # a verify call's rows
         # D + 3 rows: an attending adapter may queue positions T .. T+D and one more after a final
         # draft-less step, plus the pending token's row
-        self.buffers.ensure_rows(drafts + 3, logit_rows=drafts + 1)
+        self.buffers.ensure_rows(max(depth + 3, nodes), logit_rows=nodes)
+        self.tree_inputs.ensure_rows(nodes)
         return decode(self, prompt_ids, max_new_tokens, settings, rng, result, reuse_cache)
 
     # ---- phases ---------------------------------------------------------
@@ -171,38 +181,52 @@ class Decoder:
             self.keep_exact(last, last - 1 if last else None)
 
     def verify(self, proposal: Proposal) -> np.ndarray:
-        """One batched target pass over positions ``T .. T+D``. Returns logits [D+1, V] (a view)."""
-        if not proposal.tree.is_chain:
-            raise NotImplementedError("This engine verifies chains only.")
-        sequence = [self.tokens[-1], *proposal.tokens]
-        if proposal.exact < len(sequence):
-            self.run_lower(sequence[proposal.exact:], row=proposal.exact)
-        return self.run_upper(len(sequence), num_logits=len(sequence))
+        """One batched target pass over the tree's nodes (a chain: positions ``T .. T+D``), each
+        attending to the committed positions and its ancestors. Returns logits [N, V] (a view)."""
+        tree, exact = proposal.tree, proposal.exact
+        if tree.is_chain:
+            if exact < len(tree):
+                self.run_lower(tree.tokens[exact:], row=exact)
+            return self.run_upper(len(tree), num_logits=len(tree))
+        parents = tree.parents
+        if exact and (parents[exact:] < exact - 1).any():  # a node that must not see the serial drafts' rows
+            self.lower.kv.rewind_to(self.position)
+            exact = 0
+        inputs = self.tree_inputs
+        inputs.tree(np.where(parents[exact:] < exact, -1, parents[exact:] - exact))
+        self.run_lower(tree.tokens[exact:], row=exact, tree=inputs)
+        inputs.tree(parents)
+        return self.run_upper(len(tree), num_logits=len(tree), tree=inputs)
 
     def commit(self, proposal: Proposal, rows: list[int], bonus: int) -> None:
         """Append the accepted drafts and the bonus; cut both caches back to the valid length.
 
         The verify pass's states of ``T+n`` become the exact ones the next draft starts from.
         """
-        valid = self.position + len(rows)  # positions T .. T+n now hold accepted tokens
+        start, valid = self.position, self.position + len(rows)  # positions T .. T+n now hold accepted tokens
         self.tokens.extend([*(proposal.tokens[row - 1] for row in rows[1:]), bonus])
         self.keep_exact(rows[-1], rows[-2] if len(rows) > 1 else None)
-        self.lower.kv.rewind_to(valid)
-        self.upper.kv.rewind_to(valid)
+        for kv in (self.lower.kv, self.upper.kv):
+            if not proposal.tree.is_chain:  # the accepted path's rows move to T .. T+n
+                kv.rewind_to(start)
+                kv.compact(rows)
+            kv.rewind_to(valid)
 
     # ---- graph calls ----------------------------------------------------
-    def run_lower(self, tokens: Sequence[int], row: int) -> None:
-        """Lower stack on ``tokens`` at the next positions; cutoff states into hidden rows ``row ..``."""
+    def run_lower(self, tokens: Sequence[int], row: int, tree: TreeInputs | None = None) -> None:
+        """Lower stack on ``tokens`` at the next positions (or as ``tree`` describes them); cutoff states
+        into hidden rows ``row ..``."""
         new, buffers = len(tokens), self.buffers
         rows = self._call_rows(new)
         self.embeddings.lookup(tokens, buffers.embeds.array[0, :new])
         if rows > new:  # the padding row repeats the token; its output row (row + 1) is scratch
             buffers.embeds.array[0, new] = buffers.embeds.array[0, 0]
-        self.lower.run(buffers.embeds.view(0, rows), rows, buffers.hidden.view(row, row + rows))
+        self.lower.run(buffers.embeds.view(0, rows), rows, buffers.hidden.view(row, row + rows), tree)
         self.lower.kv.rewind_to(self.lower.kv.length - (rows - new))
 
-    def run_upper(self, new: int, num_logits: int) -> np.ndarray:
-        """Upper stack on hidden rows ``0 .. new-1``: top states of all, logits of the last ``num_logits``.
+    def run_upper(self, new: int, num_logits: int, tree: TreeInputs | None = None) -> np.ndarray:
+        """Upper stack on hidden rows ``0 .. new-1`` (a chain, or as ``tree`` describes them): top states
+        of all, logits of the last ``num_logits``.
 
         Returns logits [num_logits, V] (a view of the buffer).
         """
@@ -212,7 +236,7 @@ class Decoder:
         # more logit row keeps the real row's logits in row 0.
         logit_rows = num_logits + (rows - new) if num_logits else 0
         self.upper.run(buffers.hidden.view(0, rows), rows, buffers.logits.view(0, logit_rows),
-                       buffers.top_hidden.view(0, rows), logit_rows)
+                       buffers.top_hidden.view(0, rows), logit_rows, tree)
         self.upper.kv.rewind_to(self.upper.kv.length - (rows - new))
         return buffers.logits.array[0, :num_logits]
 

@@ -33,13 +33,14 @@ from spaf_edge.io_names import (
 )
 from spaf_edge.manifest import Manifest
 from spaf_edge.decoding.loop import DecodeResult, DecodeSettings, resolve_settings
+from spaf_edge.decoding.proposers import LookupProposer, Proposers
 from spaf_edge.decoding.spaf import SpAFProposer
 from spaf_edge.runtime.decoder import Decoder, HostBuffers
 from spaf_edge.runtime.drafting import EngineDraftCalls
 from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.graphs import DraftHeadGraph, DrafterGraph, LowerGraph, UpperGraph
 from spaf_edge.runtime.kv import KVCache
-from spaf_edge.runtime.rows import ROW_CALLS, RowCheck, check_rows, probe_tokens
+from spaf_edge.runtime.rows import ROW_CALLS, TREE_MODES, RowCheck, check_rows, check_tree, probe_tokens
 from spaf_edge.runtime.session import (
     Provider,
     check_thread_pool,
@@ -58,6 +59,7 @@ from spaf_edge.stats import GenerationStats
 
 DECODING_KEYS = (
     "num_draft_tokens", "serial_parallel_transition", "draft_stop_threshold", "temperature", "top_p", "top_k",
+    "proposers", "tree_width", "lookup_branches", "max_nodes",
 )
 PREFILL_CHUNK = 64  # prompt positions per prefill call (rows of the hidden-state buffers)
 LOGIT_ROWS = 8  # initial rows of the logits buffer: a verify pass of up to 7 drafts (grown for more)
@@ -80,6 +82,7 @@ class Engine:
         self.eos = decoder.eos
         self._generation = 0  # bumped by every start; an older stream notices and stops
         self.rows: RowCheck | None = None  # set by from_folder: the stacks' row invariance on this device
+        self.tree_exact = False  # set by from_folder: tree nodes get their chains' bits on this device
 
     @property
     def max_length(self) -> int:
@@ -89,7 +92,9 @@ class Engine:
     @property
     def lossless(self) -> str:
         """``exact`` when SpAF's tokens are provably plain decoding's on this device, else ``near``."""
-        return self.rows.lossless if self.rows is not None else "near"
+        if self.rows is None or (self.decoder is not None and self.decoder.proposer.trees and not self.tree_exact):
+            return "near"
+        return self.rows.lossless
 
     @classmethod
     def from_folder(
@@ -101,6 +106,7 @@ class Engine:
         prefill_chunk: int = PREFILL_CHUNK,
         thread_pool: str | None = None,
         row_calls: str = "auto",
+        trees: str = "auto",
     ) -> Engine:
         """Load an export folder: manifest (+ sha256 of every file with ``verify``), graphs, tokenizer.
 
@@ -109,10 +115,15 @@ class Engine:
         process default (``"session"``; the CLI sets ``"global"``). See
         :func:`spaf_edge.runtime.session.session_options`. ``row_calls``: how one-row stack calls
         run, ``auto`` (measured at load, :func:`spaf_edge.runtime.rows.check_rows`), ``native`` or
-        ``padded``.
+        ``padded``. ``trees``: verify draft trees where this device gives a tree's nodes their
+        chains' bits (``auto``, measured at load by :func:`spaf_edge.runtime.rows.check_tree`),
+        never (``off``: chains, one proposer's per step), or also where it does not (``near``:
+        for measurements; the engine then reports ``lossless: near``).
         """
         if row_calls not in ROW_CALLS:
             raise ConfigError(f"Invalid row_calls={row_calls!r}: expected one of {', '.join(ROW_CALLS)}.")
+        if trees not in TREE_MODES:
+            raise ConfigError(f"Invalid trees={trees!r}: expected one of {', '.join(TREE_MODES)}.")
         thread_pool = check_thread_pool(thread_pool)
         for name, value in (("threads", threads), ("prefill_chunk", prefill_chunk)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -149,17 +160,20 @@ class Engine:
             EmbeddingTable(folder / EMBEDDINGS, sizes.vocab_size, sizes.hidden_size, dtype, manifest.quantization),
             buffers, sizes.vocab_size, frozenset(manifest.eos_token_ids), prefill_chunk,
         )
-        decoder.proposer = SpAFProposer(EngineDraftCalls(
+        spaf = SpAFProposer(EngineDraftCalls(
             decoder,
             DrafterGraph(sessions[DRAFTER_GRAPH], buffers.token_embeds),
             DraftHeadGraph(sessions[DRAFT_HEAD_GRAPH], buffers.draft_logits_value, manifest.reads_top_state,
                            adapter_kv),
             load_draft_vocab(folder, manifest),
         ))
+        decoder.proposer = Proposers(spaf, LookupProposer(lambda: decoder.tokens), trees=False)  # see check_tree
         has_tokenizer = (folder / TOKENIZER).is_file()
         tokenizer = TextTokenizer.from_folder(folder, manifest.chat_template) if has_tokenizer else None
         engine = cls(folder, manifest, chosen, decoder, tokenizer, thread_pool)
         engine.rows = check_rows(decoder, row_calls)
+        engine.tree_exact = trees != "off" and check_tree(decoder)
+        decoder.proposer.trees = decoder.verifies_trees and (trees == "near" or engine.tree_exact)
         check_drafts(decoder, folder)
         release_freed_memory()  # what loading freed (unpacked weights, the checks' buffers): 16 MB on int4
         return engine
@@ -180,10 +194,15 @@ class Engine:
         serial_parallel_transition: int | None = None,
         draft_stop_threshold: float | None = None,
         mode: str = "spaf",
+        **tree: Any,
     ) -> DecodeSettings:
-        """Resolve unset options from :attr:`defaults` and validate them (ConfigError)."""
+        """Resolve unset options from :attr:`defaults` and validate them (ConfigError).
+
+        ``tree``: ``proposers``, ``tree_width``, ``lookup_branches``, ``max_nodes``
+        (:func:`spaf_edge.decoding.loop.resolve_settings`).
+        """
         return resolve_settings(self.defaults, temperature, top_p, top_k, num_draft_tokens, serial_parallel_transition,
-                                draft_stop_threshold, mode)
+                                draft_stop_threshold, mode, **tree)
 
     # ---- text -----------------------------------------------------------
     def encode(self, prompt: str | Sequence[int], chat: bool = True, special_tokens: bool = False) -> list[int]:
@@ -221,6 +240,7 @@ class Engine:
         mode: str = "spaf",
         reuse_cache: bool = False,
         special_tokens: bool = False,
+        **tree: Any,
     ) -> DecodeResult:
         """Generate up to ``max_new_tokens`` tokens; unset options come from :attr:`defaults`.
 
@@ -228,9 +248,10 @@ class Engine:
         when ``temperature > 0``). ``reuse_cache`` keeps the KV rows of the previous
         generation's tokens that the new prompt starts with (multi-turn chat). ``special_tokens``
         lets special-token strings in a text prompt act as control tokens (see :meth:`encode`).
+        ``tree``: which proposers draft and the tree's shape (:meth:`settings`).
         """
         settings = self.settings(temperature, top_p, top_k, num_draft_tokens, serial_parallel_transition,
-                                 draft_stop_threshold, mode)
+                                 draft_stop_threshold, mode, **tree)
         result, steps = self._start(prompt, max_new_tokens, seed, chat, reuse_cache, settings, special_tokens)
         for _ in steps:
             pass
@@ -341,7 +362,7 @@ def check_drafts(decoder: Decoder, folder: Path) -> None:
     length = min(6, decoder.lower.kv.max_length - 2)
     if length < 2:  # no room for a prompt and a draft
         return
-    proposer = decoder.proposer
+    proposer = decoder.proposer.spaf
     decoder.prefill(probe_tokens(decoder.vocab_size, length), active=True)
     try:
         proposer.propose(2, DecodeSettings(SamplingParams(), 2, 0, None, "spaf"), np.random.default_rng(0))

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spaf_edge.decoding.loop import Proposal
+from spaf_edge.decoding.tree import DraftTree
+
 ROW_CALLS = ("auto", "native", "padded")  # auto: choose from the measurement
 PROBE_PROMPT = 5  # positions prefilled before the compared rows
 MAX_ROWS = 9  # widest verify call compared (8 drafts + the pending token)
@@ -87,6 +90,51 @@ def check_rows(decoder, row_calls: str = "auto", max_rows: int = MAX_ROWS) -> Ro
     pad = {"auto": padded and not native, "native": False, "padded": True}[row_calls]
     decoder.pad = pad
     return RowCheck(native=native, padded=padded, pad=pad, rows=rows)
+
+
+TREE_MODES = ("auto", "off", "near")  # auto: trees where they are exact; near: also where they are not
+
+
+TREE_PROMPT = 40  # positions before the compared tree: long enough for the kernels' blocked paths
+TREE_PARENTS = (-1, 0, 0, 0, 1, 2, 3, 3)  # root, three children, grandchildren: nodes off the first path
+
+
+def check_tree(decoder) -> bool:
+    """Does every node of a draft tree get the bits of the same node in a chain?
+
+    A tree (:data:`TREE_PARENTS`) is verified in one call after a prompt of :data:`TREE_PROMPT`
+    positions, and each node's cutoff state, top state and logits are compared with the last
+    row of a chain of its path. Leaves the decoder with empty caches and no tokens.
+    """
+    nodes = len(TREE_PARENTS)
+    if not decoder.verifies_trees or decoder.lower.kv.max_length < TREE_PROMPT + nodes + 3:
+        return False
+    ids = probe_tokens(decoder.vocab_size, TREE_PROMPT + nodes)
+    decoder.buffers.ensure_rows(nodes + 1, logit_rows=nodes)
+    decoder.tree_inputs.ensure_rows(nodes)
+    decoder.prefill(ids[: TREE_PROMPT + 1])
+    start = decoder.position
+    tree = DraftTree(ids[TREE_PROMPT])
+    for node, parent in enumerate(TREE_PARENTS[1:], start=1):
+        tree.add(ids[TREE_PROMPT + node], parent)
+    try:
+        together = _states(decoder, decoder.verify(Proposal(tree)), range(nodes))
+        for node in range(nodes):
+            _rewind(decoder, start)
+            path = [0, *tree.path_to(node)]
+            chain = DraftTree.from_chain([int(tree.token(n)) for n in path])
+            alone = _states(decoder, decoder.verify(Proposal(chain)), [len(path) - 1])
+            if not np.array_equal(together[node], alone[0]):
+                return False
+        return True
+    finally:
+        decoder.reset()
+
+
+def _states(decoder, logits: np.ndarray, rows) -> list[np.ndarray]:
+    buffers = decoder.buffers
+    return [np.concatenate([buffers.hidden.array[0, r].ravel().astype(np.float32),
+                            buffers.top_hidden.array[0, r].ravel().astype(np.float32), logits[r]]) for r in rows]
 
 
 def probe_tokens(vocab_size: int, count: int) -> list[int]:

@@ -1,0 +1,120 @@
+"""The proposers a generation combines into one draft tree (DESIGN §4b).
+
+``spaf``: the SpAF drafter's chain (:class:`spaf_edge.decoding.spaf.SpAFProposer`), with
+its runner-up tokens as extra leaves when ``tree_width > 1``; ``lookup``: branches copied
+from the prompt and the generated text (:class:`LookupProposer`, no model call). Their
+proposals are merged into one tree: a token already under the same parent becomes a second
+proposal of the same node (:class:`spaf_edge.decoding.tree.DraftTree`), at most
+``max_nodes`` candidates in all.
+
+Where trees are not verified exactly (ONNX Runtime's CPU attention rounds a node off the
+tree's first path differently from the same node in a chain: benchmarks/results/cpu-tree-verify),
+the proposals are chains: with both proposers, a lookup branch found by a match of at least
+``lookup_min_match`` tokens is the chain, else SpAF drafts it. Torch-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from spaf_edge.decoding.loop import DecodeSettings, Proposal
+from spaf_edge.decoding.lookup import NgramIndex
+from spaf_edge.decoding.spaf import SpAFProposer
+from spaf_edge.decoding.tree import DraftTree
+from spaf_edge.errors import ConfigError
+
+PROPOSERS = ("spaf", "lookup")
+
+
+def parse_proposers(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``"spaf+lookup"`` (or a sequence of names) -> ``("spaf", "lookup")``; ConfigError for others."""
+    names = tuple(value.split("+")) if isinstance(value, str) else tuple(value)
+    bad = [name for name in names if name not in PROPOSERS]
+    if not names or bad or len(set(names)) != len(names):
+        raise ConfigError(
+            f"Invalid proposers={value!r}: expected one or more of {', '.join(PROPOSERS)} joined by '+', "
+            "e.g. 'spaf+lookup'."
+        )
+    return names
+
+
+class LookupProposer:
+    """Branches copied from the history after the longest earlier match of its last tokens."""
+
+    def __init__(self, history: Callable[[], list[int]], index: NgramIndex | None = None) -> None:
+        self.history = history  # the backend's committed tokens x_0 .. x_T
+        self.index = index or NgramIndex()
+
+    def start(self) -> None:
+        """A new generation: the index re-reads the history when next asked."""
+        self.index.reset()
+
+    def matches(self, budget: int, branches: int) -> list[tuple[int, list[int]]]:
+        """Up to ``branches`` continuations of at most ``budget`` tokens after the pending one, each
+        with the length of its match (longest first)."""
+        tokens = self.history()
+        if len(self.index) > len(tokens):  # a new generation the index did not see start
+            self.index.reset()
+        self.index.extend(tokens[len(self.index):])
+        return self.index.matches(budget, branches)
+
+
+class Proposers:
+    """The proposers of ``settings.proposers`` as one: their proposals merged into one tree."""
+
+    def __init__(self, spaf: SpAFProposer | None, lookup: LookupProposer, trees: bool) -> None:
+        self.spaf = spaf  # None when the export has no SpAF components to draft with
+        self.lookup = lookup
+        self.trees = trees  # the backend verifies trees (else chains only)
+
+    def start(self, shared: int, active: bool) -> int:
+        self.lookup.start()
+        return self.spaf.start(shared, active) if self.spaf is not None else shared
+
+    def prefilled(self, begin: int, rows: int) -> None:
+        if self.spaf is not None:
+            self.spaf.prefilled(begin, rows)
+
+    def propose(self, budget: int, settings: DecodeSettings, rng: np.random.Generator) -> Proposal:
+        use_spaf = "spaf" in settings.proposers and self.spaf is not None
+        use_lookup = "lookup" in settings.proposers
+        if not self.trees or len(self.lookup.history()) < 2:  # a tree needs a committed position
+            return self._chain(budget, settings, rng, use_spaf, use_lookup)
+        proposal = self.spaf.propose(budget, settings, rng) if use_spaf else Proposal(DraftTree(self.pending))
+        if use_lookup:
+            branches = self.lookup.matches(min(budget, settings.lookup_depth), settings.lookup_branches)
+            add_branches(proposal.tree, [branch for _, branch in branches], settings.max_nodes)
+        return proposal
+
+    def _chain(self, budget: int, settings: DecodeSettings, rng: np.random.Generator, use_spaf: bool,
+               use_lookup: bool) -> Proposal:
+        """One chain: the best lookup branch when its match is long enough (or SpAF is not used), else SpAF's."""
+        if use_lookup:
+            found = self.lookup.matches(min(budget, settings.lookup_depth), 1)
+            if found and (not use_spaf or found[0][0] >= settings.lookup_min_match):
+                return Proposal(DraftTree.from_chain([self.pending, *found[0][1]]))
+        if use_spaf:  # no runner-up leaves: a chain
+            return self.spaf.propose(budget, replace(settings, tree_width=1), rng)
+        return Proposal(DraftTree(self.pending))
+
+    @property
+    def pending(self) -> int:
+        return self.lookup.history()[-1]
+
+    def accepted(self, proposal: Proposal, rows: list[int]) -> None:
+        if self.spaf is not None:  # its adapter queue follows every commit, drafted or not
+            self.spaf.accepted(proposal, rows)
+
+
+def add_branches(tree: DraftTree, branches: list[list[int]], max_nodes: int) -> None:
+    """Merge token chains that start after the root into ``tree`` as deterministic candidates,
+    while it has fewer than ``max_nodes`` candidates (the root not counted)."""
+    for branch in branches:
+        node = 0
+        for token in branch:
+            if tree.child(node, token) is None and len(tree) > max_nodes:
+                break
+            node = tree.add(token, node)
