@@ -4,7 +4,9 @@ Torch-free. A coarse grid of drafting settings (num_draft_tokens N, serial_paral
 s, draft-stop threshold η) is timed with greedy decoding on calibration prompts, never
 MT-Bench (tuning on the benchmark would contaminate it). Successive halving keeps it cheap:
 every candidate runs on the first prompts, the best quarter on all of them, next to the
-config's defaults and plain greedy decoding. Runs interleave candidates prompt by prompt, so
+config's defaults and plain greedy decoding. A second stage times the fastest setting with
+each way of combining the proposers (SpAF alone, lookup alone, SpAF + lookup with a lookup
+branch replacing SpAF's chain from a match of 1, 2 or 3 tokens). Runs interleave candidates prompt by prompt, so
 a change of machine load hits all of them alike. tokens/s = total new tokens / total wall
 time. The winner goes into the manifest's ``tuned`` entry, which the engine takes as its
 decoding defaults (the manifest's own digest leaves ``tuned`` out, so the export stays valid).
@@ -41,7 +43,10 @@ from spaf_edge.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
-DRAFTING_KEYS = ("num_draft_tokens", "serial_parallel_transition", "draft_stop_threshold")
+DRAFTING_KEYS = ("num_draft_tokens", "serial_parallel_transition", "draft_stop_threshold", "proposers",
+                 "lookup_min_match")
+# Second stage: the chosen drafting setting with each way of combining the proposers (decoding/proposers.py)
+PROPOSER_VARIANTS = (("spaf", 2), ("spaf+lookup", 1), ("spaf+lookup", 2), ("spaf+lookup", 3), ("lookup", 2))
 
 
 def calibration_prompts_path() -> Path:
@@ -57,18 +62,29 @@ class Candidate:
     num_draft_tokens: int
     serial_parallel_transition: int
     draft_stop_threshold: float | None = None
+    proposers: str = "spaf+lookup"  # who drafts (spaf_edge.decoding.proposers)
+    lookup_min_match: int = 2  # the match a lookup branch needs to be the step's chain
 
     @property
     def label(self) -> str:
         eta = "-" if self.draft_stop_threshold is None else f"{self.draft_stop_threshold:g}"
-        return f"N={self.num_draft_tokens} s={self.serial_parallel_transition} eta={eta}"
+        label = f"N={self.num_draft_tokens} s={self.serial_parallel_transition} eta={eta}"
+        if self.proposers != "spaf+lookup" or self.lookup_min_match != 2:
+            match = f" m={self.lookup_min_match}" if self.proposers == "spaf+lookup" else ""
+            label += f" {self.proposers}{match}"
+        return label
 
     def engine_options(self) -> dict[str, Any]:
         """Keyword arguments of ``Engine.generate``; every one explicit, so no stored default leaks in."""
         # The engine reads threshold None as "the export's default"; 0 never stops drafting.
         eta = 0.0 if self.draft_stop_threshold is None else self.draft_stop_threshold
         return dict(num_draft_tokens=self.num_draft_tokens,
-                    serial_parallel_transition=self.serial_parallel_transition, draft_stop_threshold=eta)
+                    serial_parallel_transition=self.serial_parallel_transition, draft_stop_threshold=eta,
+                    proposers=self.proposers, lookup_min_match=self.lookup_min_match)
+
+    def with_proposers(self, proposers: str, lookup_min_match: int) -> Candidate:
+        return Candidate(self.num_draft_tokens, self.serial_parallel_transition, self.draft_stop_threshold,
+                         proposers, lookup_min_match)
 
     def to_dict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in DRAFTING_KEYS}
@@ -245,6 +261,10 @@ def tune_export(folder: str | Path, options: TuneOptions | None = None) -> TuneR
     timer.measure([*finalists, default, plain], range(len(prompts)), "final")
 
     finals = sorted([*finalists, default], key=lambda m: -m.tokens_per_second)
+    variants = [Measurement(c.label, c) for c in proposer_variants(finals[0].candidate)]
+    if variants:  # the fastest drafting setting with each way of combining the proposers
+        timer.measure(variants, range(len(prompts)), "proposers")
+        finals = sorted([*finals, *variants], key=lambda m: -m.tokens_per_second)
     chosen = finals[0]
     tuned = tuned_entry(engine, chosen, default, plain, timer.mismatches, prompt_path, len(prompts),
                         len(candidates), options)
@@ -311,6 +331,12 @@ class Timer:
                     row.runs += 1
                     self.mismatches += int(result.tokens != self.reference[index])
                     bar.update()
+
+
+def proposer_variants(candidate: Candidate) -> list[Candidate]:
+    """``candidate`` with the other :data:`PROPOSER_VARIANTS`."""
+    variants = [candidate.with_proposers(proposers, match) for proposers, match in PROPOSER_VARIANTS]
+    return [variant for variant in variants if variant != candidate]
 
 
 def run_plain(engine, ids: list[int], max_new_tokens: int):

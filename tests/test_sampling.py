@@ -25,6 +25,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
+import spaf_edge.decoding.loop as loop
 import spaf_edge.generation.reference as reference
 from conftest import make_tiny_spaf
 from spaf_edge.config import SpAFConfig
@@ -373,13 +374,14 @@ def exact_joint(model, params: SamplingParams) -> np.ndarray:
     return first[:, None] * second
 
 
-def sampled_joint(model, params: SamplingParams, samples: int, seed: int) -> np.ndarray:
+def sampled_joint(model, params: SamplingParams, samples: int, seed: int, proposers: str = "spaf+lookup"
+                  ) -> np.ndarray:
     counts = np.zeros((VOCAB, VOCAB), dtype=np.int64)
     for index in range(samples):
         result = reference.spaf_generate(
             model, PROMPT, max_new_tokens=3, temperature=params.temperature, top_k=params.top_k,
             top_p=params.top_p, seed=seed + index, num_draft_tokens=2, serial_parallel_transition=1,
-            eos_token_ids=[],
+            eos_token_ids=[], proposers=proposers,
         )
         counts[result.tokens[0], result.tokens[1]] += 1
     return counts
@@ -456,9 +458,19 @@ def resample_from_target(drafts, draft_probs, target_probs, params, rng):
     return len(drafts), choose(target_probs[len(drafts)], params, rng)
 
 
+def on_chains(rule):
+    """A chain acceptance rule as the loop's tree rule (SpAF proposes chains here)."""
+    def tree_rule(tree, target_probs, params, rng):
+        assert tree.is_chain
+        nodes = range(1, len(tree))
+        accepted, bonus = rule([tree.token(n) for n in nodes], [tree.q(n) for n in nodes], target_probs, params, rng)
+        return list(range(1, accepted + 1)), bonus
+    return tree_rule
+
+
 @pytest.mark.parametrize("wrong_rule", [always_accept, resample_from_target], ids=lambda rule: rule.__name__)
 def test_chi_square_rejects_a_wrong_acceptance_rule(sampling_model, monkeypatch, wrong_rule):
     params = SamplingParams(temperature=1.0)
-    monkeypatch.setattr(reference, "accept", wrong_rule)
-    counts = sampled_joint(sampling_model, params, POWER_SAMPLES, seed=1000)
+    monkeypatch.setattr(loop, "accept_tree", on_chains(wrong_rule))
+    counts = sampled_joint(sampling_model, params, POWER_SAMPLES, seed=1000, proposers="spaf")
     assert chi_square_p_value(counts, exact_joint(sampling_model, params)) < ALPHA

@@ -461,20 +461,23 @@ class EngineRunner(Runner):
     install_hint = "the SpAF runtime is part of spaf-edge"
     needs_export = True
     mode: ClassVar[str] = "spaf"
+    decoding: ClassVar[dict[str, Any]] = {}  # options over the export's defaults (e.g. which proposers)
+    trees: ClassVar[str] = "auto"  # Engine.from_folder's trees: "near" verifies trees where they are not exact
 
     def load(self) -> None:
         from spaf_edge.runtime import Engine
 
         context = self.context
         self.engine = context.shared(
-            "engine",
-            lambda: Engine.from_folder(context.export_dir, provider=context.provider, threads=context.threads),
+            f"engine-trees-{self.trees}",
+            lambda: Engine.from_folder(context.export_dir, provider=context.provider, threads=context.threads,
+                                       trees=self.trees),
         )
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> RunOutput:
         result = self.engine.generate(
             list(prompt_ids), max_new_tokens=max_new_tokens, temperature=self.sampling[0],
-            top_p=self.sampling[1], seed=seed, mode=self.mode, chat=False,
+            top_p=self.sampling[1], seed=seed, mode=self.mode, chat=False, **self.decoding,
         )
         return RunOutput([int(t) for t in result.tokens], result.stats)
 
@@ -512,6 +515,28 @@ class SpafGreedy(EngineRunner):
     role = "spaf"
     mode = "spaf"
     reference = "engine-greedy"
+
+
+@register_runner
+class SpafChain(SpafGreedy):
+    name = "spaf-chain"
+    label = "SpAF engine, speculative greedy, SpAF drafts only"
+    decoding = {"proposers": "spaf"}
+
+
+@register_runner
+class SpafLookup(SpafGreedy):
+    name = "spaf-lookup"
+    label = "SpAF engine, speculative greedy, prompt-lookup drafts only"
+    decoding = {"proposers": "lookup"}
+
+
+@register_runner
+class SpafTreeNear(SpafGreedy):
+    name = "spaf-tree-near"
+    label = "SpAF engine, greedy draft trees (runner-up leaves + lookup branches; near-lossless where trees are not exact)"
+    decoding = {"proposers": "spaf+lookup", "tree_width": 2, "max_nodes": 12}
+    trees = "near"
 
 
 @register_runner

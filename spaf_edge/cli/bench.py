@@ -39,7 +39,8 @@ def _remote(ctx, param, values):
 @options.threads
 @click.option("--runners", default=None,
               help="Comma-separated runners to include (default: all): hf, genai, genai-ngram, optimum, llamacpp, "
-                   "llamacpp-lookup, engine-greedy, engine-sample, spaf, spaf-sample.")
+                   "llamacpp-lookup, engine-greedy, engine-sample, spaf, spaf-chain, spaf-lookup, spaf-tree-near, "
+                   "spaf-sample.")
 @click.option("--baseline-python", "remote_python", multiple=True, callback=_remote, metavar="RUNNER=PYTHON",
               help="Run a baseline in another interpreter (its own venv), e.g. optimum=/work/venv-optimum/bin/python.")
 @click.option("--name", default=None,

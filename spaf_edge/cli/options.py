@@ -153,7 +153,8 @@ def drafting(func):
 
 
 def tree(func):
-    """--proposers/--tree-width/--lookup-branches/--max-nodes: what drafts and the draft tree's shape.
+    """--proposers/--tree-width/--lookup-branches/--lookup-depth/--lookup-min-match/--max-nodes: who drafts
+    and the draft tree's shape.
 
     Unset, they come from the export's `spaf-edge tune` result, else the defaults (SpAF chains).
     """
@@ -168,6 +169,12 @@ def tree(func):
         click.option("--lookup-branches", default=None,
                      type=Checked(click.INT, "lookup_branches", lambda n: n >= 1, "an integer >= 1"),
                      help="Lookup continuations merged into the tree."),
+        click.option("--lookup-depth", default=None,
+                     type=Checked(click.INT, "lookup_depth", lambda n: n >= 1, "an integer >= 1"),
+                     help="Tokens a lookup branch copies at most."),
+        click.option("--lookup-min-match", default=None,
+                     type=Checked(click.INT, "lookup_min_match", lambda n: n >= 1, "an integer >= 1"),
+                     help="Chains: a lookup branch is the step's chain when its match has this many tokens."),
         click.option("--max-nodes", default=None,
                      type=Checked(click.INT, "max_nodes", lambda n: n >= 1, "an integer >= 1"),
                      help="Candidates a draft tree may hold (the verify pass's rows, less one)."),
