@@ -122,7 +122,7 @@ def reseal_manifest(folder: Path, changed: str | None = None) -> None:
     if changed and changed != "manifest.json" and isinstance(files, dict) and changed in files:
         files[changed] = hashlib.sha256((folder / changed).read_bytes()).hexdigest()
     try:
-        from spaf_edge.manifest import DIGEST_FIELD, content_digest
+        from spaf_edge.core.manifest import DIGEST_FIELD, content_digest
     except ImportError:  # a manifest without a digest of its own
         pass
     else:
@@ -461,7 +461,7 @@ def run_cases(
 def default_export() -> Path:
     """The demo's cached export (built on first use, like `spaf-edge demo`)."""
     from spaf_edge.bench.exports import cached_export
-    from spaf_edge.demo import DEMO_MAX_LENGTH
+    from spaf_edge.bench.demo import DEMO_MAX_LENGTH
     from spaf_edge.models.loading import resolve_base_model, resolve_components
 
     return cached_export(resolve_base_model("default"), resolve_components("default", None), "fp32", DEMO_MAX_LENGTH)

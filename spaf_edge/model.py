@@ -16,9 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from spaf_edge.atomic import atomic_directory
-from spaf_edge.config import CONFIG_FILE, SpAFConfig
-from spaf_edge.errors import CheckpointMismatchError, ConfigError, ModelNotFoundError, NonFiniteWeightsError
+from spaf_edge.core.atomic import atomic_directory
+from spaf_edge.core.config import CONFIG_FILE, SpAFConfig
+from spaf_edge.core.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    ModelNotFoundError,
+    NonFiniteWeightsError,
+)
 from spaf_edge.generation.kv_cache import StackKVCache
 from spaf_edge.models.loading import load_base_model, model_fingerprint
 from spaf_edge.models.registry import get_architecture

@@ -37,7 +37,7 @@ def make_tiny_spaf(model_type: str = "llama", seed: int = 0, randomize: bool = T
     """A SpAFModel on a tiny base; ``randomize`` gives its modules random (untrained) weights."""
     import torch
 
-    from spaf_edge.config import SpAFConfig
+    from spaf_edge.core.config import SpAFConfig
     from spaf_edge.model import SpAFModel
 
     model = SpAFModel(make_tiny_base(model_type, seed, **overrides), spaf_config or SpAFConfig(cutoff_layer=2))

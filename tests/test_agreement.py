@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
-
 from conftest import make_tiny_spaf
+from test_reference_generation import hf_greedy, make_upper_identity
+
 from spaf_edge.cli.agreement import command as agreement_command
-from spaf_edge.config import SpAFConfig
+from spaf_edge.core.config import SpAFConfig
 from spaf_edge.model import SpAFModel
 from spaf_edge.training.agreement import ReferenceReply, measure_agreement
-from test_reference_generation import hf_greedy, make_upper_identity
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

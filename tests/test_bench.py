@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 
 from spaf_edge.bench import baselines, metrics
-from spaf_edge.bench.baselines import BenchContext, RunOutput, Runner
+from spaf_edge.bench.baselines import BenchContext, Runner, RunOutput
 from spaf_edge.bench.benchmark import BenchOptions, assemble_result, load_runners
-from spaf_edge.bench.prompts import BenchPrompt, load_prompts, mt_bench_path
 from spaf_edge.bench.report import PLOT_PNG, RESULTS_JSON, RESULTS_MD, write_report
 from spaf_edge.bench.runner import measure, plan_pairs
-from spaf_edge.errors import ConfigError
-from spaf_edge.stats import GenerationStats
+from spaf_edge.core.errors import ConfigError
+from spaf_edge.core.prompt_sets import BenchPrompt, load_prompts, mt_bench_path
+from spaf_edge.core.stats import GenerationStats
 
 
 # ---- prompts --------------------------------------------------------------------
@@ -297,7 +297,7 @@ def test_quantize_option_is_checked(monkeypatch, tmp_path):
     from click.testing import CliRunner
 
     from spaf_edge.cli import main
-    from spaf_edge.manifest import Manifest
+    from spaf_edge.core.manifest import Manifest
 
     with pytest.raises(ConfigError, match="--quantize 'int3'"):
         BenchOptions(quantization="int3").validate()

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from spaf_edge.cli import main
-from spaf_edge.config import SpAFConfig
+from spaf_edge.core.config import SpAFConfig
 from spaf_edge.model import SpAFModel
 from spaf_edge.models.loading import load_base_model
 from spaf_edge.prompts import encode_prompt

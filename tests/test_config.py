@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from spaf_edge.config import CONFIG_FILE, SpAFConfig
-from spaf_edge.errors import ConfigError
+from spaf_edge.core.config import CONFIG_FILE, SpAFConfig
+from spaf_edge.core.errors import ConfigError
 
 
 def test_json_round_trip_keeps_every_setting(tmp_path):

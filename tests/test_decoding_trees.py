@@ -6,16 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_spaf
 
 import spaf_edge.decoding.loop as loop
-from conftest import make_tiny_spaf
-from spaf_edge.config import SpAFConfig
+from spaf_edge.core.config import SpAFConfig
+from spaf_edge.core.errors import ConfigError
+from spaf_edge.core.sampling import SamplingParams, logits_to_probs
 from spaf_edge.decoding.loop import DecodeSettings
 from spaf_edge.decoding.proposers import parse_proposers
 from spaf_edge.decoding.tree import accept_tree
-from spaf_edge.errors import ConfigError
 from spaf_edge.generation.reference import TorchBackend, spaf_generate
-from spaf_edge.sampling import SamplingParams, logits_to_probs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

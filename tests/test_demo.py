@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import make_tiny_base, make_tiny_tokenizer
+
 from spaf_edge.cli.demo import command as demo_command
-from spaf_edge.config import SpAFConfig
-from spaf_edge.errors import ModelNotFoundError
+from spaf_edge.core.config import SpAFConfig
+from spaf_edge.core.errors import ModelNotFoundError
 from spaf_edge.model import SpAFModel
 from spaf_edge.models import loading
 from spaf_edge.models.loading import SHIPPED_COMPONENTS, resolve_components
@@ -67,7 +67,7 @@ def test_demo_exports_generates_and_reports_a_lossless_speedup(exportable_model_
 
 
 def test_demo_without_components_says_how_to_get_them(tiny_model_dir, monkeypatch):
-    from spaf_edge.demo import run_demo
+    from spaf_edge.bench.demo import run_demo
 
     monkeypatch.setattr(loading, "SHIPPED_COMPONENTS", tiny_model_dir / "absent")
     with pytest.raises(ModelNotFoundError, match="--components"):

@@ -9,13 +9,19 @@ import pytest
 import torch
 from conftest import make_tiny_base, make_tiny_tokenizer
 
-from spaf_edge.config import SpAFConfig
-from spaf_edge.errors import ConfigError, UnsupportedArchitectureError
+from spaf_edge.core.config import SpAFConfig
+from spaf_edge.core.errors import ConfigError, UnsupportedArchitectureError
 from spaf_edge.model import SpAFModel
 from spaf_edge.prompts import encode_prompt
 from spaf_edge.training.data import load_examples
 from spaf_edge.training.distill import (
-    PromptRow, base_tokenizer, distill, generate_batch, onnx_backend, resolve_backend, torch_backend,
+    PromptRow,
+    base_tokenizer,
+    distill,
+    generate_batch,
+    onnx_backend,
+    resolve_backend,
+    torch_backend,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")

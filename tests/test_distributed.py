@@ -25,8 +25,8 @@ from conftest import make_tiny_base, make_tiny_tokenizer
 from safetensors.torch import load_file
 
 from spaf_edge.cli import main
-from spaf_edge.config import SpAFConfig
-from spaf_edge.errors import ConfigError
+from spaf_edge.core.config import SpAFConfig
+from spaf_edge.core.errors import ConfigError
 from spaf_edge.model import WEIGHTS_FILE, SpAFModel
 from spaf_edge.training import checkpoint as ckpt
 from spaf_edge.training import deepspeed_config as dsc

@@ -12,12 +12,18 @@ import torch
 from click.testing import CliRunner
 from conftest import make_tiny_spaf
 
-from spaf_edge import io_names
-from spaf_edge.config import SpAFConfig
-from spaf_edge.errors import ConfigError, ExportFormatError, NonFiniteWeightsError, UnsupportedArchitectureError
+from spaf_edge.core import io_names
+from spaf_edge.core.config import SpAFConfig
+from spaf_edge.core.errors import (
+    ConfigError,
+    ExportFormatError,
+    NonFiniteWeightsError,
+    UnsupportedArchitectureError,
+)
+from spaf_edge.core.manifest import Manifest
+from spaf_edge.core.shared_weights import SharedWeights, read_index
 from spaf_edge.exporters import export_model
-from spaf_edge.manifest import Manifest
-from spaf_edge.shared_weights import SharedWeights, read_index
+from spaf_edge.runtime.session import open_shared_session
 from spaf_edge.validation.graph_parity import check_graphs
 
 # GroupQueryAttention needs head_dim % 16 == 0: tiny models get hidden 64 / 4 heads.
@@ -334,7 +340,7 @@ def test_shared_weights_feed_every_session_the_same_buffer(llama_export):
 def test_open_session_keeps_the_shared_buffers_alive(llama_export):
     import gc
 
-    session = SharedWeights(llama_export).open_session(io_names.DRAFT_HEAD_GRAPH)
+    session = open_shared_session(SharedWeights(llama_export), io_names.DRAFT_HEAD_GRAPH)
     gc.collect()  # only the session refers to the SharedWeights now
     feeds = {io_names.DRAFT_HIDDEN: np.ones((1, 1, 64), np.float32)}
     first = session.run([io_names.DRAFT_LOGITS], feeds)[0]
@@ -426,7 +432,7 @@ def test_cli_export(tmp_path):
 # ---- the real default model --------------------------------------------------------
 @pytest.mark.real_model
 def test_default_model_fp32_export_parity(default_base, tmp_path):
-    from spaf_edge.config import SpAFConfig
+    from spaf_edge.core.config import SpAFConfig
     from spaf_edge.model import SpAFModel
 
     base, tokenizer = default_base

@@ -11,11 +11,20 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_tokenizer
 
-from spaf_edge.bench.prompts import (
-    PROMPT_SETS, grounded_passages, grounded_prompts_path, load_prompts, mt_bench_path, resolve_prompts_path,
+from spaf_edge.core.errors import ConfigError
+from spaf_edge.core.prompt_sets import (
+    PROMPT_SETS,
+    grounded_passages,
+    grounded_prompts_path,
+    load_prompts,
+    mt_bench_path,
+    resolve_prompts_path,
 )
-from spaf_edge.errors import ConfigError
-from spaf_edge.training.data import holds_evaluation_text, is_evaluation_row, load_examples
+from spaf_edge.training.data import (
+    holds_evaluation_text,
+    is_evaluation_row,
+    load_examples,
+)
 from spaf_edge.training.distill import read_prompts
 
 CATEGORIES = ("summarization", "extraction", "passage_qa", "code_editing")

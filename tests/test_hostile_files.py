@@ -25,18 +25,22 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import make_tiny_spaf, make_tiny_tokenizer
+
 from spaf_edge import atomic
-from spaf_edge.atomic import atomic_directory, atomic_write_text, remove_stale_partials
 from spaf_edge.cli import main
-from spaf_edge.errors import ExportFormatError, StorageError
+from spaf_edge.core.atomic import (
+    atomic_directory,
+    atomic_write_text,
+    remove_stale_partials,
+)
+from spaf_edge.core.errors import ExportFormatError, StorageError
+from spaf_edge.core.io_names import EMBEDDINGS, MANIFEST, SHARED_WEIGHTS_INDEX
+from spaf_edge.core.manifest import DIGEST_FIELD, Manifest, content_digest
+from spaf_edge.core.shared_weights import SharedWeights
 from spaf_edge.exporters import export_model
-from spaf_edge.io_names import EMBEDDINGS, MANIFEST, SHARED_WEIGHTS_INDEX
-from spaf_edge.manifest import DIGEST_FIELD, Manifest, content_digest
 from spaf_edge.runtime.engine import Engine
-from spaf_edge.shared_weights import SharedWeights
-from spaf_edge.tuning import Grid, TuneOptions, tune_export, write_tuned
+from spaf_edge.runtime.tuning import Grid, TuneOptions, tune_export, write_tuned
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -287,7 +291,7 @@ def test_enough_space_is_checked_before_writing(tmp_path):
 
 def test_killed_writer_leaves_a_partial_that_the_next_write_removes(tmp_path, caplog):
     """A SIGKILLed export left a hidden .out.*.partial folder that nothing removed."""
-    code = ("import os, signal, sys; from spaf_edge.atomic import atomic_directory\n"
+    code = ("import os, signal, sys; from spaf_edge.core.atomic import atomic_directory\n"
             "with atomic_directory(sys.argv[1]) as tmp:\n"
             "    (tmp / 'lower.onnx').write_bytes(b'x' * 1000)\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n")
@@ -300,7 +304,7 @@ def test_killed_writer_leaves_a_partial_that_the_next_write_removes(tmp_path, ca
     for folder in (foreign, unowned):
         folder.mkdir()
 
-    with caplog.at_level(logging.WARNING, logger="spaf_edge.atomic"), atomic_directory(tmp_path / "out") as tmp:
+    with caplog.at_level(logging.WARNING, logger="spaf_edge.core.atomic"), atomic_directory(tmp_path / "out") as tmp:
         (tmp / "lower.onnx").write_bytes(b"y")
     assert not stale.exists() and f"Removed {stale}" in caplog.text and f"process {done.pid}" in caplog.text
     assert mine.is_dir() and foreign.is_dir() and unowned.is_dir()  # a live process's, or not provably dead
@@ -348,7 +352,7 @@ def test_tune_prints_what_it_cannot_store(tiny, read_only):
     options = TuneOptions(prompts=tiny[1], max_new_tokens=4, threads=1, progress=False,
                           grid=Grid(num_draft_tokens=(2,), transitions=(1,), thresholds=(None,)))
     with pytest.MonkeyPatch.context() as patch:  # writable when checked, read-only when written
-        patch.setattr("spaf_edge.tuning.check_writable", lambda folder: None)
+        patch.setattr("spaf_edge.runtime.tuning.check_writable", lambda folder: None)
         outcome = tune_export(read_only, options)
         assert not outcome.stored and "Cannot write" in outcome.store_error and "Read-only" in outcome.store_error
         assert "NOT stored: Cannot write" in outcome.summary()

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import make_tiny_spaf, make_tiny_tokenizer
+
 from spaf_edge.cli import main
-from spaf_edge.errors import ConfigError
+from spaf_edge.core.errors import ConfigError
 from spaf_edge.exporters import export_model
 from spaf_edge.runtime.engine import Engine
 from spaf_edge.runtime.tokenizer import TextTokenizer

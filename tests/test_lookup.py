@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from spaf_edge.core.errors import ConfigError
 from spaf_edge.decoding.lookup import NgramIndex, candidates_to_trie
-from spaf_edge.errors import ConfigError
 
 
 def index_of(tokens, **settings) -> NgramIndex:

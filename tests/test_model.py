@@ -6,10 +6,15 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_tiny_base, make_tiny_spaf
-from spaf_edge.config import CONFIG_FILE, SpAFConfig
-from spaf_edge.errors import CheckpointMismatchError, ConfigError, ModelNotFoundError, NonFiniteWeightsError
+
+from spaf_edge.core.config import CONFIG_FILE, SpAFConfig
+from spaf_edge.core.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    ModelNotFoundError,
+    NonFiniteWeightsError,
+)
 from spaf_edge.generation.reference import spaf_generate
 from spaf_edge.model import META_FILE, WEIGHTS_FILE, SpAFModel
 
@@ -187,7 +192,7 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     """Checkpoints and exports are shared files: mode follows the umask, not mkstemp's 0600."""
     import os
 
-    from spaf_edge.atomic import atomic_directory, atomic_write_text
+    from spaf_edge.core.atomic import atomic_directory, atomic_write_text
 
     old = os.umask(0o022)
     try:

@@ -15,13 +15,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import make_tiny_spaf
 from onnx import TensorProto, helper
 
-from conftest import make_tiny_spaf
-from spaf_edge.config import SpAFConfig
-from spaf_edge.embedding_layout import EmbeddingLayout
+from spaf_edge.core.config import SpAFConfig
+from spaf_edge.core.embedding_layout import EmbeddingLayout
+from spaf_edge.core.io_names import DRAFT_HEAD_GRAPH, EMBEDDINGS, UPPER_GRAPH
 from spaf_edge.exporters import export_model
-from spaf_edge.io_names import DRAFT_HEAD_GRAPH, EMBEDDINGS, UPPER_GRAPH
 from spaf_edge.runtime.engine import Engine
 from spaf_edge.runtime.rows import RowCheck, check_rows
 

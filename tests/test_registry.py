@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import ARCHITECTURES, make_tiny_base
-from spaf_edge.errors import UnsupportedArchitectureError
+
+from spaf_edge.core.errors import UnsupportedArchitectureError
 from spaf_edge.models.registry import get_architecture, supported_model_types
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -43,7 +43,7 @@ def test_unsupported_architecture_is_refused_by_spaf_model():
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from spaf_edge.config import SpAFConfig
+    from spaf_edge.core.config import SpAFConfig
     from spaf_edge.model import SpAFModel
 
     config = AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32)

@@ -14,24 +14,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_spaf, make_tiny_tokenizer
-from spaf_edge.config import SpAFConfig
-from spaf_edge.errors import ConfigError, ContextLengthError, ExportFormatError, ProviderUnavailableError
+from test_reference_generation import make_upper_identity
+
+from spaf_edge.core.config import SpAFConfig
+from spaf_edge.core.errors import (
+    ConfigError,
+    ContextLengthError,
+    ExportFormatError,
+    ProviderUnavailableError,
+)
+from spaf_edge.core.io_names import EMBEDDINGS, LOWER_GRAPH, MANIFEST, UPPER_GRAPH
+from spaf_edge.core.manifest import DIGEST_FIELD, content_digest
+from spaf_edge.core.sampling import SamplingParams, logits_to_probs
+from spaf_edge.core.stats import GenerationStats
+from spaf_edge.decoding.loop import (
+    DecodeResult,
+    DecodeSettings,
+    Proposal,
+    TargetProbs,
+    common_prefix,
+)
 from spaf_edge.exporters import export_model
 from spaf_edge.generation.reference import spaf_generate
-from spaf_edge.io_names import EMBEDDINGS, LOWER_GRAPH, MANIFEST, UPPER_GRAPH
-from spaf_edge.manifest import DIGEST_FIELD, content_digest
-from spaf_edge.decoding.loop import DecodeResult, DecodeSettings, Proposal, TargetProbs, common_prefix
 from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.engine import Engine
 from spaf_edge.runtime.rows import MAX_ROWS
 from spaf_edge.runtime.stream import IncrementalDecoder
 from spaf_edge.runtime.tokenizer import TextTokenizer
-from spaf_edge.sampling import SamplingParams, logits_to_probs
-from spaf_edge.stats import GenerationStats
 from spaf_edge.validation.end_to_end import base_greedy
-from test_reference_generation import make_upper_identity
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -783,7 +794,7 @@ def test_a_provider_that_falls_back_to_the_cpu_is_an_error(tiny, monkeypatch):
 # ---- the real default model -----------------------------------------------
 @pytest.fixture(scope="module")
 def default_export(default_base, tmp_path_factory):
-    from spaf_edge.config import SpAFConfig
+    from spaf_edge.core.config import SpAFConfig
     from spaf_edge.model import SpAFModel
 
     base, tokenizer = default_base

@@ -23,15 +23,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_spaf
 from scipy.stats import chi2
 
+import spaf_edge.core.sampling as sampling
 import spaf_edge.decoding.loop as loop
 import spaf_edge.generation.reference as reference
-from conftest import make_tiny_spaf
-from spaf_edge.config import SpAFConfig
-from spaf_edge.errors import ConfigError
-import spaf_edge.sampling as sampling
-from spaf_edge.sampling import SamplingParams, accept, choose, logits_to_probs, sample, softmax
+from spaf_edge.core.config import SpAFConfig
+from spaf_edge.core.errors import ConfigError
+from spaf_edge.core.sampling import (
+    SamplingParams,
+    accept,
+    choose,
+    logits_to_probs,
+    sample,
+    softmax,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -76,7 +83,10 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
 
 
 def test_filters_agree_with_transformers_warpers():
-    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     logits = np.random.default_rng(1).normal(scale=2.0, size=(8, 50))
     for temperature, top_k, top_p in [(1.0, 10, 1.0), (0.8, 0, 0.9), (1.3, 20, 0.7), (0.5, 5, 0.5)]:

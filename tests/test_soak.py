@@ -12,9 +12,9 @@ import sys
 import weakref
 
 import pytest
-
 from conftest import make_tiny_spaf, make_tiny_tokenizer
-from spaf_edge.errors import ConfigError
+
+from spaf_edge.core.errors import ConfigError
 from spaf_edge.exporters import export_model
 from spaf_edge.runtime.engine import Engine
 

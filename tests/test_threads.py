@@ -15,17 +15,18 @@ import textwrap
 import pytest
 from conftest import make_tiny_spaf
 
-from spaf_edge.config import THREAD_POOL_ENV
-from spaf_edge.errors import ConfigError
+from spaf_edge.core.config import THREAD_POOL_ENV
+from spaf_edge.core.errors import ConfigError
 from spaf_edge.exporters import export_model
 from spaf_edge.runtime.session import check_thread_pool, session_options
 
 GLOBAL_POOL_SCRIPT = textwrap.dedent("""
     import json, sys
-    from spaf_edge.errors import ConfigError
+    from spaf_edge.core.errors import ConfigError
     from spaf_edge.runtime import Engine
     from spaf_edge.runtime.session import global_pool_threads
-    from spaf_edge.shared_weights import SharedWeights
+    from spaf_edge.core.shared_weights import SharedWeights
+    from spaf_edge.runtime.session import open_shared_session
 
     folder = sys.argv[1]
     prompt = [1, 7, 19, 42, 5]
@@ -42,10 +43,10 @@ GLOBAL_POOL_SCRIPT = textwrap.dedent("""
     except ConfigError as exc:
         out["resize"] = str(exc)
     # sessions made after the pool exists comply with it: another engine (even asking for per-session
-    # pools) and SharedWeights.open_session
+    # pools) and open_shared_session
     again = Engine.from_folder(folder, threads=2, thread_pool="session")
     out["again"] = again.generate(prompt, max_new_tokens=12, temperature=0.0).tokens == expected
-    SharedWeights(folder).open_session("upper.onnx")
+    open_shared_session(SharedWeights(folder), "upper.onnx")
     print(json.dumps(out))
 """)
 

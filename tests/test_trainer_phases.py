@@ -2,9 +2,14 @@
 
 import pytest
 
-from spaf_edge.config import SpAFConfig
-from spaf_edge.errors import ConfigError
-from spaf_edge.training.trainer import BUDGET_PROBE, TimeBudget, check_run_start, train_run
+from spaf_edge.core.config import SpAFConfig
+from spaf_edge.core.errors import ConfigError
+from spaf_edge.training.trainer import (
+    BUDGET_PROBE,
+    TimeBudget,
+    check_run_start,
+    train_run,
+)
 
 
 def budget_points(first_step, planned, last_step):

@@ -10,11 +10,17 @@ import torch
 from conftest import make_tiny_base, make_tiny_tokenizer
 from torch.nn import functional as F
 
-from spaf_edge.config import LossWeights, SpAFConfig
-from spaf_edge.errors import ConfigError, ModelNotFoundError
+from spaf_edge.core.config import LossWeights, SpAFConfig
+from spaf_edge.core.errors import ConfigError, ModelNotFoundError
 from spaf_edge.model import SpAFModel
 from spaf_edge.training import checkpoint as ckpt
-from spaf_edge.training.data import build_sequences, frequent_tokens, load_examples, render_chat, render_row
+from spaf_edge.training.data import (
+    build_sequences,
+    frequent_tokens,
+    load_examples,
+    render_chat,
+    render_row,
+)
 from spaf_edge.training.features import (
     CachedFeatureDataset,
     batch_features,

@@ -23,8 +23,8 @@ import pytest
 from scipy.stats import chi2
 
 import spaf_edge.decoding.tree as tree_module
+from spaf_edge.core.sampling import SamplingParams, accept
 from spaf_edge.decoding.tree import DraftTree, accept_tree, masked_value
-from spaf_edge.sampling import SamplingParams, accept
 
 GREEDY = SamplingParams()
 SAMPLING = SamplingParams(temperature=1.0)

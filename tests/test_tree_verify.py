@@ -16,19 +16,28 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
 from conftest import make_tiny_spaf
-from spaf_edge.errors import ExportFormatError
+
+from spaf_edge.core.errors import ExportFormatError
+from spaf_edge.core.io_names import (
+    EMBEDDINGS,
+    LOWER_GRAPH,
+    MANIFEST,
+    TREE_BIAS,
+    TREE_POSITIONS,
+    UPPER_GRAPH,
+)
+from spaf_edge.core.manifest import DIGEST_FIELD, Manifest, content_digest
+from spaf_edge.core.shared_weights import SharedWeights
+from spaf_edge.decoding.tree import masked_value
 from spaf_edge.exporters import export as export_module
 from spaf_edge.exporters.graphs import GraphPlan
-from spaf_edge.io_names import EMBEDDINGS, LOWER_GRAPH, MANIFEST, TREE_BIAS, TREE_POSITIONS, UPPER_GRAPH
-from spaf_edge.manifest import DIGEST_FIELD, Manifest, content_digest
+from spaf_edge.runtime.buffers import HostBuffer
 from spaf_edge.runtime.embeddings import EmbeddingTable
-from spaf_edge.runtime.graphs import HostBuffer, LowerGraph, TreeInputs, UpperGraph, masked_value
+from spaf_edge.runtime.graphs import LowerGraph, TreeInputs, UpperGraph
 from spaf_edge.runtime.kv import KVCache
 from spaf_edge.runtime.session import open_session, resolve_provider, session_options
 from spaf_edge.runtime.signatures import check_io, expected_io
-from spaf_edge.shared_weights import SharedWeights
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -17,20 +17,27 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import make_tiny_spaf, make_tiny_tokenizer
-from spaf_edge.bench.prompts import load_prompts, mt_bench_path
+from test_reference_generation import make_upper_identity
+
 from spaf_edge.cli import main
-from spaf_edge.errors import ConfigError, ContextLengthError, ModelNotFoundError
+from spaf_edge.core.errors import ConfigError, ContextLengthError, ModelNotFoundError
+from spaf_edge.core.io_names import MANIFEST
+from spaf_edge.core.manifest import Manifest
+from spaf_edge.core.prompt_sets import load_prompts, mt_bench_path
 from spaf_edge.exporters import export_model
-from spaf_edge.io_names import MANIFEST
-from spaf_edge.manifest import Manifest
 from spaf_edge.runtime import Engine
-from spaf_edge.tuning import (
-    Candidate, Grid, TuneOptions, calibration_prompts_path, reset_tuned, tune_export, tune_exports, write_tuned,
+from spaf_edge.runtime.tuning import (
+    Candidate,
+    Grid,
+    TuneOptions,
+    calibration_prompts_path,
+    reset_tuned,
+    tune_export,
+    tune_exports,
+    write_tuned,
 )
 from spaf_edge.validation.end_to_end import base_greedy
-from test_reference_generation import make_upper_identity
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -223,7 +230,7 @@ def test_unparsable_grid_lists_are_usage_errors(tiny):
 
 
 def test_tuning_never_imports_torch(tiny, export_copy):
-    code = ("import sys; from spaf_edge.tuning import tune_export, TuneOptions, Grid;"
+    code = ("import sys; from spaf_edge.runtime.tuning import tune_export, TuneOptions, Grid;"
             "tune_export(sys.argv[1], TuneOptions(prompts=sys.argv[2], limit=1, max_new_tokens=4, progress=False,"
             " grid=Grid(num_draft_tokens=(2,), transitions=(1,), thresholds=(None,))));"
             "print('LOADED', [m for m in ('torch', 'transformers') if m in sys.modules])")

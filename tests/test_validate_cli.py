@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import make_tiny_base, make_tiny_tokenizer
+
 from spaf_edge.cli import main
-from spaf_edge.config import SpAFConfig
+from spaf_edge.core.config import SpAFConfig
 from spaf_edge.exporters import export_model
 from spaf_edge.model import SpAFModel
 from spaf_edge.runtime import Engine

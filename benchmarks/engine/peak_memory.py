@@ -27,7 +27,7 @@ if case == "genai":
     import onnxruntime_genai as og
     from spaf_edge.bench.genai_model import build_genai_model, genai_config
     from spaf_edge.models.loading import cache_dir
-    from spaf_edge.manifest import Manifest
+    from spaf_edge.core.manifest import Manifest
     from spaf_edge.runtime.tokenizer import TextTokenizer
     tokenizer = TextTokenizer.from_folder(folder, Manifest.load(folder, verify_files=False).chat_template)
     ids = tokenizer.encode_prompt(prompts[0], chat=True)

@@ -16,7 +16,9 @@ import argparse
 import sys
 import time
 
-from reload_rss import rss_mib  # this folder's scripts run as `python benchmarks/engine/NAME.py`
+from reload_rss import (
+    rss_mib,  # this folder's scripts run as `python benchmarks/engine/NAME.py`
+)
 
 EVERY = 20  # answers between RSS samples
 
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=100, help="answers before the RSS baseline")
     args = parser.parse_args(argv)
 
-    from spaf_edge.bench.prompts import load_prompts
+    from spaf_edge.core.prompt_sets import load_prompts
     from spaf_edge.runtime import Engine
 
     prompts = sorted((p.text for p in load_prompts()), key=len)[: args.prompts]

@@ -31,10 +31,8 @@ import onnxruntime as ort
 from onnx import TensorProto
 from tokenizers import Tokenizer
 
-
-from spaf_edge.exporters.graph_builder import GraphBuilder
-from spaf_edge.exporters.layers import make_tree_inputs
-from spaf_edge.io_names import (
+from spaf_edge import manifest as manifest_module
+from spaf_edge.core.io_names import (
     EMBEDDINGS,
     LOWER_GRAPH,
     TOKENIZER,
@@ -43,14 +41,16 @@ from spaf_edge.io_names import (
     TREE_POSITIONS,
     UPPER_GRAPH,
 )
-from spaf_edge import manifest as manifest_module
-from spaf_edge.manifest import Manifest
+from spaf_edge.core.manifest import Manifest
+from spaf_edge.core.shared_weights import SharedWeights
+from spaf_edge.exporters.graph_builder import GraphBuilder
+from spaf_edge.exporters.layers import make_tree_inputs
+from spaf_edge.runtime.buffers import HostBuffer
 from spaf_edge.runtime.embeddings import EmbeddingTable
-from spaf_edge.runtime.graphs import HostBuffer, LowerGraph, TreeInputs, UpperGraph
+from spaf_edge.runtime.graphs import LowerGraph, TreeInputs, UpperGraph
 from spaf_edge.runtime.kv import KVCache
 from spaf_edge.runtime.rows import probe_tokens
 from spaf_edge.runtime.session import open_session, resolve_provider, session_options
-from spaf_edge.shared_weights import SharedWeights
 
 PROMPT = 100  # cached positions before the measured calls
 # root, two children, two grandchildren under each: breadth-first and depth-first orders

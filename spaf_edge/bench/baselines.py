@@ -1,7 +1,7 @@
 """Everything ``spaf-edge bench`` can time: one small runner class per baseline, in a registry.
 
 A runner loads its model once (:meth:`Runner.load`) and then turns prompt token ids into
-new token ids plus :class:`~spaf_edge.stats.GenerationStats` (:meth:`Runner.generate`).
+new token ids plus :class:`~spaf_edge.core.stats.GenerationStats` (:meth:`Runner.generate`).
 Every runner gets the same ids, stops at the same EOS ids and at ``max_new_tokens``.
 Plain (non-speculative) runners report one verify step per token, so their tau is 1.
 A speculative runner names the plain greedy runner of its own runtime (``reference``):
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from spaf_edge.embedding_layout import QUANTIZATION_BITS
-from spaf_edge.errors import ConfigError, SpAFError
-from spaf_edge.stats import GenerationStats
+from spaf_edge.core.embedding_layout import QUANTIZATION_BITS
+from spaf_edge.core.errors import ConfigError, SpAFError
+from spaf_edge.core.stats import GenerationStats
 
 _REGISTRY: dict[str, type[Runner]] = {}
 PRECISIONS = ("fp32", "fp16")

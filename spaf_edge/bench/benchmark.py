@@ -17,14 +17,20 @@ from typing import Any
 
 from spaf_edge.bench import metrics
 from spaf_edge.bench.baselines import (
-    PRECISIONS, QUANTIZATIONS, BenchContext, RemoteRunner, Runner, resolve_runner, runner_names,
+    PRECISIONS,
+    QUANTIZATIONS,
+    BenchContext,
+    RemoteRunner,
+    Runner,
+    resolve_runner,
+    runner_names,
 )
-from spaf_edge.bench.machine import describe_machine, load_average
 from spaf_edge.bench.memory import measure_memory
-from spaf_edge.bench.prompts import BenchPrompt, encode_prompts, load_prompts
 from spaf_edge.bench.report import write_report
 from spaf_edge.bench.runner import Measurements, measure, plan_pairs
-from spaf_edge.errors import ConfigError, ModelNotFoundError
+from spaf_edge.core.errors import ConfigError, ModelNotFoundError
+from spaf_edge.core.machine import describe_machine, load_average
+from spaf_edge.core.prompt_sets import BenchPrompt, encode_prompts, load_prompts
 
 log = logging.getLogger(__name__)
 EXPORT_MIN_LENGTH = 2048
@@ -217,7 +223,7 @@ def eos_token_ids(base: Path | None, export_dir: Path | None) -> list[int]:
             value = json.loads(path.read_text()).get("eos_token_id")
             ids.update([value] if isinstance(value, int) else value or [])
     if export_dir is not None:
-        from spaf_edge.manifest import Manifest
+        from spaf_edge.core.manifest import Manifest
 
         ids.update(Manifest.load(export_dir, verify_files=False).eos_token_ids)
     return sorted(ids)
@@ -245,7 +251,7 @@ def prompt_encoder(base: Path | None, export_dir: str | Path | None, chat: bool)
             return lambda text: encode_prompt(tokenizer, text, chat=chat)
     if export_dir is None:
         raise ConfigError("No tokenizer: pass --base-model (with transformers installed) or --export-dir.")
-    from spaf_edge.manifest import Manifest
+    from spaf_edge.core.manifest import Manifest
     from spaf_edge.runtime.tokenizer import TextTokenizer
 
     manifest = Manifest.load(export_dir, verify_files=False)
@@ -275,6 +281,7 @@ def _resolve_export(options: BenchOptions, base: Path | None, say: Callable[[str
         return None
     try:
         import torch  # noqa: F401  (the exporter needs it)
+
         from spaf_edge.bench.exports import cached_export
     except ImportError as exc:
         say(f"No SpAF export: torch is needed to export one ({exc}); pass --export-dir instead.")
@@ -286,7 +293,7 @@ def _resolve_export(options: BenchOptions, base: Path | None, say: Callable[[str
 
 def check_export_quantization(export_dir: Path, quantization: str | None) -> None:
     """``--export-dir`` must hold the weights ``--quantize`` asks for (genai's model is built to match)."""
-    from spaf_edge.manifest import Manifest
+    from spaf_edge.core.manifest import Manifest
 
     found = Manifest.load(export_dir, verify_files=False).quantization
     if found != quantization:

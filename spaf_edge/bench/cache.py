@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from spaf_edge.atomic import atomic_directory
+from spaf_edge.core.atomic import atomic_directory
 from spaf_edge.models.loading import cache_dir
 
 DONE_MARKER = "spaf_build.json"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from spaf_edge.bench.cache import cached_folder, tool_versions
-from spaf_edge.errors import SpAFError
+from spaf_edge.core.errors import SpAFError
 
 # Our provider name -> (builder --execution_provider, genai runtime provider; None = default CPU).
 _PROVIDERS = {"cpu": ("cpu", None), "cuda": ("cuda", "cuda"), "dml": ("dml", "dml"), "webgpu": ("webgpu", "webgpu")}

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from spaf_edge.atomic import atomic_write_bytes, atomic_write_text
+from spaf_edge.core.atomic import atomic_write_bytes, atomic_write_text
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"

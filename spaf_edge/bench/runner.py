@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from spaf_edge.bench.baselines import Runner
-from spaf_edge.bench.prompts import BenchPrompt
+from spaf_edge.core.prompt_sets import BenchPrompt
 
 log = logging.getLogger(__name__)
 WARMUP_TOKENS = 8

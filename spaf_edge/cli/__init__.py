@@ -11,8 +11,8 @@ import os
 
 import click
 
-from spaf_edge.config import THREAD_POOL_ENV, THREAD_POOLS
-from spaf_edge.errors import SpAFError
+from spaf_edge.core.config import THREAD_POOL_ENV, THREAD_POOLS
+from spaf_edge.core.errors import SpAFError
 
 # Modules under spaf_edge.cli, each defining a click command named ``command``.
 COMMAND_MODULES = (

@@ -31,8 +31,8 @@ def command(base_model, components, prompts_file, limit, max_new_tokens, aligned
     token: the first draft (adapter on exact states) and aligned drafts 1..R steps
     into an AlignmentHead chain. τ is measured with the PyTorch reference decoder.
     """
-    from spaf_edge.bench.prompts import encode_prompts, load_prompts
-    from spaf_edge.errors import ConfigError
+    from spaf_edge.core.errors import ConfigError
+    from spaf_edge.core.prompt_sets import encode_prompts, load_prompts
     from spaf_edge.model import SpAFModel
     from spaf_edge.models.loading import cache_dir, resolve_components
     from spaf_edge.prompts import encode_prompt
@@ -59,7 +59,7 @@ def command(base_model, components, prompts_file, limit, max_new_tokens, aligned
         report["exits"].append(entry)
     text = json.dumps(report, indent=2)
     if out:
-        from spaf_edge.atomic import atomic_write_text
+        from spaf_edge.core.atomic import atomic_write_text
 
         atomic_write_text(Path(out), text + "\n")
     click.echo(text)

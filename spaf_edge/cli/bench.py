@@ -8,7 +8,7 @@ import sys
 import click
 
 from spaf_edge.cli import options
-from spaf_edge.embedding_layout import QUANTIZATION_BITS
+from spaf_edge.core.embedding_layout import QUANTIZATION_BITS
 
 
 def _remote(ctx, param, values):

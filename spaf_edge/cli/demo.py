@@ -21,7 +21,7 @@ def command(prompt, max_new_tokens, base_model, components, threads):
     greedy decoding; the tokens must be identical (SpAF is lossless) and the speedup
     is the ratio of the two speeds.
     """
-    from spaf_edge.demo import DEMO_PROMPT, run_demo
+    from spaf_edge.bench.demo import DEMO_PROMPT, run_demo
 
     result = run_demo(prompt or DEMO_PROMPT, max_new_tokens, base_model, components, threads,
                       say=lambda line: click.echo(line, err=True))

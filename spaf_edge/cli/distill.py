@@ -46,7 +46,7 @@ def command(prompts, out, base_model, backend, max_new_tokens, batch_size, limit
     Greedy by default; --temperature T samples, seeded per prompt (per batch with torch)
     from --seed, so a resumed run writes what an uninterrupted one would.
     """
-    from spaf_edge.config import validate_sampling
+    from spaf_edge.core.config import validate_sampling
     from spaf_edge.training.distill import distill
 
     validate_sampling(temperature, top_p, 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from spaf_edge.cli import options
-from spaf_edge.embedding_layout import QUANTIZATION_BITS
+from spaf_edge.core.embedding_layout import QUANTIZATION_BITS
 
 
 @click.command("export")

@@ -24,12 +24,11 @@ from spaf_edge.cli import options
 def command(base_model, components, cutoff_layer, prompt, max_new_tokens, chat, temperature, top_p, top_k, seed,
             num_draft_tokens, serial_parallel_transition, draft_stop_threshold, stats, json_output):
     """Generate with SpAF in PyTorch (the lossless reference)."""
-    from spaf_edge.config import SpAFConfig
+    from spaf_edge.core.config import SpAFConfig
     from spaf_edge.generation.reference import spaf_generate
     from spaf_edge.model import SpAFModel
-    from spaf_edge.prompts import encode_prompt
-
     from spaf_edge.models.loading import resolve_components
+    from spaf_edge.prompts import encode_prompt
 
     options.check_drafting(num_draft_tokens, serial_parallel_transition)
     components = resolve_components(base_model, components) if cutoff_layer is None else components

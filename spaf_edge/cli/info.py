@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from spaf_edge.errors import ModelNotFoundError
+from spaf_edge.core.errors import ModelNotFoundError
 
 
 @click.command("info")
@@ -18,10 +18,10 @@ def command(path):
 
 
 def describe(path: Path) -> dict:
-    from spaf_edge.io_names import MANIFEST
+    from spaf_edge.core.io_names import MANIFEST
 
     if (path / MANIFEST).is_file():
-        from spaf_edge.manifest import Manifest
+        from spaf_edge.core.manifest import Manifest
 
         manifest = Manifest.load(path)
         sizes = {name: (path / name).stat().st_size for name in manifest.files}
@@ -29,7 +29,7 @@ def describe(path: Path) -> dict:
     from spaf_edge.model import META_FILE, read_component_meta
 
     if (path / META_FILE).is_file():
-        from spaf_edge.config import SpAFConfig
+        from spaf_edge.core.config import SpAFConfig
 
         meta = read_component_meta(path)
         return {"kind": "checkpoint", **meta, "config": SpAFConfig.load(path).to_dict()}

@@ -11,7 +11,7 @@ import click
 
 class Checked(click.ParamType):
     """An int or float option refused, before anything loads, with the library's message for the
-    setting (``Invalid top_p=0.0: expected ...``, as :mod:`spaf_edge.config` words it)."""
+    setting (``Invalid top_p=0.0: expected ...``, as :mod:`spaf_edge.core.config` words it)."""
 
     def __init__(self, base: click.ParamType, setting: str, ok: Callable[[Any], bool], expected: str) -> None:
         self.base, self.setting, self.ok, self.expected = base, setting, ok, expected
@@ -184,8 +184,8 @@ def tree(func):
 
 
 def _valid_proposers(value: str) -> bool:
+    from spaf_edge.core.errors import ConfigError
     from spaf_edge.decoding.proposers import parse_proposers
-    from spaf_edge.errors import ConfigError
 
     try:
         parse_proposers(value)

@@ -124,7 +124,7 @@ def answer(engine, prompt, max_new_tokens: int, settings: dict, stats: bool) -> 
 
 def chat_session(engine, max_new_tokens: int, settings: dict, stats: bool, special_tokens: bool = False) -> None:
     """Read user turns from stdin; the KV rows of the conversation so far are reused each turn."""
-    from spaf_edge.errors import ConfigError
+    from spaf_edge.core.errors import ConfigError
 
     if engine.tokenizer is None or not engine.tokenizer.has_chat_template:
         raise ConfigError("--chat-loop needs a model with a chat template; use --prompt with --raw instead.")

@@ -64,7 +64,7 @@ from spaf_edge.cli import options
 def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_size, rollout_steps, mixed_precision,
             base_dtype, deepspeed_config, resume, init_from, progress, **settings):
     """Train SpAF components (only they train; the base stays frozen)."""
-    from spaf_edge.config import SpAFConfig
+    from spaf_edge.core.config import SpAFConfig
     from spaf_edge.training.distributed import DistributedSettings, end_process_group
     from spaf_edge.training.trainer import check_run_start, train_run
 

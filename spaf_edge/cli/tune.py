@@ -56,8 +56,8 @@ def command(export_dirs, prompts_file, limit, max_new_tokens, screen_prompts, ke
     greedy decoding; `spaf-edge run` then uses the result by default. Give the exports of
     several exits (`export --exit-layer`) to compare the exits too.
     """
-    from spaf_edge.errors import StorageError
-    from spaf_edge.tuning import Grid, TuneOptions, reset_tuned, tune_exports
+    from spaf_edge.core.errors import StorageError
+    from spaf_edge.runtime.tuning import Grid, TuneOptions, reset_tuned, tune_exports
 
     if reset:
         for folder in export_dirs:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from spaf_edge.errors import ConfigError
+from spaf_edge.core.errors import ConfigError
 
 Tokens = Sequence[int] | np.ndarray  # 1-D token ids
 BULK = 16  # extend by more tokens than this through zip: 3x faster per token, slower for a few

@@ -19,11 +19,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from spaf_edge.config import validate_drafting
+from spaf_edge.core.config import validate_drafting
+from spaf_edge.core.errors import ConfigError
+from spaf_edge.core.sampling import SamplingParams, logits_to_probs
+from spaf_edge.core.stats import GenerationStats
 from spaf_edge.decoding.tree import DraftTree, accept_tree
-from spaf_edge.errors import ConfigError
-from spaf_edge.sampling import SamplingParams, logits_to_probs
-from spaf_edge.stats import GenerationStats
 
 MODES = ("spaf", "greedy")  # greedy: plain decoding, one token per full pass (the same-backend baseline)
 
@@ -201,7 +201,9 @@ def resolve_settings(
     lookup_depth: int | None = None,
 ) -> DecodeSettings:
     """Options left unset come from ``defaults`` (a config's or manifest's decoding keys); validated (ConfigError)."""
-    from spaf_edge.decoding.proposers import parse_proposers  # the proposers build on this module
+    from spaf_edge.decoding.proposers import (
+        parse_proposers,  # the proposers build on this module
+    )
 
     if mode not in MODES:
         raise ConfigError(f"Invalid mode={mode!r}: expected one of {MODES}.")

@@ -20,11 +20,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from spaf_edge.decoding.loop import DecodeSettings, Proposal
+from spaf_edge.core.errors import ConfigError
 from spaf_edge.decoding.lookup import NgramIndex
+from spaf_edge.decoding.loop import DecodeSettings, Proposal
 from spaf_edge.decoding.spaf import SpAFProposer
 from spaf_edge.decoding.tree import DraftTree
-from spaf_edge.errors import ConfigError
 
 PROPOSERS = ("spaf", "lookup")
 

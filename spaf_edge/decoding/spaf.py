@@ -26,9 +26,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from spaf_edge.core.sampling import choose, softmax
 from spaf_edge.decoding.loop import DecodeSettings, Proposal
 from spaf_edge.decoding.tree import DraftTree
-from spaf_edge.sampling import choose, softmax
 
 State = Any  # a backend's handle on one position's state: a [1, 1, H] tensor, or a buffer row
 

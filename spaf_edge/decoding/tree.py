@@ -4,7 +4,7 @@ A tree generalises the draft chain: node 0 is the pending token ``x_T``, every o
 a candidate whose parent is the token before it. ``accept_tree`` walks it from the root,
 one verified target distribution per node visited, and returns the accepted path and the
 bonus token. On a chain it makes exactly the choices and random draws of
-``spaf_edge.sampling.accept``.
+``spaf_edge.core.sampling.accept``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import DTypeLike
 
-from spaf_edge.sampling import SamplingParams, is_distribution, sample
+from spaf_edge.core.sampling import SamplingParams, is_distribution, sample
 
 Proposal = tuple[int, np.ndarray | None]  # (child node, the q its candidate was drawn from; None: deterministic)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from spaf_edge.errors import ConfigError
+from spaf_edge.core.errors import ConfigError
 from spaf_edge.exporters.graph_builder import GraphBuilder, node_path
 from spaf_edge.exporters.layers import (
     make_group_query_attention,

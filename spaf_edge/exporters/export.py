@@ -15,15 +15,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from spaf_edge import io_names
-from spaf_edge.atomic import atomic_directory
-from spaf_edge.errors import ConfigError, NonFiniteWeightsError, UnsupportedArchitectureError
+from spaf_edge.core import io_names
+from spaf_edge.core.atomic import atomic_directory
+from spaf_edge.core.embedding_layout import QUANTIZATION_BITS
+from spaf_edge.core.errors import (
+    ConfigError,
+    NonFiniteWeightsError,
+    UnsupportedArchitectureError,
+)
+from spaf_edge.core.manifest import DTYPES, Manifest, ModelSizes, sha256_file
 from spaf_edge.exporters.graph_builder import OPSET
-from spaf_edge.exporters.graphs import GraphPlan, build_draft_head, build_drafter, build_lower, build_upper
-from spaf_edge.embedding_layout import QUANTIZATION_BITS
+from spaf_edge.exporters.graphs import (
+    GraphPlan,
+    build_draft_head,
+    build_drafter,
+    build_lower,
+    build_upper,
+)
 from spaf_edge.exporters.quantize import quantize_graph
 from spaf_edge.exporters.writer import write_graphs
-from spaf_edge.manifest import DTYPES, Manifest, ModelSizes, sha256_file
 from spaf_edge.model import SpAFModel
 
 log = logging.getLogger(__name__)
@@ -111,7 +121,7 @@ def export_pretrained(
     ``cutoff_layer`` places untrained components (no ``components``); ``exit_layer`` picks
     one of the trained exits. ``check`` runs graph parity on the result.
     """
-    from spaf_edge.config import SpAFConfig
+    from spaf_edge.core.config import SpAFConfig
 
     if components is not None and cutoff_layer is not None:
         raise ConfigError(
@@ -183,7 +193,7 @@ def measure_lossless(folder: Path) -> str:
 
 
 def write_embeddings(folder: Path, plan: GraphPlan) -> list[str]:
-    """The [V, H] embedding rows (raw, or quantized: spaf_edge.embedding_layout); the runtime reads token rows."""
+    """The [V, H] embedding rows (raw, or quantized: spaf_edge.core.embedding_layout); the runtime reads token rows."""
     with open(folder / io_names.EMBEDDINGS, "wb") as handle:
         for piece in plan.embedding_bytes():
             piece.tofile(handle)

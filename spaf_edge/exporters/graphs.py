@@ -11,7 +11,7 @@ alone (the draft head has its own draft-vocabulary rows) is then ``upper``'s pri
 initializer, which ONNX Runtime prepacks; its bytes stay in ``embeddings.bin``
 (:attr:`GraphPlan.placements`), so the folder holds the table once. An int4/int8 export
 (format 5) quantizes the table and every LM head: the tied head is a MatMulNBits node on
-the quantized rows of ``embeddings.bin`` (:mod:`spaf_edge.embedding_layout`). The stacks take
+the quantized rows of ``embeddings.bin`` (:mod:`spaf_edge.core.embedding_layout`). The stacks take
 ``tree_positions`` and ``tree_bias`` (format 6), so one verify pass can run a draft tree.
 """
 
@@ -24,11 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto
 
-from spaf_edge import io_names
-from spaf_edge.exporters.drafters import ADAPTER_BUILDERS, ALIGNMENT_HEAD_BUILDERS, builder_for
+from spaf_edge.core import io_names
+from spaf_edge.core.embedding_layout import EmbeddingLayout
+from spaf_edge.exporters.drafters import (
+    ADAPTER_BUILDERS,
+    ALIGNMENT_HEAD_BUILDERS,
+    builder_for,
+)
 from spaf_edge.exporters.graph_builder import GraphBuilder
-from spaf_edge.exporters.quantize import ACCURACY_LEVEL, quantize_rows
-from spaf_edge.embedding_layout import EmbeddingLayout
 from spaf_edge.exporters.layers import (
     AttentionShape,
     HeadBlocks,
@@ -41,6 +44,7 @@ from spaf_edge.exporters.layers import (
     make_skip_rms_norm,
     to_numpy,
 )
+from spaf_edge.exporters.quantize import ACCURACY_LEVEL, quantize_rows
 from spaf_edge.model import SpAFModel
 
 EMBED = "model.embed_tokens.weight"

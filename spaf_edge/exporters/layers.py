@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spaf_edge.exporters.graph_builder import MS_DOMAIN, GraphBuilder, node_path
-from spaf_edge.io_names import (
+from spaf_edge.core.io_names import (
     SEQLENS_K,
     TOTAL_SEQUENCE_LENGTH,
     TREE_BIAS,
@@ -26,6 +25,7 @@ from spaf_edge.io_names import (
     present_key,
     present_value,
 )
+from spaf_edge.exporters.graph_builder import MS_DOMAIN, GraphBuilder, node_path
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -278,7 +278,7 @@ def make_last_rows(b: GraphBuilder, x: str, count: str, path: str) -> str:
 
 @dataclass(frozen=True)
 class QuantizedHead:
-    """An LM head as one MatMulNBits node: weight names and quantization (spaf_edge.embedding_layout)."""
+    """An LM head as one MatMulNBits node: weight names and quantization (spaf_edge.core.embedding_layout)."""
 
     packed: str  # uint8 [N, blocks, blob]
     scales: str  # [N * blocks], the export's float dtype

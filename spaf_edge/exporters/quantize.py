@@ -5,7 +5,7 @@ Every MatMul weight, the decoder layers' and the SpAF modules', is quantized by
 SpAF modules draft as well as float32 ones (tau 1.73 vs 1.70 on 16 MT-Bench prompts). The
 LM head and its draft-vocabulary rows are built as MatMulNBits nodes directly
 (:func:`quantize_rows`, the same quantizer's kernel): a tied head shares its quantized bytes
-with the embedding rows of ``embeddings.bin`` (:mod:`spaf_edge.embedding_layout`). Norms,
+with the embedding rows of ``embeddings.bin`` (:mod:`spaf_edge.core.embedding_layout`). Norms,
 rotary caches and the attention adapter's own attention keep the export's float dtype.
 """
 
@@ -16,7 +16,11 @@ import logging
 import numpy as np
 import onnx
 
-from spaf_edge.embedding_layout import BLOCK_SIZE, QUANTIZATION_BITS, EmbeddingLayout
+from spaf_edge.core.embedding_layout import (
+    BLOCK_SIZE,
+    QUANTIZATION_BITS,
+    EmbeddingLayout,
+)
 
 ACCURACY_LEVEL = 4  # MatMulNBits may compute with int8 activations where the CPU kernel supports it
 
@@ -55,7 +59,10 @@ def quantize_rows(table: np.ndarray, layout: EmbeddingLayout) -> tuple[np.ndarra
 
     Rows are MatMulNBits' output columns: the node computes ``A @ rows.T``. Symmetric, so no zero points.
     """
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+    from onnxruntime.capi._pybind_state import (
+        quantize_matmul_4bits,
+        quantize_matmul_8bits,
+    )
 
     rows, k = table.shape
     weight = np.zeros((layout.blocks * layout.block_size, rows), dtype=np.float32)  # [K padded, N]

@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from spaf_edge.core.io_names import SHARED_WEIGHTS, SHARED_WEIGHTS_INDEX
+from spaf_edge.core.shared_weights import ALIGNMENT, SharedTensor, write_index
 from spaf_edge.exporters.graph_builder import GraphBuilder, onnx_dtype
-from spaf_edge.io_names import SHARED_WEIGHTS, SHARED_WEIGHTS_INDEX
-from spaf_edge.shared_weights import ALIGNMENT, SharedTensor, write_index
 
 INLINE_LIMIT = 1024  # bytes: smaller initializers stay inside the .onnx file
 

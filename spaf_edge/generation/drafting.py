@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from spaf_edge.sampling import SamplingParams, draft_distribution
+from spaf_edge.core.sampling import SamplingParams, draft_distribution
 
 if TYPE_CHECKING:
     from spaf_edge.generation.reference import TorchBackend

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from spaf_edge.cache_length import CacheLength
+from spaf_edge.core.cache_length import CacheLength
 
 
 class StackKVCache(CacheLength):

@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from spaf_edge.core.errors import ConfigError, ContextLengthError
+from spaf_edge.core.stats import GenerationStats
 from spaf_edge.decoding.loop import DecodeResult, Proposal, decode, resolve_settings
 from spaf_edge.decoding.proposers import LookupProposer, Proposers
 from spaf_edge.decoding.spaf import SpAFProposer
 from spaf_edge.decoding.tree import DraftTree
-from spaf_edge.errors import ConfigError, ContextLengthError
 from spaf_edge.generation.drafting import TorchDraftCalls
 from spaf_edge.model import SpAFModel
-from spaf_edge.stats import GenerationStats
 
 DECODING_KEYS = ("temperature", "top_k", "top_p", "num_draft_tokens", "serial_parallel_transition",
                  "draft_stop_threshold")

@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from spaf_edge.atomic import atomic_directory
-from spaf_edge.errors import ModelNotFoundError
+from spaf_edge.core.atomic import atomic_directory
+from spaf_edge.core.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 

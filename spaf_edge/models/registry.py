@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from spaf_edge.errors import UnsupportedArchitectureError
+from spaf_edge.core.errors import UnsupportedArchitectureError
 
 _REGISTRY: dict[str, type[Architecture]] = {}
 

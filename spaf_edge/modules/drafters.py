@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from spaf_edge.config import SpAFConfig
-from spaf_edge.errors import ConfigError
+from spaf_edge.core.config import SpAFConfig
+from spaf_edge.core.errors import ConfigError
 
 ADAPTER_KINDS: dict[str, type[nn.Module]] = {}
 ALIGNMENT_HEAD_KINDS: dict[str, type[nn.Module]] = {}

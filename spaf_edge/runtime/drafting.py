@@ -15,10 +15,11 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from spaf_edge.core.sampling import SamplingParams, draft_distribution
 from spaf_edge.decoding.spaf import CHAIN_START
-from spaf_edge.runtime.decoder import Decoder, HostBuffers
-from spaf_edge.runtime.graphs import DraftHeadGraph, DrafterGraph, HostBuffer
-from spaf_edge.sampling import SamplingParams, draft_distribution
+from spaf_edge.runtime.buffers import HostBuffer, HostBuffers
+from spaf_edge.runtime.decoder import Decoder
+from spaf_edge.runtime.graphs import DrafterGraph, DraftHeadGraph
 
 Row = tuple[HostBuffer, int]
 
@@ -71,8 +72,8 @@ class EngineDraftCalls:
 
     def align(self, token: int, hidden: Row, j: int) -> Row:
         buffers = self.buffers
-        self.decoder.embeddings.lookup([token], buffers.token_embeds[0])
-        self.drafter.run(view(hidden), buffers.pseudo.view(j - 1, j))
+        self.decoder.embeddings.lookup([token], buffers.token_embeds.array[0])
+        self.drafter.run(buffers.token_embeds.view(0, 1), view(hidden), buffers.pseudo.view(j - 1, j))
         return buffers.pseudo, j - 1
 
     def head(self, hidden: Row, previous: Row, slot: int) -> tuple[np.ndarray, Row]:

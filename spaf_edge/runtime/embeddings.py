@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from spaf_edge.embedding_layout import EmbeddingLayout
-from spaf_edge.errors import ExportFormatError
-from spaf_edge.manifest import check_embedding_file
+from spaf_edge.core.embedding_layout import EmbeddingLayout
+from spaf_edge.core.errors import ExportFormatError
+from spaf_edge.core.manifest import check_embedding_file
 
 
 class EmbeddingTable:

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from spaf_edge.errors import ConfigError, ContextLengthError, ExportFormatError
-from spaf_edge.io_names import (
+from spaf_edge.core.errors import ConfigError, ContextLengthError, ExportFormatError
+from spaf_edge.core.io_names import (
     ADAPTER_KV,
     DRAFT_HEAD_GRAPH,
     DRAFT_VOCAB,
@@ -31,21 +31,37 @@ from spaf_edge.io_names import (
     TOKENIZER,
     UPPER_GRAPH,
 )
-from spaf_edge.manifest import Manifest
+from spaf_edge.core.manifest import Manifest
+from spaf_edge.core.sampling import SamplingParams
+from spaf_edge.core.shared_weights import SharedWeights
+from spaf_edge.core.stats import GenerationStats
 from spaf_edge.decoding.loop import DecodeResult, DecodeSettings, resolve_settings
 from spaf_edge.decoding.proposers import LookupProposer, Proposers
 from spaf_edge.decoding.spaf import SpAFProposer
-from spaf_edge.runtime.decoder import Decoder, HostBuffers
+from spaf_edge.runtime.buffers import HostBuffers
+from spaf_edge.runtime.decoder import Decoder
 from spaf_edge.runtime.drafting import EngineDraftCalls
 from spaf_edge.runtime.embeddings import EmbeddingTable
-from spaf_edge.runtime.graphs import DraftHeadGraph, DrafterGraph, LowerGraph, UpperGraph
+from spaf_edge.runtime.graphs import (
+    DrafterGraph,
+    DraftHeadGraph,
+    LowerGraph,
+    UpperGraph,
+)
 from spaf_edge.runtime.kv import KVCache
-from spaf_edge.runtime.rows import ROW_CALLS, TREE_MODES, RowCheck, check_rows, check_tree, probe_tokens
+from spaf_edge.runtime.rows import (
+    ROW_CALLS,
+    TREE_MODES,
+    RowCheck,
+    check_rows,
+    check_tree,
+    probe_tokens,
+)
 from spaf_edge.runtime.session import (
     Provider,
     check_thread_pool,
     default_threads,
-    open_session,
+    open_shared_session,
     release_freed_memory,
     resolve_provider,
     session_options,
@@ -53,9 +69,6 @@ from spaf_edge.runtime.session import (
 from spaf_edge.runtime.signatures import check_graphs
 from spaf_edge.runtime.stream import IncrementalDecoder
 from spaf_edge.runtime.tokenizer import TextTokenizer
-from spaf_edge.sampling import SamplingParams
-from spaf_edge.shared_weights import SharedWeights
-from spaf_edge.stats import GenerationStats
 
 DECODING_KEYS = (
     "num_draft_tokens", "serial_parallel_transition", "draft_stop_threshold", "temperature", "top_p", "top_k",
@@ -162,7 +175,7 @@ class Engine:
         )
         spaf = SpAFProposer(EngineDraftCalls(
             decoder,
-            DrafterGraph(sessions[DRAFTER_GRAPH], buffers.token_embeds),
+            DrafterGraph(sessions[DRAFTER_GRAPH]),
             DraftHeadGraph(sessions[DRAFT_HEAD_GRAPH], buffers.draft_logits_value, manifest.reads_top_state,
                            adapter_kv),
             load_draft_vocab(folder, manifest),
@@ -346,9 +359,7 @@ def open_sessions(
     shared = SharedWeights(folder)
     sessions = {}
     for name in GRAPHS:
-        session = open_session(folder / name, shared.add_to(session_options(threads, thread_pool), name), provider)
-        session.spaf_shared_weights = shared  # ORT does not own those buffers: they must outlive it
-        sessions[name] = session
+        sessions[name] = open_shared_session(shared, name, session_options(threads, thread_pool), provider)
     check_graphs(folder, manifest, dtype, sessions)
     return sessions
 

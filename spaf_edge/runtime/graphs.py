@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from spaf_edge.io_names import (
+from spaf_edge.core.io_names import (
     CUTOFF_HIDDEN,
     DRAFT_HIDDEN,
     DRAFT_LOGITS,
@@ -40,27 +40,8 @@ from spaf_edge.io_names import (
     TREE_BIAS,
     TREE_POSITIONS,
 )
+from spaf_edge.decoding.tree import masked_value
 from spaf_edge.runtime.kv import KVCache
-
-
-class HostBuffer:
-    """A host array ``[1, rows, ...]`` with cached OrtValues viewing its row ranges (no copies)."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: type) -> None:
-        self.array = np.zeros(shape, dtype=dtype)
-        self._views: dict[tuple[int, int], ort.OrtValue] = {}
-
-    @property
-    def rows(self) -> int:
-        return self.array.shape[1]
-
-    def view(self, start: int, stop: int) -> ort.OrtValue:
-        """OrtValue over ``array[:, start:stop]`` (contiguous: the leading axis has size 1)."""
-        value = self._views.get((start, stop))
-        if value is None:
-            value = ort.OrtValue.ortvalue_from_numpy(self.array[:, start:stop])
-            self._views[(start, stop)] = value
-        return value
 
 
 class _Positions:
@@ -78,12 +59,6 @@ class _Positions:
         # Rebinding is free on CPU and makes device providers copy the fresh values.
         binding.bind_ortvalue_input(SEQLENS_K, self.seqlens_value)
         binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self.total_value)
-
-
-def masked_value(dtype: type) -> float:
-    """The tree mask's entry for a key that is not the query's ancestor: half the dtype's most negative
-    finite value (finite: no ``-inf - -inf``; halved: adding a score keeps it finite). Softmax gives it 0."""
-    return float(np.finfo(dtype).min) / 2
 
 
 class TreeInputs:
@@ -242,15 +217,13 @@ class UpperGraph(StackGraph):
 class DrafterGraph:
     """One aligned-draft step: ``ĥ = AH(e(d), h̄)``. No KV cache."""
 
-    def __init__(self, session: ort.InferenceSession, token_embeds: np.ndarray) -> None:
+    def __init__(self, session: ort.InferenceSession) -> None:
         self.session = session
         self.binding = session.io_binding()
-        self.token_embeds = token_embeds  # [1, 1, H] e(d), written by the caller before run()
-        self.token_value = ort.OrtValue.ortvalue_from_numpy(token_embeds)
 
-    def run(self, prev_hidden: ort.OrtValue, pseudo_hidden: ort.OrtValue) -> None:
-        # token_embeds: [1, 1, H], prev_hidden: [1, 1, H] -> pseudo_hidden: [1, 1, H]
-        self.binding.bind_ortvalue_input(TOKEN_EMBEDS, self.token_value)  # rebound: device providers copy it
+    def run(self, token_embeds: ort.OrtValue, prev_hidden: ort.OrtValue, pseudo_hidden: ort.OrtValue) -> None:
+        # token_embeds: [1, 1, H] e(d), prev_hidden: [1, 1, H] -> pseudo_hidden: [1, 1, H]
+        self.binding.bind_ortvalue_input(TOKEN_EMBEDS, token_embeds)  # rebound: device providers copy it
         self.binding.bind_ortvalue_input(PREV_HIDDEN, prev_hidden)
         self.binding.bind_ortvalue_output(PSEUDO_HIDDEN, pseudo_hidden)
         self.session.run_with_iobinding(self.binding)

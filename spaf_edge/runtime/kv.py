@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from spaf_edge.cache_length import CacheLength
-from spaf_edge.io_names import kv_names
+from spaf_edge.core.cache_length import CacheLength
+from spaf_edge.core.io_names import kv_names
 
 
 class KVCache(CacheLength):

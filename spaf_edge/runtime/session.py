@@ -16,8 +16,13 @@ from pathlib import Path
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from spaf_edge.config import THREAD_POOL_ENV, THREAD_POOLS
-from spaf_edge.errors import ConfigError, ExportFormatError, ProviderUnavailableError
+from spaf_edge.core.config import THREAD_POOL_ENV, THREAD_POOLS
+from spaf_edge.core.errors import (
+    ConfigError,
+    ExportFormatError,
+    ProviderUnavailableError,
+)
+from spaf_edge.core.shared_weights import SharedWeights
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,19 @@ def compatible_session_options() -> ort.SessionOptions:
     if global_pool_threads() is not None:
         options.use_per_session_threads = False
     return options
+
+
+def open_shared_session(
+    shared: SharedWeights, graph: str, options: ort.SessionOptions | None = None, provider: Provider = PROVIDERS["cpu"],
+) -> ort.InferenceSession:
+    """A session of ``shared.folder/graph`` on the shared weights, which the session keeps alive
+    (ONNX Runtime does not own those buffers: they must outlive it)."""
+    if options is None:
+        options = compatible_session_options()
+        options.log_severity_level = 3  # ORT warns about overridable initializers, which are by design here
+    session = open_session(shared.folder / graph, shared.add_to(options, graph), provider)
+    session.spaf_shared_weights = shared
+    return session
 
 
 def open_session(path: Path, options: ort.SessionOptions, provider: Provider) -> ort.InferenceSession:

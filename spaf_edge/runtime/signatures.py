@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from spaf_edge.errors import ExportFormatError
-from spaf_edge.io_names import (
+from spaf_edge.core.errors import ExportFormatError
+from spaf_edge.core.io_names import (
     ADAPTER_KV,
     CUTOFF_HIDDEN,
     DRAFT_HEAD_GRAPH,
@@ -40,7 +40,7 @@ from spaf_edge.io_names import (
     UPPER_GRAPH,
     kv_names,
 )
-from spaf_edge.manifest import Manifest
+from spaf_edge.core.manifest import Manifest
 
 # ORT type strings of graph IO -> numpy dtypes.
 ORT_DTYPES = {

@@ -32,8 +32,8 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from spaf_edge.errors import ConfigError, ExportFormatError
-from spaf_edge.io_names import TOKENIZER, TOKENIZER_CONFIG
+from spaf_edge.core.errors import ConfigError, ExportFormatError
+from spaf_edge.core.io_names import TOKENIZER, TOKENIZER_CONFIG
 
 SURROGATES = re.compile("[\ud800-\udfff]")
 PLACEHOLDER_CHARS = range(0xE000, 0xF900)  # Unicode's private-use area

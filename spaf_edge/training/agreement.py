@@ -60,7 +60,7 @@ def reference_replies(
     """The base's greedy replies to ``(category, prompt_ids)`` pairs, cached in ``cache`` when given."""
     from tqdm.auto import tqdm
 
-    from spaf_edge.atomic import atomic_write_text
+    from spaf_edge.core.atomic import atomic_write_text
     from spaf_edge.training.distill import eos_token_ids, generate_batch
 
     key = hashlib.sha256(json.dumps([model.fingerprint, max_new_tokens, list(prompts)]).encode()).hexdigest()[:16]

@@ -28,8 +28,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from spaf_edge.atomic import atomic_directory
-from spaf_edge.errors import ConfigError, ModelNotFoundError
+from spaf_edge.core.atomic import atomic_directory
+from spaf_edge.core.errors import ConfigError, ModelNotFoundError
 from spaf_edge.model import SpAFModel
 
 CHECKPOINT = "checkpoint"

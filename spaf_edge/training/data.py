@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from spaf_edge.bench.prompts import grounded_passages
-from spaf_edge.errors import ConfigError
+from spaf_edge.core.errors import ConfigError
+from spaf_edge.core.prompt_sets import grounded_passages
 
 log = logging.getLogger(__name__)
 EVALUATION_NAME = re.compile(r"mt[-_ ]?bench|grounded_prompts", re.IGNORECASE)

@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from spaf_edge.errors import ConfigError
+from spaf_edge.core.errors import ConfigError
 
 AUTO = "auto"
 PRECISIONS = ("no", "bf16", "fp16")

@@ -45,9 +45,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spaf_edge.errors import ConfigError, UnsupportedArchitectureError
+from spaf_edge.core.errors import ConfigError, UnsupportedArchitectureError
 from spaf_edge.prompts import encode_prompt
-from spaf_edge.training.data import is_evaluation_row, read_jsonl, refuse_evaluation_data
+from spaf_edge.training.data import (
+    is_evaluation_row,
+    read_jsonl,
+    refuse_evaluation_data,
+)
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +343,7 @@ def base_tokenizer(base_model: str | None) -> Any:
 
 def check_export_base(folder: Path, base: Path) -> None:
     """Refuse an export made from another base model than ``base`` (their fingerprints differ)."""
-    from spaf_edge.manifest import Manifest
+    from spaf_edge.core.manifest import Manifest
     from spaf_edge.models.loading import load_base_model, model_fingerprint
 
     manifest = Manifest.load(folder, verify_files=False)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from spaf_edge.errors import ConfigError
+from spaf_edge.core.errors import ConfigError
 from spaf_edge.training import deepspeed_config as dsc
 
 BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

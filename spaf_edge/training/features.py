@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spaf_edge.atomic import atomic_directory
-from spaf_edge.errors import ConfigError
+from spaf_edge.core.atomic import atomic_directory
+from spaf_edge.core.errors import ConfigError
 from spaf_edge.model import SpAFModel
 from spaf_edge.training.data import TokenDataset
 

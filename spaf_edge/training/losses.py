@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from spaf_edge.config import SpAFConfig
+from spaf_edge.core.config import SpAFConfig
 from spaf_edge.model import SpAFModel
 from spaf_edge.training.features import BaseFeatures, previous_top_states
 

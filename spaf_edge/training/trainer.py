@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from spaf_edge.atomic import atomic_write_text
-from spaf_edge.config import SpAFConfig
-from spaf_edge.errors import ConfigError
+from spaf_edge.core.atomic import atomic_write_text
+from spaf_edge.core.config import SpAFConfig
+from spaf_edge.core.errors import ConfigError
 from spaf_edge.model import SpAFModel
 from spaf_edge.training import checkpoint as ckpt
 from spaf_edge.training import distributed as dist
@@ -54,7 +54,11 @@ from spaf_edge.training.data import (
     split_holdout,
 )
 from spaf_edge.training.distributed import DistributedSettings
-from spaf_edge.training.features import CachedFeatureDataset, batch_features, build_feature_cache
+from spaf_edge.training.features import (
+    CachedFeatureDataset,
+    batch_features,
+    build_feature_cache,
+)
 from spaf_edge.training.losses import DEFAULT_CHUNK_ROWS, spaf_losses
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from spaf_edge.errors import CheckpointMismatchError
+from spaf_edge.core.errors import CheckpointMismatchError
 
 # Short prompts in the spirit of MT-Bench categories (writing, reasoning, coding, STEM,
 # extraction, humanities); written for this check, never used for training.
@@ -109,7 +109,7 @@ class ValidationReport:
             return True
         if self.components:
             return self.parity.passed
-        from spaf_edge.io_names import LOGITS
+        from spaf_edge.core.io_names import LOGITS
 
         return bool(self.parity.errors) and not [e for e in self.parity.failures if e.output == LOGITS]
 
@@ -142,7 +142,7 @@ def validate_export(
     chat: bool = True,
 ) -> ValidationReport:
     """Graph parity, then end-to-end greedy token equality; see the module docstring."""
-    from spaf_edge.config import SpAFConfig
+    from spaf_edge.core.config import SpAFConfig
     from spaf_edge.model import SpAFModel
     from spaf_edge.runtime.engine import Engine
 

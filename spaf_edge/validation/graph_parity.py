@@ -1,7 +1,7 @@
 """Graph parity (DESIGN §7): each exported graph against the PyTorch modules it came from.
 
 The graphs run in ONNX Runtime exactly as the engine runs them: shared weights handed
-in once (:class:`spaf_edge.shared_weights.SharedWeights`), KV caches preallocated and
+in once (:class:`spaf_edge.core.shared_weights.SharedWeights`), KV caches preallocated and
 bound as past *and* present of one OrtValue. The scenario walks the cache through every
 state the engine uses: a prefill chunk, a decode step, a multi-token verify chunk on a
 past, and a chunk after a rollback (the valid length lowered, stale rows overwritten).
@@ -30,12 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from spaf_edge import io_names
-from spaf_edge.errors import ConfigError
-from spaf_edge.manifest import Manifest
+from spaf_edge.core import io_names
+from spaf_edge.core.errors import ConfigError
+from spaf_edge.core.manifest import Manifest
+from spaf_edge.core.shared_weights import SharedWeights
 from spaf_edge.model import SpAFModel
 from spaf_edge.runtime.embeddings import EmbeddingTable
-from spaf_edge.shared_weights import SharedWeights
+from spaf_edge.runtime.session import open_shared_session, resolve_provider
 
 # Bounds on max_rel of the logits; a quantized export is compared with the float model,
 # so its error is quantization error (the bound only catches a broken graph).
@@ -112,7 +113,7 @@ def check_graphs(
     steps: Sequence[tuple[str, int, int]] = DEFAULT_STEPS,
     seed: int = 0,
     threshold: float | None = None,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
+    provider: str = "cpu",
     token_ids: Sequence[int] | None = None,
 ) -> GraphParityReport:
     """Run every graph with ORT and ``model``'s PyTorch modules on the same inputs.
@@ -126,7 +127,7 @@ def check_graphs(
     if threshold is None:
         threshold = THRESHOLDS[manifest.quantization or manifest.dtype]
     report = GraphParityReport(str(export_dir), manifest.dtype, manifest.quantization, threshold)
-    graphs = GraphSessions(export_dir, manifest, providers)
+    graphs = GraphSessions(export_dir, manifest, provider)
     exit_layer = manifest.cutoff_layer
     total = sum(length for _, length, _ in steps)
     if token_ids is None:
@@ -198,7 +199,7 @@ def _check_draft_head(
 class GraphSessions:
     """The graphs of an export with preallocated, in-place KV caches (batch 1)."""
 
-    def __init__(self, folder: Path, manifest: Manifest, providers: Sequence[str]) -> None:
+    def __init__(self, folder: Path, manifest: Manifest, provider: str) -> None:
         import onnxruntime as ort
 
         self.shared = SharedWeights(folder)
@@ -218,7 +219,7 @@ class GraphSessions:
 
         k = manifest.cutoff_layer
         self.lower, self.upper, self.drafter, self.draft_head = (
-            self.shared.open_session(graph, providers=providers)
+            open_shared_session(self.shared, graph, provider=resolve_provider(provider))
             for graph in (io_names.LOWER_GRAPH, io_names.UPPER_GRAPH, io_names.DRAFTER_GRAPH,
                           io_names.DRAFT_HEAD_GRAPH)
         )

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from spaf_edge.errors import ModelNotFoundError
+from spaf_edge.core.errors import ModelNotFoundError
 
 DEMO_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 DEMO_MAX_LENGTH = 1024  # KV rows of the demo export (capped at the base's context)

@@ -18,7 +18,7 @@ MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SHARED_WEIGHTS = "shared_weights.bin"  # external data holding weights used by several graphs
-SHARED_WEIGHTS_INDEX = "shared_weights.json"  # name -> dtype, shape, offset, graphs (spaf_edge.shared_weights)
+SHARED_WEIGHTS_INDEX = "shared_weights.json"  # name -> dtype, shape, offset, graphs (spaf_edge.core.shared_weights)
 EMBEDDINGS = "embeddings.bin"  # raw [V, H] token embedding rows (export dtype); the runtime reads rows
 DRAFT_VOCAB = "draft_vocab.npy"  # int64 [V_d] token ids of the draft vocabulary (absent = all)
 

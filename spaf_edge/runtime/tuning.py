@@ -33,13 +33,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from spaf_edge.atomic import atomic_write_text
-from spaf_edge.bench.machine import cpu_model
-from spaf_edge.bench.prompts import load_prompts
-from spaf_edge.config import SpAFConfig
-from spaf_edge.errors import ConfigError, ContextLengthError, StorageError
-from spaf_edge.io_names import MANIFEST
-from spaf_edge.manifest import Manifest
+from spaf_edge.core.atomic import atomic_write_text
+from spaf_edge.core.config import SpAFConfig
+from spaf_edge.core.errors import ConfigError, ContextLengthError, StorageError
+from spaf_edge.core.io_names import MANIFEST
+from spaf_edge.core.machine import cpu_model
+from spaf_edge.core.manifest import Manifest
+from spaf_edge.core.prompt_sets import load_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ PROPOSER_VARIANTS = (("spaf", 2), ("spaf+lookup", 1), ("spaf+lookup", 2), ("spaf
 
 def calibration_prompts_path() -> Path:
     """The packaged calibration prompts (written for spaf-edge, see spaf_edge/data/README.md)."""
-    return Path(__file__).resolve().parent / "data" / "calibration_prompts.jsonl"
+    return Path(__file__).resolve().parents[1] / "data" / "calibration_prompts.jsonl"
 
 
 # ---- search space -------------------------------------------------------------

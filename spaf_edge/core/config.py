@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spaf_edge.atomic import atomic_write_text
-from spaf_edge.errors import ConfigError
+from spaf_edge.core.atomic import atomic_write_text
+from spaf_edge.core.errors import ConfigError
 
 # ONNX Runtime thread pools of the engine's sessions (spaf_edge.runtime.session.session_options),
 # here so the CLI can offer them without importing onnxruntime.

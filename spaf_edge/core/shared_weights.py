@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from spaf_edge.errors import ExportFormatError
-from spaf_edge.io_names import GRAPHS, SHARED_WEIGHTS_INDEX
-from spaf_edge.manifest import is_plain_file_name
+from spaf_edge.core.errors import ExportFormatError
+from spaf_edge.core.io_names import GRAPHS, SHARED_WEIGHTS_INDEX
+from spaf_edge.core.manifest import is_plain_file_name
 
 INDEX_VERSION = 2  # 2: each tensor names its file
 ALIGNMENT = 4096  # offsets in the .bin are page-aligned (mappable, SIMD-aligned)
@@ -130,11 +129,12 @@ class SharedWeights:
     Usage (one instance per engine)::
 
         shared = SharedWeights(folder)
-        session = shared.open_session("upper.onnx", options, providers=[...])
+        session = open_shared_session(shared, "upper.onnx")  # spaf_edge.runtime.session
 
     ONNX Runtime does not own buffers given with ``add_initializer``: the instance must
-    outlive every session using them (a freed one crashes the process). ``open_session``
-    pins it to the session; with :meth:`add_to` that is the caller's job.
+    outlive every session using them (a freed one crashes the process).
+    :func:`spaf_edge.runtime.session.open_shared_session` pins it to the session; with
+    :meth:`add_to` alone that is the caller's job.
 
     ``mmap=True`` (default) maps each file read-only (an ``np.memmap``; the OrtValues view it,
     no copy): pages load on first use and stay shared with the OS page cache. The OS maps
@@ -172,23 +172,6 @@ class SharedWeights:
         for name in self.names_for(graph):
             options.add_initializer(name, self.values[name])
         return options
-
-    def open_session(
-        self, graph: str, options: Any = None, providers: Sequence[Any] = ("CPUExecutionProvider",),
-        **kwargs: Any,
-    ) -> Any:
-        """An ``onnxruntime.InferenceSession`` of ``folder/graph`` on the shared buffers (kept alive by it)."""
-        import onnxruntime as ort
-
-        from spaf_edge.runtime.session import compatible_session_options
-
-        if options is None:
-            options = compatible_session_options()
-            options.log_severity_level = 3  # ORT warns about overridable initializers, which are by design here
-        self.add_to(options, graph)
-        session = ort.InferenceSession(str(self.folder / graph), options, providers=list(providers), **kwargs)
-        session.spaf_shared_weights = self  # ties the buffers' lifetime to the session's
-        return session
 
     @property
     def nbytes(self) -> int:

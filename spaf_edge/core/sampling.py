@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spaf_edge.config import validate_sampling
+from spaf_edge.core.config import validate_sampling
 
 
 @dataclass(frozen=True)

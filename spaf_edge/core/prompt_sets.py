@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from spaf_edge.errors import ConfigError
+from spaf_edge.core.errors import ConfigError
 
 DEFAULT_CATEGORY = "all"
 

@@ -1,6 +1,6 @@
 """Atomic writes: a reader sees the old file or folder or the new one, never a half-written one.
 
-A full disk (or quota) becomes one :class:`~spaf_edge.errors.StorageError` naming the folder,
+A full disk (or quota) becomes one :class:`~spaf_edge.core.errors.StorageError` naming the folder,
 with nothing half-written left. A process killed while writing a folder leaves its hidden
 ``.NAME.pPID-HOST.XXXX.partial`` sibling; the next :func:`atomic_directory` in that parent
 removes the partials whose process no longer runs on this host (never a live one's).
@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from spaf_edge.errors import StorageError
+from spaf_edge.core.errors import StorageError
 
 logger = logging.getLogger(__name__)
 

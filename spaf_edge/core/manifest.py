@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spaf_edge.embedding_layout import QUANTIZATION_BITS, EmbeddingLayout
-from spaf_edge.errors import ExportFormatError, ModelNotFoundError
-from spaf_edge.io_names import EMBEDDINGS, GRAPHS, MANIFEST
+from spaf_edge.core.embedding_layout import QUANTIZATION_BITS, EmbeddingLayout
+from spaf_edge.core.errors import ExportFormatError, ModelNotFoundError
+from spaf_edge.core.io_names import EMBEDDINGS, GRAPHS, MANIFEST
 
 # 2: draft head in its own graph, top states; 3: upper's num_logits input; 4: embedding rows read by the
 # runtime from embeddings.bin, a private prepacked LM head in upper; 5: manifest_sha256, int4/int8 exports
@@ -226,7 +226,7 @@ def content_digest(data: dict[str, Any]) -> str:
 
 def check_embedding_file(path: Path, layout: EmbeddingLayout) -> None:
     """ExportFormatError unless ``path`` holds exactly the table ``layout`` describes (raw, or quantized
-    for an int4/int8 export: :mod:`spaf_edge.embedding_layout`)."""
+    for an int4/int8 export: :mod:`spaf_edge.core.embedding_layout`)."""
     if not path.is_file():
         raise ExportFormatError(f"{path} is missing. The export is incomplete: re-run `spaf-edge export`.")
     expected = layout.file_size
