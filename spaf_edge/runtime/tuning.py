@@ -44,7 +44,7 @@ from spaf_edge.core.prompt_sets import load_prompts
 logger = logging.getLogger(__name__)
 
 DRAFTING_KEYS = ("num_draft_tokens", "serial_parallel_transition", "draft_stop_threshold", "proposers",
-                 "lookup_min_match")
+                 "lookup_min_match", "tree_width")
 # Second stage: the chosen drafting setting with each way of combining the proposers (decoding/proposers.py)
 PROPOSER_VARIANTS = (("spaf", 2), ("spaf+lookup", 1), ("spaf+lookup", 2), ("spaf+lookup", 3), ("lookup", 2))
 
@@ -64,6 +64,7 @@ class Candidate:
     draft_stop_threshold: float | None = None
     proposers: str = "spaf+lookup"  # who drafts (spaf_edge.decoding.proposers)
     lookup_min_match: int = 2  # the match a lookup branch needs to be the step's chain
+    tree_width: int = 1  # SpAF candidates per depth (> 1 only where the engine verifies trees exactly)
 
     @property
     def label(self) -> str:
@@ -72,6 +73,8 @@ class Candidate:
         if self.proposers != "spaf+lookup" or self.lookup_min_match != 2:
             match = f" m={self.lookup_min_match}" if self.proposers == "spaf+lookup" else ""
             label += f" {self.proposers}{match}"
+        if self.tree_width > 1:
+            label += f" width={self.tree_width}"
         return label
 
     def engine_options(self) -> dict[str, Any]:
@@ -80,11 +83,11 @@ class Candidate:
         eta = 0.0 if self.draft_stop_threshold is None else self.draft_stop_threshold
         return dict(num_draft_tokens=self.num_draft_tokens,
                     serial_parallel_transition=self.serial_parallel_transition, draft_stop_threshold=eta,
-                    proposers=self.proposers, lookup_min_match=self.lookup_min_match)
+                    proposers=self.proposers, lookup_min_match=self.lookup_min_match, tree_width=self.tree_width)
 
-    def with_proposers(self, proposers: str, lookup_min_match: int) -> Candidate:
+    def with_proposers(self, proposers: str, lookup_min_match: int, tree_width: int = 1) -> Candidate:
         return Candidate(self.num_draft_tokens, self.serial_parallel_transition, self.draft_stop_threshold,
-                         proposers, lookup_min_match)
+                         proposers, lookup_min_match, tree_width)
 
     def to_dict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in DRAFTING_KEYS}
@@ -261,7 +264,8 @@ def tune_export(folder: str | Path, options: TuneOptions | None = None) -> TuneR
     timer.measure([*finalists, default, plain], range(len(prompts)), "final")
 
     finals = sorted([*finalists, default], key=lambda m: -m.tokens_per_second)
-    variants = [Measurement(c.label, c) for c in proposer_variants(finals[0].candidate)]
+    trees = engine.decoder.proposer.trees  # trees are tried only where the engine verifies them exactly
+    variants = [Measurement(c.label, c) for c in proposer_variants(finals[0].candidate, trees)]
     if variants:  # the fastest drafting setting with each way of combining the proposers
         timer.measure(variants, range(len(prompts)), "proposers")
         finals = sorted([*finals, *variants], key=lambda m: -m.tokens_per_second)
@@ -333,9 +337,12 @@ class Timer:
                     bar.update()
 
 
-def proposer_variants(candidate: Candidate) -> list[Candidate]:
-    """``candidate`` with the other :data:`PROPOSER_VARIANTS`."""
+def proposer_variants(candidate: Candidate, trees: bool = False) -> list[Candidate]:
+    """``candidate`` with the other :data:`PROPOSER_VARIANTS` (and, with ``trees``, SpAF's runner-up
+    leaves: tree widths 2 and 3)."""
     variants = [candidate.with_proposers(proposers, match) for proposers, match in PROPOSER_VARIANTS]
+    if trees:
+        variants += [candidate.with_proposers("spaf+lookup", 2, width) for width in (2, 3)]
     return [variant for variant in variants if variant != candidate]
 
 
