@@ -143,7 +143,7 @@ def test_upper_computes_logits_of_the_last_num_logits_positions(llama_export):
     """num_logits=n gives the last n rows of the full logits (0: none, prefill); top states are unchanged."""
     from spaf_edge.validation.graph_parity import GraphSessions
 
-    graphs = GraphSessions(llama_export, Manifest.load(llama_export), ["CPUExecutionProvider"])
+    graphs = GraphSessions(llama_export, Manifest.load(llama_export), "cpu")
     hidden = np.random.default_rng(0).standard_normal((1, 5, 64)).astype(np.float32)
     full = graphs.run_upper(hidden)
     assert full[io_names.LOGITS].shape == (1, 5, 96)

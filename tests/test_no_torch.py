@@ -21,7 +21,7 @@ import spaf_edge.decoding
 import spaf_edge.runtime
 from spaf_edge.exporters import export_model
 
-ALLOWED_PACKAGES = {"numpy", "onnxruntime", "tokenizers", "jinja2", "tqdm"}
+ALLOWED_PACKAGES = {"numpy", "onnxruntime", "tokenizers", "jinja2", "tqdm", "psutil"}  # psutil: optional, with a fallback
 ALLOWED_SPAF_ROOMS = ("spaf_edge.core", "spaf_edge.decoding", "spaf_edge.runtime")  # the torch-free modules
 
 SCRIPT = """

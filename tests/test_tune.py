@@ -28,6 +28,7 @@ from spaf_edge.core.prompt_sets import load_prompts, mt_bench_path
 from spaf_edge.exporters import export_model
 from spaf_edge.runtime import Engine
 from spaf_edge.runtime.tuning import (
+    DRAFTING_KEYS,
     Candidate,
     Grid,
     TuneOptions,
@@ -82,12 +83,15 @@ def test_tune_stores_the_fastest_finalist_and_the_engine_uses_it(tiny, export_co
     tuned = Manifest.load(export_copy).tuned  # sha256 of every file still verifies
     assert tuned == manifest_data(export_copy)["tuned"] == result.tuned
 
-    chosen = Candidate(tuned["num_draft_tokens"], tuned["serial_parallel_transition"], tuned["draft_stop_threshold"])
-    assert chosen in SMALL_GRID.candidates() or chosen == result.default.candidate
+    chosen = Candidate(**{key: tuned[key] for key in DRAFTING_KEYS})
+    drafting = Candidate(chosen.num_draft_tokens, chosen.serial_parallel_transition, chosen.draft_stop_threshold)
+    assert drafting in SMALL_GRID.candidates() or drafting == result.default.candidate
     assert result.chosen.candidate == chosen
     assert result.chosen is max(result.finals, key=lambda row: row.tokens_per_second)
-    # Successive halving: 10 settings screened on 2 prompts, ceil(10 / 4) = 3 (+ the defaults) on all 4.
-    assert result.screened == 10 and len(result.finals) in (3, 4)
+    # Successive halving: 10 settings screened on 2 prompts, ceil(10 / 4) = 3 (+ the defaults) on all 4;
+    # then the fastest with the 4 other ways of combining the proposers, on all 4.
+    assert result.screened == 10 and len(result.finals) in (3 + 4, 4 + 4)
+    assert {row.candidate.proposers for row in result.finals} == {"spaf", "lookup", "spaf+lookup"}
     assert all(row.runs == len(PROMPTS) for row in [*result.finals, result.plain_greedy])
     assert result.default.candidate == Candidate(5, 2, None)  # the export's SpAF config
     assert tuned["speedup_vs_plain_greedy"] == pytest.approx(
@@ -102,8 +106,10 @@ def test_tune_stores_the_fastest_finalist_and_the_engine_uses_it(tiny, export_co
 
     engine = Engine.from_folder(export_copy)
     settings = engine.settings()
-    assert (settings.num_draft_tokens, settings.serial_parallel_transition, settings.draft_stop_threshold) == (
-        chosen.num_draft_tokens, chosen.serial_parallel_transition, chosen.draft_stop_threshold)
+    assert (settings.num_draft_tokens, settings.serial_parallel_transition, settings.draft_stop_threshold,
+            "+".join(settings.proposers), settings.lookup_min_match) == (
+        chosen.num_draft_tokens, chosen.serial_parallel_transition, chosen.draft_stop_threshold, chosen.proposers,
+        chosen.lookup_min_match)
     assert engine.settings(num_draft_tokens=2, serial_parallel_transition=1).num_draft_tokens == 2  # options win
 
 
@@ -113,7 +119,7 @@ def test_retuning_ignores_the_stored_entry(tiny, export_copy):
 
     def taus():  # greedy tau is deterministic for a setting, whatever the timing
         result = tune_export(export_copy, options(tiny[2], grid=grid))
-        return {row.label: row.tau for row in result.finals}
+        return {row.label: row.tau for row in result.finals if row.label in ("N=3 s=1 eta=-", "N=5 s=2 eta=-")}
 
     fresh = taus()
     assert set(fresh) == {"N=3 s=1 eta=-", "N=5 s=2 eta=-"} and max(fresh.values()) > 1.0
@@ -121,7 +127,8 @@ def test_retuning_ignores_the_stored_entry(tiny, export_copy):
     assert taus() == fresh
 
 
-@pytest.mark.parametrize("setting", [Candidate(4, 1, None), Candidate(6, 3, 0.3), Candidate(2, 2, None)])
+@pytest.mark.parametrize("setting", [Candidate(4, 1, None, "spaf"), Candidate(6, 3, 0.3, "spaf"),
+                                     Candidate(2, 2, None, "spaf"), Candidate(3, 1, None, "spaf+lookup", 1)])
 def test_tuned_export_gives_plain_greedy_tokens(tiny, export_copy, setting):
     model = tiny[0]
     write_tuned(export_copy, {**setting.to_dict(), "tokens_per_second": 1.0})
@@ -131,6 +138,8 @@ def test_tuned_export_gives_plain_greedy_tokens(tiny, export_copy, setting):
         tuned = engine.generate(text, max_new_tokens=24)
         plain = engine.generate(text, max_new_tokens=24, mode="greedy")
         assert tuned.tokens == plain.tokens == base_greedy(model.base, tuned.prompt_ids, 24, eos)
+        if setting.proposers != "spaf":  # lookup chains go deeper than N
+            continue
         assert len(tuned.stats.drafted) <= setting.num_draft_tokens
         if setting.draft_stop_threshold is None:  # every step drafts N (or what the budget leaves)
             assert len(tuned.stats.drafted) == setting.num_draft_tokens
@@ -146,7 +155,8 @@ def test_run_uses_the_tuned_setting_until_reset(tiny, export_copy):
     assert (tuned["num_draft_tokens"], tuned["serial_parallel_transition"]) in ((3, 1), (5, 2))
 
     def drafted_per_step():
-        run = invoke("run", export_copy, "--prompt", "Hi", "--max-new-tokens", 20, "--json-output")
+        run = invoke("run", export_copy, "--prompt", "Hi", "--max-new-tokens", 20, "--json-output",
+                     "--proposers", "spaf")  # SpAF's chains only: N drafts per step
         assert run.exit_code == 0, run.output
         return len(json.loads(run.stdout)["stats"]["drafted"])
 
