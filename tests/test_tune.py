@@ -89,8 +89,8 @@ def test_tune_stores_the_fastest_finalist_and_the_engine_uses_it(tiny, export_co
     assert result.chosen.candidate == chosen
     assert result.chosen is max(result.finals, key=lambda row: row.tokens_per_second)
     # Successive halving: 10 settings screened on 2 prompts, ceil(10 / 4) = 3 (+ the defaults) on all 4;
-    # then the fastest with the 4 other ways of combining the proposers, on all 4.
-    assert result.screened == 10 and len(result.finals) in (3 + 4, 4 + 4)
+    # then the fastest with the 5 other ways of combining the proposers, on all 4.
+    assert result.screened == 10 and len(result.finals) in (3 + 5, 4 + 5)
     assert {row.candidate.proposers for row in result.finals} == {"spaf", "lookup", "spaf+lookup"}
     assert all(row.runs == len(PROMPTS) for row in [*result.finals, result.plain_greedy])
     assert result.default.candidate == Candidate(5, 2, None)  # the export's SpAF config
@@ -107,9 +107,9 @@ def test_tune_stores_the_fastest_finalist_and_the_engine_uses_it(tiny, export_co
     engine = Engine.from_folder(export_copy)
     settings = engine.settings()
     assert (settings.num_draft_tokens, settings.serial_parallel_transition, settings.draft_stop_threshold,
-            "+".join(settings.proposers), settings.lookup_min_match) == (
+            "+".join(settings.proposers), settings.lookup_min_match, settings.lookup_depth) == (
         chosen.num_draft_tokens, chosen.serial_parallel_transition, chosen.draft_stop_threshold, chosen.proposers,
-        chosen.lookup_min_match)
+        chosen.lookup_min_match, chosen.lookup_depth)
     assert engine.settings(num_draft_tokens=2, serial_parallel_transition=1).num_draft_tokens == 2  # options win
 
 

@@ -44,9 +44,11 @@ from spaf_edge.core.prompt_sets import load_prompts
 logger = logging.getLogger(__name__)
 
 DRAFTING_KEYS = ("num_draft_tokens", "serial_parallel_transition", "draft_stop_threshold", "proposers",
-                 "lookup_min_match", "tree_width")
+                 "lookup_min_match", "lookup_depth", "tree_width")
 # Second stage: the chosen drafting setting with each way of combining the proposers (decoding/proposers.py)
-PROPOSER_VARIANTS = (("spaf", 2), ("spaf+lookup", 1), ("spaf+lookup", 2), ("spaf+lookup", 3), ("lookup", 2))
+# (proposers, lookup_min_match, lookup_depth): a lookup chain's verify rows cost more with int4 kernels
+PROPOSER_VARIANTS = (("spaf", 2, 8), ("spaf+lookup", 1, 8), ("spaf+lookup", 2, 8), ("spaf+lookup", 3, 8),
+                     ("spaf+lookup", 2, 4), ("lookup", 2, 8))
 
 
 def calibration_prompts_path() -> Path:
@@ -64,6 +66,7 @@ class Candidate:
     draft_stop_threshold: float | None = None
     proposers: str = "spaf+lookup"  # who drafts (spaf_edge.decoding.proposers)
     lookup_min_match: int = 2  # the match a lookup branch needs to be the step's chain
+    lookup_depth: int = 8  # tokens a lookup chain copies at most
     tree_width: int = 1  # SpAF candidates per depth (> 1 only where the engine verifies trees exactly)
 
     @property
@@ -73,6 +76,8 @@ class Candidate:
         if self.proposers != "spaf+lookup" or self.lookup_min_match != 2:
             match = f" m={self.lookup_min_match}" if self.proposers == "spaf+lookup" else ""
             label += f" {self.proposers}{match}"
+        if self.lookup_depth != 8 and "lookup" in self.proposers:
+            label += f" depth={self.lookup_depth}"
         if self.tree_width > 1:
             label += f" width={self.tree_width}"
         return label
@@ -83,11 +88,13 @@ class Candidate:
         eta = 0.0 if self.draft_stop_threshold is None else self.draft_stop_threshold
         return dict(num_draft_tokens=self.num_draft_tokens,
                     serial_parallel_transition=self.serial_parallel_transition, draft_stop_threshold=eta,
-                    proposers=self.proposers, lookup_min_match=self.lookup_min_match, tree_width=self.tree_width)
+                    proposers=self.proposers, lookup_min_match=self.lookup_min_match, lookup_depth=self.lookup_depth,
+                    tree_width=self.tree_width)
 
-    def with_proposers(self, proposers: str, lookup_min_match: int, tree_width: int = 1) -> Candidate:
+    def with_proposers(self, proposers: str, lookup_min_match: int, lookup_depth: int = 8,
+                       tree_width: int = 1) -> Candidate:
         return Candidate(self.num_draft_tokens, self.serial_parallel_transition, self.draft_stop_threshold,
-                         proposers, lookup_min_match, tree_width)
+                         proposers, lookup_min_match, lookup_depth, tree_width)
 
     def to_dict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in DRAFTING_KEYS}
@@ -340,9 +347,9 @@ class Timer:
 def proposer_variants(candidate: Candidate, trees: bool = False) -> list[Candidate]:
     """``candidate`` with the other :data:`PROPOSER_VARIANTS` (and, with ``trees``, SpAF's runner-up
     leaves: tree widths 2 and 3)."""
-    variants = [candidate.with_proposers(proposers, match) for proposers, match in PROPOSER_VARIANTS]
+    variants = [candidate.with_proposers(*variant) for variant in PROPOSER_VARIANTS]
     if trees:
-        variants += [candidate.with_proposers("spaf+lookup", 2, width) for width in (2, 3)]
+        variants += [candidate.with_proposers("spaf+lookup", 2, 8, width) for width in (2, 3)]
     return [variant for variant in variants if variant != candidate]
 
 
