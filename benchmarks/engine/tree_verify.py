@@ -31,7 +31,7 @@ import onnxruntime as ort
 from onnx import TensorProto
 from tokenizers import Tokenizer
 
-from spaf_edge import manifest as manifest_module
+from spaf_edge.core import manifest as manifest_module
 from spaf_edge.core.io_names import (
     EMBEDDINGS,
     LOWER_GRAPH,

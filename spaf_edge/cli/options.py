@@ -162,7 +162,8 @@ def tree(func):
         click.option("--proposers", default=None,
                      type=Checked(click.STRING, "proposers", _valid_proposers, "spaf, lookup or spaf+lookup"),
                      help="Who drafts: spaf (the trained drafter), lookup (copies from the prompt and the "
-                          "answer so far, no model call) or spaf+lookup (merged into one tree)."),
+                          "answer so far, no model call) or spaf+lookup (the default: one tree where this device "
+                          "verifies trees exactly, else per step a long enough lookup match or SpAF's chain)."),
         click.option("--tree-width", default=None,
                      type=Checked(click.INT, "tree_width", lambda n: n >= 1, "an integer >= 1"),
                      help="SpAF candidates per depth: its draft plus runner-up leaves (1: a chain)."),
