@@ -89,8 +89,8 @@ def test_tune_stores_the_fastest_finalist_and_the_engine_uses_it(tiny, export_co
     assert result.chosen.candidate == chosen
     assert result.chosen is max(result.finals, key=lambda row: row.tokens_per_second)
     # Successive halving: 10 settings screened on 2 prompts, ceil(10 / 4) = 3 (+ the defaults) on all 4;
-    # then the fastest with the 5 other ways of combining the proposers, on all 4.
-    assert result.screened == 10 and len(result.finals) in (3 + 5, 4 + 5)
+    # then the fastest with the 6 other ways of combining the proposers, on all 4.
+    assert result.screened == 10 and len(result.finals) in (3 + 6, 4 + 6)
     assert {row.candidate.proposers for row in result.finals} == {"spaf", "lookup", "spaf+lookup"}
     assert all(row.runs == len(PROMPTS) for row in [*result.finals, result.plain_greedy])
     assert result.default.candidate == Candidate(5, 2, None)  # the export's SpAF config
