@@ -12,8 +12,7 @@ import spaf_edge.decoding.loop as loop
 from spaf_edge.core.config import SpAFConfig
 from spaf_edge.core.errors import ConfigError
 from spaf_edge.core.sampling import SamplingParams, logits_to_probs
-from spaf_edge.decoding.loop import DecodeSettings
-from spaf_edge.decoding.proposers import parse_proposers
+from spaf_edge.decoding.loop import DecodeSettings, parse_proposers
 from spaf_edge.decoding.tree import accept_tree
 from spaf_edge.generation.reference import TorchBackend, spaf_generate
 

@@ -27,8 +27,8 @@ import torch
 from click.testing import CliRunner
 from conftest import make_tiny_spaf, make_tiny_tokenizer
 
-from spaf_edge.core import atomic
 from spaf_edge.cli import main
+from spaf_edge.core import atomic
 from spaf_edge.core.atomic import (
     atomic_directory,
     atomic_write_text,

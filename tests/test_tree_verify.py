@@ -36,7 +36,11 @@ from spaf_edge.runtime.buffers import HostBuffer
 from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.graphs import LowerGraph, TreeInputs, UpperGraph
 from spaf_edge.runtime.kv import KVCache
-from spaf_edge.runtime.session import open_session, resolve_provider, session_options
+from spaf_edge.runtime.session import (
+    open_shared_session,
+    resolve_provider,
+    session_options,
+)
 from spaf_edge.runtime.signatures import check_io, expected_io
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -79,8 +83,7 @@ class Stacks:
         expected = expected_io(manifest, np.float32)
         sessions = {}
         for name in (LOWER_GRAPH, UPPER_GRAPH):
-            sessions[name] = open_session(folder / name, shared.add_to(session_options(1, "session"), name), provider)
-            sessions[name].spaf_shared_weights = shared
+            sessions[name] = open_shared_session(shared, name, session_options(1, "session"), provider)
             check_io(sessions[name], folder / name, *expected[name])
 
         def cache(layers: range) -> KVCache:
@@ -216,9 +219,7 @@ def test_format_5_stacks_and_manifest_must_agree(tmp_path):
             Manifest.from_dict(changed)
     manifest = Manifest.load(folder)
     manifest.tree_attention = True  # a manifest announcing tree inputs the graphs lack
-    shared = SharedWeights(folder)  # its buffers must outlive the session
-    session = open_session(folder / LOWER_GRAPH, shared.add_to(session_options(1, "session"), LOWER_GRAPH),
-                           resolve_provider("cpu"))
+    session = open_shared_session(SharedWeights(folder), LOWER_GRAPH, session_options(1, "session"))
     with pytest.raises(ExportFormatError, match="'tree_positions' is missing"):
         check_io(session, folder / LOWER_GRAPH, *expected_io(manifest, np.float32)[LOWER_GRAPH])
 

@@ -50,7 +50,11 @@ from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.graphs import LowerGraph, TreeInputs, UpperGraph
 from spaf_edge.runtime.kv import KVCache
 from spaf_edge.runtime.rows import probe_tokens
-from spaf_edge.runtime.session import open_session, resolve_provider, session_options
+from spaf_edge.runtime.session import (
+    open_shared_session,
+    resolve_provider,
+    session_options,
+)
 
 PROMPT = 100  # cached positions before the measured calls
 # root, two children, two grandchildren under each: breadth-first and depth-first orders
@@ -70,9 +74,7 @@ class Stacks:
         provider, shared = resolve_provider("cpu"), SharedWeights(folder)
         sessions = {}
         for name in (LOWER_GRAPH, UPPER_GRAPH):
-            sessions[name] = open_session(folder / name, shared.add_to(session_options(threads, "session"), name),
-                                          provider)
-            sessions[name].spaf_shared_weights = shared  # the shared buffers must outlive the session
+            sessions[name] = open_shared_session(shared, name, session_options(threads, "session"), provider)
 
         def cache(layers: range) -> KVCache:
             return KVCache(layers, sizes.num_kv_heads, sizes.head_dim, sizes.max_length, dtype)

@@ -186,7 +186,7 @@ def tree(func):
 
 def _valid_proposers(value: str) -> bool:
     from spaf_edge.core.errors import ConfigError
-    from spaf_edge.decoding.proposers import parse_proposers
+    from spaf_edge.decoding.loop import parse_proposers
 
     try:
         parse_proposers(value)

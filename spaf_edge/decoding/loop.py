@@ -26,6 +26,7 @@ from spaf_edge.core.stats import GenerationStats
 from spaf_edge.decoding.tree import DraftTree, accept_tree
 
 MODES = ("spaf", "greedy")  # greedy: plain decoding, one token per full pass (the same-backend baseline)
+PROPOSERS = ("spaf", "lookup")  # who drafts (spaf_edge.decoding.proposers), joined by '+' in settings
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class DecodeSettings:
     serial_parallel_transition: int
     draft_stop_threshold: float | None
     mode: str  # one of MODES
-    proposers: tuple[str, ...] = ("spaf", "lookup")  # spaf_edge.decoding.proposers.PROPOSERS
+    proposers: tuple[str, ...] = ("spaf", "lookup")  # of PROPOSERS
     tree_width: int = 1  # SpAF candidates per depth: its draft plus tree_width - 1 runner-up leaves
     lookup_branches: int = 2  # lookup continuations merged into the tree
     lookup_min_match: int = 2  # chains only: a lookup branch replaces SpAF's chain when matched by this many tokens
@@ -201,10 +202,6 @@ def resolve_settings(
     lookup_depth: int | None = None,
 ) -> DecodeSettings:
     """Options left unset come from ``defaults`` (a config's or manifest's decoding keys); validated (ConfigError)."""
-    from spaf_edge.decoding.proposers import (
-        parse_proposers,  # the proposers build on this module
-    )
-
     if mode not in MODES:
         raise ConfigError(f"Invalid mode={mode!r}: expected one of {MODES}.")
     params = SamplingParams(
@@ -228,6 +225,18 @@ def resolve_settings(
         tree[name] = value
     names = parse_proposers(defaults.get("proposers", DecodeSettings.proposers) if proposers is None else proposers)
     return DecodeSettings(params, n, s, eta, mode, names, **tree)
+
+
+def parse_proposers(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``"spaf+lookup"`` (or a sequence of names) -> ``("spaf", "lookup")``; ConfigError for others."""
+    names = tuple(value.split("+")) if isinstance(value, str) else tuple(value)
+    bad = [name for name in names if name not in PROPOSERS]
+    if not names or bad or len(set(names)) != len(names):
+        raise ConfigError(
+            f"Invalid proposers={value!r}: expected one or more of {', '.join(PROPOSERS)} joined by '+', "
+            "e.g. 'spaf+lookup'."
+        )
+    return names
 
 
 def cut_at_eos(tokens: list[int], eos: frozenset[int]) -> tuple[list[int], bool]:

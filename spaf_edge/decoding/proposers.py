@@ -15,30 +15,15 @@ the proposals are chains: with both proposers, a lookup branch found by a match 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 
-from spaf_edge.core.errors import ConfigError
 from spaf_edge.decoding.lookup import NgramIndex
 from spaf_edge.decoding.loop import DecodeSettings, Proposal
 from spaf_edge.decoding.spaf import SpAFProposer
 from spaf_edge.decoding.tree import DraftTree
-
-PROPOSERS = ("spaf", "lookup")
-
-
-def parse_proposers(value: str | Sequence[str]) -> tuple[str, ...]:
-    """``"spaf+lookup"`` (or a sequence of names) -> ``("spaf", "lookup")``; ConfigError for others."""
-    names = tuple(value.split("+")) if isinstance(value, str) else tuple(value)
-    bad = [name for name in names if name not in PROPOSERS]
-    if not names or bad or len(set(names)) != len(names):
-        raise ConfigError(
-            f"Invalid proposers={value!r}: expected one or more of {', '.join(PROPOSERS)} joined by '+', "
-            "e.g. 'spaf+lookup'."
-        )
-    return names
 
 
 class LookupProposer:

@@ -132,6 +132,7 @@ def check_tree(decoder) -> bool:
 
 
 def _states(decoder, logits: np.ndarray, rows) -> list[np.ndarray]:
+    """The last upper call's ``rows``: each row's cutoff state, top state and logits, in one float32 array."""
     buffers = decoder.buffers
     return [np.concatenate([buffers.hidden.array[0, r].ravel().astype(np.float32),
                             buffers.top_hidden.array[0, r].ravel().astype(np.float32), logits[r]]) for r in rows]
@@ -146,12 +147,10 @@ def _row_by_row(decoder, start: int, tokens: list[int], pad: bool) -> list[np.nd
     """Cutoff states, top states and logits of ``tokens`` at ``start ..``, one decode step each."""
     decoder.pad = pad
     _rewind(decoder, start)
-    buffers, out = decoder.buffers, []
+    out = []
     for token in tokens:
         decoder.run_lower([token], row=0)
-        logits = decoder.run_upper(1, num_logits=1)
-        out.append(np.concatenate([buffers.hidden.array[0, 0].ravel().astype(np.float32),
-                                   buffers.top_hidden.array[0, 0].ravel().astype(np.float32), logits[0]]))
+        out += _states(decoder, decoder.run_upper(1, num_logits=1), [0])
     decoder.pad = False
     return out
 
@@ -159,11 +158,9 @@ def _row_by_row(decoder, start: int, tokens: list[int], pad: bool) -> list[np.nd
 def _all_at_once(decoder, start: int, tokens: list[int]) -> list[np.ndarray]:
     """The same rows from one call of ``len(tokens)`` rows, as a verify pass runs them."""
     _rewind(decoder, start)
-    buffers, n = decoder.buffers, len(tokens)
+    n = len(tokens)
     decoder.run_lower(tokens, row=0)
-    logits = decoder.run_upper(n, num_logits=n)
-    return [np.concatenate([buffers.hidden.array[0, r].ravel().astype(np.float32),
-                            buffers.top_hidden.array[0, r].ravel().astype(np.float32), logits[r]]) for r in range(n)]
+    return _states(decoder, decoder.run_upper(n, num_logits=n), range(n))
 
 
 def _same(together: list[np.ndarray], reference: list[np.ndarray], size: int) -> bool:
