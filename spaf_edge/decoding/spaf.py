@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from spaf_edge.core.sampling import choose, softmax
+from spaf_edge.core.sampling import choose, draft_distribution, softmax
 from spaf_edge.decoding.loop import DecodeSettings, Proposal
 from spaf_edge.decoding.tree import DraftTree
 
@@ -40,6 +40,7 @@ class DraftCalls(Protocol):
 
     attends: bool  # the draft head has a KV cache (an attending adapter)
     draft_vocab: np.ndarray | None  # int64 [V_d]: the token of each draft logit (None: every token)
+    vocab_size: int  # V, the base's vocabulary that q covers
 
     @property
     def position(self) -> int:
@@ -72,9 +73,6 @@ class DraftCalls(Protocol):
 
     def head(self, hidden: State, previous: State, slot: int) -> tuple[np.ndarray, State]:
         """The draft head on one row: draft-vocabulary logits [V_d] and the drafted top state (in ``slot``)."""
-
-    def draft_distribution(self, logits: np.ndarray, params: Any) -> np.ndarray | None:
-        """q over the full vocabulary from draft-vocabulary logits; None for NaN/inf logits."""
 
     # an attending adapter's cache
     @property
@@ -130,7 +128,7 @@ class SpAFProposer:
         budget = min(budget, settings.num_draft_tokens)
         token = calls.pending
         tokens, probs, exact = [token], [], 0
-        runners: list[list[int]] = []  # per draft: the next most likely tokens of its q
+        runners: list[list[int]] = []  # per draft: the next most likely tokens of its logits
         transition = settings.serial_parallel_transition
         serial = transition if calls.position > 0 else max(1, transition)  # no h(T-1) at T = 0
         previous = self._start_before() if serial == 0 and budget > 0 else calls.exact_top()
@@ -146,7 +144,7 @@ class SpAFProposer:
                 logits, previous = calls.run_queue(j)
             else:
                 logits, previous = calls.head(hidden, previous, j)
-            q = calls.draft_distribution(logits, params)
+            q = draft_distribution(logits, params, calls.draft_vocab, calls.vocab_size)
             if q is None:  # NaN/inf logits (broken drafter weights): nothing to draw a draft from
                 break
             threshold = settings.draft_stop_threshold

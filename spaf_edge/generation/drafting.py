@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from spaf_edge.core.sampling import SamplingParams, draft_distribution
-
 if TYPE_CHECKING:
     from spaf_edge.generation.reference import TorchBackend
 
@@ -28,6 +26,7 @@ class TorchDraftCalls:
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # queued (h(t), f(t-1)), [1, 1, H] each
         draft_vocab = self.model.draft_vocab
         self.draft_vocab = draft_vocab.cpu().numpy() if draft_vocab.numel() else None
+        self.vocab_size = self.model.base.config.vocab_size
 
     @property
     def position(self) -> int:
@@ -62,9 +61,6 @@ class TorchDraftCalls:
 
     def head(self, hidden: torch.Tensor, previous: torch.Tensor, slot: int) -> tuple[np.ndarray, torch.Tensor]:
         return self._draft_step(hidden, previous)  # an attending adapter's drafted entry joins its cache
-
-    def draft_distribution(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray | None:
-        return draft_distribution(logits, params, self.draft_vocab, self.model.base.config.vocab_size)
 
     # ---- an attending adapter's cache ------------------------------------
     @property

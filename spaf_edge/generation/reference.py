@@ -92,7 +92,7 @@ class TorchBackend:
         if not proposal.tree.is_chain:  # the accepted path's cache rows move to T .. T+n
             for cache in (self.lower, self.upper):
                 cache.keep_rows(self.position, rows)
-        self.tokens.extend([*(proposal.tokens[row - 1] for row in rows[1:]), bonus])
+        self.tokens.extend([*(proposal.tree.token(row) for row in rows[1:]), bonus])
         self._keep_exact(rows[-1], rows[-2] if len(rows) > 1 else None)
         self.lower.rewind_to(valid)
         self.upper.rewind_to(valid)

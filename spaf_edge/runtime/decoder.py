@@ -122,8 +122,8 @@ class Decoder:
         previous tokens are kept, except the last two body rows at most: the top states of
         ``T-1`` and ``T-2`` that drafting reads are not kept, so they are recomputed. The
         proposer may ask for more to be recomputed (:meth:`Proposer.start`) and, when
-        ``active`` (this generation drafts), is told about every chunk. The exact top state of ``T-1`` ends in
-        ``prev_tops`` row 0 (zeros when the prompt has one token).
+        ``active`` (this generation drafts), is told about every chunk. The exact top state of
+        ``T-1`` ends in ``prev_tops`` row 0 (zeros when the prompt has one token).
         """
         body = prompt_ids[:-1]
         shared = min(common_prefix(self.tokens[: self.position], body), len(body) - 1) if reuse_cache else 0
@@ -170,7 +170,7 @@ class Decoder:
         The verify pass's states of ``T+n`` become the exact ones the next draft starts from.
         """
         start, valid = self.position, self.position + len(rows)  # positions T .. T+n now hold accepted tokens
-        self.tokens.extend([*(proposal.tokens[row - 1] for row in rows[1:]), bonus])
+        self.tokens.extend([*(proposal.tree.token(row) for row in rows[1:]), bonus])
         self.keep_exact(rows[-1], rows[-2] if len(rows) > 1 else None)
         for kv in (self.lower.kv, self.upper.kv):
             if not proposal.tree.is_chain:  # the accepted path's rows move to T .. T+n

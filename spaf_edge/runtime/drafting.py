@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from spaf_edge.core.sampling import SamplingParams, draft_distribution
 from spaf_edge.decoding.spaf import CHAIN_START
 from spaf_edge.runtime.buffers import HostBuffer, HostBuffers
 from spaf_edge.runtime.decoder import Decoder
@@ -38,6 +37,7 @@ class EngineDraftCalls:
         self.decoder = decoder
         self.drafter, self.draft_head = drafter, draft_head
         self.draft_vocab = draft_vocab  # int64 [V_d] token ids, None = every token
+        self.vocab_size = decoder.vocab_size
         self.attends = draft_head.kv is not None
         self._queued = 0
 
@@ -80,9 +80,6 @@ class EngineDraftCalls:
         out = self._slot(slot)
         self.draft_head.run(view(hidden), view(previous), view(out))
         return self.buffers.draft_logits[0, 0], out
-
-    def draft_distribution(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray | None:
-        return draft_distribution(logits, params, self.draft_vocab, self.decoder.vocab_size)
 
     # ---- an attending adapter's cache ------------------------------------
     @property
