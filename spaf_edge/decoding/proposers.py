@@ -50,21 +50,20 @@ class LookupProposer:
 class Proposers:
     """The proposers of ``settings.proposers`` as one: their proposals merged into one tree."""
 
-    def __init__(self, spaf: SpAFProposer | None, lookup: LookupProposer, trees: bool) -> None:
-        self.spaf = spaf  # None when the export has no SpAF components to draft with
+    def __init__(self, spaf: SpAFProposer, lookup: LookupProposer, trees: bool) -> None:
+        self.spaf = spaf
         self.lookup = lookup
         self.trees = trees  # the backend verifies trees (else chains only)
 
     def start(self, shared: int, active: bool) -> int:
         self.lookup.start()
-        return self.spaf.start(shared, active) if self.spaf is not None else shared
+        return self.spaf.start(shared, active)
 
     def prefilled(self, begin: int, rows: int) -> None:
-        if self.spaf is not None:
-            self.spaf.prefilled(begin, rows)
+        self.spaf.prefilled(begin, rows)
 
     def propose(self, budget: int, settings: DecodeSettings, rng: np.random.Generator) -> Proposal:
-        use_spaf = "spaf" in settings.proposers and self.spaf is not None
+        use_spaf = "spaf" in settings.proposers
         use_lookup = "lookup" in settings.proposers
         if not self.trees or len(self.lookup.history()) < 2:  # a tree needs a committed position
             return self._chain(budget, settings, rng, use_spaf, use_lookup)
@@ -90,8 +89,7 @@ class Proposers:
         return self.lookup.history()[-1]
 
     def accepted(self, proposal: Proposal, rows: list[int]) -> None:
-        if self.spaf is not None:  # its adapter queue follows every commit, drafted or not
-            self.spaf.accepted(proposal, rows)
+        self.spaf.accepted(proposal, rows)  # its adapter queue follows every commit, drafted or not
 
 
 def add_branches(tree: DraftTree, branches: list[list[int]], max_nodes: int) -> None:
