@@ -47,7 +47,7 @@ DRAFTING_KEYS = ("num_draft_tokens", "serial_parallel_transition", "draft_stop_t
                  "lookup_min_match", "lookup_depth", "tree_width")
 # Second stage: the chosen drafting setting with each way of combining the proposers (decoding/proposers.py)
 # (proposers, lookup_min_match, lookup_depth): a lookup chain's verify rows cost more with int4 kernels;
-# with fp32 ones longer copies pay on input-grounded prompts (depth 16 vs 8: 1.87x vs 1.77x plain greedy here)
+# with fp32 ones longer copies pay on input-grounded prompts (benchmarks/results/cpu-decoding-probes-v8)
 PROPOSER_VARIANTS = (("spaf", 2, 8), ("spaf+lookup", 1, 8), ("spaf+lookup", 2, 8), ("spaf+lookup", 3, 8),
                      ("spaf+lookup", 2, 4), ("spaf+lookup", 2, 16), ("lookup", 2, 8))
 
