@@ -152,6 +152,10 @@ class Engine:
         chosen = resolve_provider(provider)
         sizes = manifest.sizes
         dtype = np.float16 if manifest.dtype == "float16" else np.float32
+        # Each loading step leaves freed heap behind (the tokenizer's JSON parse ~17 MB, each session's
+        # unpacked weights): handing it back before the next step keeps it out of the load's peak RSS.
+        tokenizer = load_tokenizer(folder, manifest)
+        release_freed_memory()
         sessions = open_sessions(folder, manifest, chosen, threads, dtype, thread_pool)
         buffers = HostBuffers(
             max(prefill_chunk, LOGIT_ROWS), LOGIT_ROWS, sizes.hidden_size, sizes.vocab_size, sizes.draft_vocab_size,
@@ -181,14 +185,12 @@ class Engine:
             load_draft_vocab(folder, manifest),
         ))
         decoder.proposer = Proposers(spaf, LookupProposer(lambda: decoder.tokens), trees=False)  # see check_tree
-        has_tokenizer = (folder / TOKENIZER).is_file()
-        tokenizer = TextTokenizer.from_folder(folder, manifest.chat_template) if has_tokenizer else None
         engine = cls(folder, manifest, chosen, decoder, tokenizer, thread_pool)
         engine.rows = check_rows(decoder, row_calls)
         engine.tree_exact = trees != "off" and check_tree(decoder)
         decoder.proposer.trees = decoder.verifies_trees and (trees == "near" or engine.tree_exact)
         check_drafts(decoder, folder)
-        release_freed_memory()  # what loading freed (unpacked weights, the checks' buffers): 16 MB on int4
+        release_freed_memory()  # what the load-time checks freed
         return engine
 
     # ---- settings -------------------------------------------------------
@@ -360,8 +362,16 @@ def open_sessions(
     sessions = {}
     for name in GRAPHS:
         sessions[name] = open_shared_session(shared, name, session_options(threads, thread_pool), provider)
+        release_freed_memory()
     check_graphs(folder, manifest, dtype, sessions)
     return sessions
+
+
+def load_tokenizer(folder: Path, manifest: Manifest) -> TextTokenizer | None:
+    """The export's tokenizer, or None for a folder without one (token-id prompts only)."""
+    if not (folder / TOKENIZER).is_file():
+        return None
+    return TextTokenizer.from_folder(folder, manifest.chat_template)
 
 
 def check_drafts(decoder: Decoder, folder: Path) -> None:
