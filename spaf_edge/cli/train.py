@@ -6,11 +6,13 @@ Runs unchanged in one process or under a launcher (``torchrun``, ``accelerate la
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import click
 
 from spaf_edge.cli import options
+from spaf_edge.core.errors import ConfigError
 
 
 @click.command("train")
@@ -26,6 +28,11 @@ from spaf_edge.cli import options
 @click.option("--draft-vocab-size", type=int, default=None,
               help="Restrict drafts to the V_d most frequent tokens of the training data.")
 @click.option("--rollout-steps", type=int, default=None, help="AlignmentHead steps rolled on its own outputs.")
+@click.option("--rollout-decay", type=float, default=None,
+              help="Rollout step r's alignment losses weigh decay**(r-1), normalised; in (0, 1] [1.0: plain mean].")
+@click.option("--topk-weight", type=float, default=None,
+              help="Weight of the top-k ranking loss (loss_weights.topk) on every draft variant [0: off].")
+@click.option("--topk-k", type=int, default=None, help="Teacher tokens the top-k ranking loss reads [8].")
 @click.option("--steps", type=int, default=None, help="Optimizer steps [300].")
 @click.option("--batch-size", type=int, default=None, help="Sequences per micro-step and process [4].")
 @click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step [1].")
@@ -61,8 +68,9 @@ from spaf_edge.cli import options
               help="Start from these trained components (config, weights, draft vocabulary) with a fresh "
                    "optimizer and schedule, e.g. to fine-tune them on new data.")
 @options.progress
-def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_size, rollout_steps, mixed_precision,
-            base_dtype, deepspeed_config, resume, init_from, progress, **settings):
+def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_size, rollout_steps, rollout_decay,
+            topk_weight, topk_k, mixed_precision, base_dtype, deepspeed_config, resume, init_from, progress,
+            **settings):
     """Train SpAF components (only they train; the base stays frozen)."""
     from spaf_edge.core.config import SpAFConfig
     from spaf_edge.training.distributed import DistributedSettings, end_process_group
@@ -71,11 +79,16 @@ def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_si
     overrides = {name: value for name, value in settings.items() if value is not None}
     spaf_options = (config_path, cutoff_layer, draft_vocab_size, rollout_steps)
     check_run_start(resume, init_from, any(option is not None for option in spaf_options))
+    recipe = {"--rollout-decay": rollout_decay, "--topk-weight": topk_weight, "--topk-k": topk_k}
+    refuse_recipe_options(resume, init_from, [name for name, value in recipe.items() if value is not None])
     config = None
     if not (resume or init_from):
         config = SpAFConfig.load(config_path) if config_path else SpAFConfig()
         changes = {"cutoff_layer": cutoff_layer, "draft_vocab_size": draft_vocab_size,
-                   "alignment_rollout_steps": rollout_steps}
+                   "alignment_rollout_steps": rollout_steps, "alignment_rollout_decay": rollout_decay,
+                   "topk_distill_k": topk_k}
+        if topk_weight is not None:
+            changes["loss_weights"] = dataclasses.replace(config.loss_weights, topk=topk_weight)
         config = config.replace(**{k: v for k, v in changes.items() if v is not None})
     distributed = DistributedSettings(mixed_precision, base_dtype, deepspeed_config)
     try:
@@ -90,3 +103,12 @@ def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_si
         "eval_losses": result.eval_losses, "tokens_per_second": round(result.tokens_per_second, 1),
         "seconds": round(result.seconds, 1), "replica_max_diff": result.replica_max_diff,
     }, indent=2))
+
+
+def refuse_recipe_options(resume: bool, init_from: str | None, given: list[str]) -> None:
+    """Refuse loss-recipe options (they set the SpAF config) on a run that keeps a saved config."""
+    if not given or not (resume or init_from):
+        return
+    source = "--resume keeps the saved" if resume else "--init-from keeps its components'"
+    raise ConfigError(f"{source} SpAF config, loss recipe included: drop {', '.join(given)}, or start a new "
+                      "run without it.")

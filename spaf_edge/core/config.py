@@ -43,6 +43,7 @@ class LossWeights:
     adapter_ce: float = 0.0  # optional cross-entropy on data tokens
     alignment: float = 1.0  # state loss between AH(e(x_{t+1}), h(t)) and h(t+1)
     alignment_token: float = 1.0  # KL(p_{t+1} || head(a(AH(...))))
+    topk: float = 0.0  # -sum over the teacher's top-k tokens of p log q, every draft variant (training recipe)
 
 
 @dataclass
@@ -61,6 +62,8 @@ class SpAFConfig:
     loss_weights: LossWeights = field(default_factory=LossWeights)
     alignment_loss_type: str = "mse"
     alignment_rollout_steps: int = 1  # AH steps rolled on its own outputs in training
+    alignment_rollout_decay: float = 1.0  # rollout step r weighs decay**(r-1), normalised; 1.0 = plain mean
+    topk_distill_k: int = 8  # k of the loss_weights.topk term
     draft_vocab_size: int | None = None  # restrict draft logits to the V_d most frequent tokens
     num_draft_tokens: int = 5
     serial_parallel_transition: int = 2
@@ -163,6 +166,15 @@ class SpAFConfig:
         _check(
             _is_int(self.alignment_rollout_steps) and self.alignment_rollout_steps >= 1,
             "alignment_rollout_steps", self.alignment_rollout_steps, "an integer >= 1",
+        )
+        _check(
+            _is_number(self.alignment_rollout_decay) and 0 < self.alignment_rollout_decay <= 1,
+            "alignment_rollout_decay", self.alignment_rollout_decay,
+            "a number in (0, 1]: rollout step r weighs decay**(r-1); 1 weighs every step alike",
+        )
+        _check(
+            _is_int(self.topk_distill_k) and self.topk_distill_k >= 1,
+            "topk_distill_k", self.topk_distill_k, "an integer >= 1 (the teacher's top tokens the topk loss reads)",
         )
         for name, value in dataclasses.asdict(self.loss_weights).items():
             _check(_is_number(value) and value >= 0, f"loss_weights.{name}", value, "a number >= 0")
