@@ -54,6 +54,9 @@ from spaf_edge.core.errors import ConfigError
                    "to what fits (the cosine schedule follows), then re-checked at steps 50, 100, ... until half "
                    "the run. Default: no limit.")
 @click.option("--packing/--no-packing", default=None, help="Pack rows into full sequences [packing].")
+@click.option("--compact-state/--exact-state", default=None,
+              help="Checkpoints keep the optimizer moments in bfloat16 (the components, step, schedule, RNG and "
+                   "data position stay exact): a state small enough to commit; may change on --resume [exact].")
 @click.option("--feature-cache", type=click.Path(file_okay=False), default=None,
               help="Cache the frozen base's features (fp16) here and reuse them every epoch.")
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default=None,

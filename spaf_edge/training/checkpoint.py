@@ -14,12 +14,23 @@ strings and tensors; the tensors go to the safetensors file and the tree to the 
 with each tensor replaced by ``{"$tensor": key}`` (tuples, dicts with non-string keys and
 torch dtypes are tagged the same way). Run folders of older versions (``trainer_state.pt``,
 a pickle) are refused unread.
+
+Compact state (``spaf-edge train --compact-state``): the optimizer's moment tensors (AdamW's
+``exp_avg`` and ``exp_avg_sq``) are stored in bfloat16 instead of float32, each tagged
+``{"$compact": [key, "float32"]}`` and cast back to its own dtype on load; the components, the
+step, the scheduler, the RNG states and the data position stay exact. That makes a checkpoint
+of the shipped default 34 MB instead of 51 MB (docs/training.md, "Training that survives
+machines"). Paths are never stored here; the run's data path in ``settings.json`` is relative
+to the folder the run was started from when the data lies inside it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +52,18 @@ SETTINGS = "settings.json"
 STATE_FORMAT = 1
 DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in vars(torch).values()
           if isinstance(dtype, torch.dtype)}
+COMPACT_DTYPE = torch.bfloat16  # moments of a compact state: fp32's range (fp16 flushes small exp_avg_sq to 0)
+COMPACT_STORED = (torch.bfloat16, torch.float16)  # what a "$compact" tensor may be stored as
+COMPACT_NEEDS_TORCH_OPTIMIZER = ("--compact-state needs a plain torch optimizer; a DeepSpeed ZeRO state holds the "
+                                 "fp32 master weights in its partitions. Drop --compact-state or --deepspeed.")
+
+
+@dataclass(frozen=True)
+class Compact:
+    """A tensor to store in ``dtype``; :func:`decode_state` casts it back to its own dtype."""
+
+    tensor: torch.Tensor
+    dtype: torch.dtype = COMPACT_DTYPE
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,6 +104,10 @@ def encode_state(value: Any, tensors: dict[str, torch.Tensor], where: str = "sta
         key = str(len(tensors))
         tensors[key] = value.detach().cpu().clone()  # a copy: safetensors refuses tensors sharing storage
         return {"$tensor": key}
+    if isinstance(value, Compact):
+        key = str(len(tensors))
+        tensors[key] = value.tensor.detach().to("cpu", value.dtype).contiguous()  # a cast is a copy
+        return {"$compact": [key, str(value.tensor.dtype).removeprefix("torch.")]}
     if isinstance(value, torch.dtype):
         return {"$dtype": str(value).removeprefix("torch.")}
     if isinstance(value, tuple):
@@ -105,6 +132,11 @@ def decode_state(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
         (tag, content), = value.items()
         if tag == "$tensor":
             return tensors[content]
+        if tag == "$compact":
+            key, dtype = content
+            if tensors[key].dtype not in COMPACT_STORED:
+                raise ValueError(f"compact tensor {key} is stored as {tensors[key].dtype}, not a half type")
+            return tensors[key].to(DTYPES[dtype])
         if tag == "$dtype":
             return DTYPES[content]
         if tag == "$tuple":
@@ -114,12 +146,74 @@ def decode_state(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {key: decode_state(item, tensors) for key, item in value.items()}
 
 
+def compact_state(state: dict[str, Any], dtype: torch.dtype = COMPACT_DTYPE) -> dict[str, Any]:
+    """``state`` with its optimizer's per-parameter moment tensors marked :class:`Compact`.
+
+    Scalars (AdamW's ``step``) stay exact. Only a torch optimizer's state dict can be
+    compacted: a DeepSpeed ZeRO state (a list of partitions) holds the fp32 master weights.
+    """
+    optimizer = state["optimizer"]
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)):
+        raise ConfigError(COMPACT_NEEDS_TORCH_OPTIMIZER)
+    moments = {
+        index: {name: Compact(value, dtype) if is_moment(value) else value for name, value in per_param.items()}
+        for index, per_param in optimizer["state"].items()
+    }
+    return {**state, "optimizer": {**optimizer, "state": moments}}
+
+
+def is_moment(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 1
+
+
 def write_trainer_state(folder: Path, state: dict[str, Any]) -> None:
     """``state`` into ``folder/trainer_state.json`` and ``folder/trainer_state.safetensors``."""
     tensors: dict[str, torch.Tensor] = {}
     tree = encode_state(state, tensors)
     save_file(tensors, str(folder / TRAINER_TENSORS))
     (folder / TRAINER_STATE).write_text(json.dumps({"format": STATE_FORMAT, "state": tree}) + "\n")
+
+
+def check_moment_shapes(optimizer_state: dict[str, Any], parameters: list[torch.Tensor], checkpoint: Path) -> None:
+    """Refuse an optimizer state whose moments do not fit the parameters (files of two runs mixed).
+
+    torch's ``load_state_dict`` checks only the parameter counts; a wrong shape would fail
+    at the first step, far from its cause.
+    """
+    per_param = optimizer_state.get("state", {})
+    for index, values in per_param.items():
+        if not isinstance(index, int) or not 0 <= index < len(parameters):
+            raise ConfigError(f"The optimizer state in {checkpoint} names parameter {index!r}, and the components "
+                              f"have {len(parameters)}: it belongs to another run. Start a new run, or "
+                              f"--init-from {checkpoint / COMPONENTS}.")
+        for name, value in values.items():
+            if is_moment(value) and value.shape != parameters[index].shape:
+                raise ConfigError(
+                    f"The optimizer state in {checkpoint} does not match its components: {name} of parameter "
+                    f"{index} is {tuple(value.shape)}, the parameter {tuple(parameters[index].shape)}. The folder "
+                    f"mixes files of different runs; start a new run, or --init-from {checkpoint / COMPONENTS}."
+                )
+
+
+def data_fingerprint(*tensors: torch.Tensor) -> str:
+    """A sha256 of the tensors' shapes and values: which sequences a data position points into."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(repr(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as a run records it: relative to the current folder when inside it (a clone's root
+    elsewhere holds the file at the same relative path), else as given."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def save_checkpoint(

@@ -18,7 +18,11 @@ optimizer step takes ``grad_accum`` micro-batches per rank; so step ``j`` trains
 sequences ``j*G .. (j+1)*G - 1`` of the permutation, ``G = batch_size * grad_accum *
 ranks``, as one process with batch size ``G`` would. An epoch ends after the last full
 global batch. A resumed run continues at the sequence the interrupted one would have
-trained next (it must use the same number of processes).
+trained next (it must use the same number of processes). A checkpoint records that
+position (epoch, micro-batch) with the count and a fingerprint of the training sequences,
+and a resume on data that gives other sequences is refused; ``settings.json`` records the
+data path relative to the folder the run started in when the file lies inside it, so a
+run folder moved to another machine (a fresh clone) resumes there.
 
 Run folder: ``settings.json``, ``train_log.jsonl``, ``checkpoint/`` (latest, atomic;
 see :mod:`spaf_edge.training.checkpoint`) and ``final/`` (SpAF components, loadable
@@ -67,7 +71,7 @@ LOG_FILE = "train_log.jsonl"
 FINAL = "final"
 # Settings that may differ when resuming (they do not change the optimisation path
 # up to the resumed step; a changed ``steps`` reshapes the rest of the cosine schedule).
-RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "eval_batches", "time_budget")
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "eval_batches", "time_budget", "compact_state")
 # With a time budget, the step time is measured between these two steps (counted from the
 # loop's first step, so start-up kernels and allocator growth are left out) and ``steps``
 # is cut to what fits. The cosine schedule reads ``steps`` live and follows the cut.
@@ -103,6 +107,7 @@ class TrainSettings:
     feature_cache: str | None = None  # folder for cached fp16 base features
     time_budget: float | None = None  # seconds of optimizer steps; cuts ``steps`` to fit (None: no limit)
     init_from: str | None = None  # trained components the run started from (recorded by train_run)
+    compact_state: bool = False  # checkpoints keep the optimizer moments in bfloat16 (checkpoint.compact_state)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainSettings:
@@ -303,9 +308,17 @@ class TrainingRun:
                 f"(--batch-size {settings.batch_size} x --grad-accum {settings.grad_accum} x "
                 f"{accelerator.num_processes} processes). Add data, or lower --batch-size or --grad-accum."
             )
+        if settings.compact_state and dist.uses_deepspeed(accelerator):
+            raise ConfigError(ckpt.COMPACT_NEEDS_TORCH_OPTIMIZER)
+        self.data_identity = {"train_sequences": len(train_set),
+                              "fingerprint": ckpt.data_fingerprint(train_set.input_ids, train_set.loss_mask)}
+        self.micro_batches_per_epoch = steps_per_epoch * settings.grad_accum
+        if state is not None:
+            check_resumed_data(state, self.data_identity, run_dir)
         self.step = self._restore(state) if state is not None else 0
 
-        self.run_settings = {"train": settings.to_dict(), "data": str(data_path), "spaf": model.config.to_dict()}
+        self.run_settings = {"train": settings.to_dict(), "data": ckpt.portable_path(data_path),
+                             "spaf": model.config.to_dict()}
         self.logger = RunLog(run_dir, accelerator.is_main_process, keep_until=self.step if resume else None)
         if accelerator.is_main_process and not resume:
             write_run_settings(run_dir, self.run_settings)
@@ -317,7 +330,7 @@ class TrainingRun:
                      accelerator.num_processes, accelerator.distributed_type, distributed.precision(),
                      global_batch, steps_per_epoch)
 
-        self.batches = micro_batches(self.train_loader, sampler, steps_per_epoch * settings.grad_accum,
+        self.batches = micro_batches(self.train_loader, sampler, self.micro_batches_per_epoch,
                                      self.step * settings.grad_accum)
         self.eval_losses: dict[str, float] | None = None
         self.recent: list[dict[str, float]] = []  # the last logged train losses
@@ -347,6 +360,8 @@ class TrainingRun:
 
     def _restore(self, state: dict[str, Any]) -> int:
         """Put a checkpoint's optimizer, scheduler and this rank's RNG state back; return its step."""
+        if isinstance(state["optimizer"], dict):
+            ckpt.check_moment_shapes(state["optimizer"], self.parameters, self.run_dir / ckpt.CHECKPOINT)
         dist.load_optimizer_state(self.accelerator, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         per_rank = state.get("rng_per_rank")
@@ -450,8 +465,10 @@ class TrainingRun:
             write_run_settings(self.run_dir, self.run_settings)
 
     def save_checkpoint(self) -> None:
+        data = {**self.data_identity, **data_position(self.step * self.settings.grad_accum,
+                                                      self.micro_batches_per_epoch)}
         save_training_checkpoint(self.run_dir, self.accelerator, self.module, self.model, self.optimizer,
-                                 self.scheduler, self.run_settings, self.step)
+                                 self.scheduler, self.run_settings, self.step, data, self.settings.compact_state)
 
     def finish(self) -> TrainResult:
         """Close the bar, compare the ranks' weights, write ``final/`` and return the summary."""
@@ -585,6 +602,32 @@ def fit_steps(budget: float, max_steps: int, step: int, elapsed: float, per_step
     return min(max_steps, step + max(0, int(0.95 * remaining / per_step)))
 
 
+def data_position(micro_batch: int, per_epoch: int) -> dict[str, int]:
+    """Where the stream of :func:`micro_batches` stands after ``micro_batch`` micro-batches: the
+    sampler's epoch and the micro-batch inside it (recorded in checkpoints; resume recomputes it)."""
+    epoch, index = divmod(micro_batch, per_epoch)
+    return {"epoch": epoch, "micro_batch": index, "micro_batches_per_epoch": per_epoch}
+
+
+def check_resumed_data(state: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to resume on data that does not give the checkpoint's training sequences.
+
+    The data position is a count of sequences into a seeded permutation of them: on other
+    sequences it would point elsewhere, silently. Checkpoints of older versions have no record.
+    """
+    saved = state.get("data")
+    if saved is None or all(saved.get(key) == current[key] for key in current):
+        return
+    raise ConfigError(
+        f"--resume: the checkpoint in {run_dir} was trained on {saved.get('train_sequences')} training sequences "
+        f"(fingerprint {str(saved.get('fingerprint'))[:12]}), and this data gives {current['train_sequences']} "
+        f"({current['fingerprint'][:12]}), so its data position (epoch {saved.get('epoch')}, micro-batch "
+        f"{saved.get('micro_batch')}) would point at other sequences. Pass the --data file (and --max-examples) "
+        f"the run was trained on, or start a new run from its weights with --init-from "
+        f"{run_dir / ckpt.CHECKPOINT / ckpt.COMPONENTS}."
+    )
+
+
 def micro_batches(loader, sampler: EpochSampler, per_epoch: int, start: int):
     """Yield micro-batches forever from micro-batch ``start``; an epoch is its first ``per_epoch`` batches."""
     epoch, skip = divmod(start, per_epoch)
@@ -619,11 +662,14 @@ def attach_feature_cache(model, train_set, eval_set, settings, accelerator, prog
     return wrapped[0], wrapped[1]
 
 
-def save_training_checkpoint(run_dir, accelerator, module, model, optimizer, scheduler, run_settings, step) -> None:
+def save_training_checkpoint(run_dir, accelerator, module, model, optimizer, scheduler, run_settings, step,
+                             data: dict[str, Any] | None = None, compact: bool = False) -> None:
     """Every rank calls this; the main process alone writes, then all meet at a barrier.
 
     Under DeepSpeed the fp32 master weights and each rank's optimizer partition are
     gathered first; every rank's RNG state is kept so a resumed rank continues its own.
+    ``data`` is the data position (:func:`data_position`) and what it points into;
+    ``compact`` stores the optimizer moments in bfloat16 (:func:`checkpoint.compact_state`).
     """
     master_weights = dist.full_spaf_weights(accelerator, module, model)
     optimizer_state = dist.optimizer_state(accelerator, optimizer)
@@ -637,6 +683,10 @@ def save_training_checkpoint(run_dir, accelerator, module, model, optimizer, sch
             "rng_per_rank": rng_states,
             "world_size": accelerator.num_processes,
         }
+        if data is not None:
+            state["data"] = data
+        if compact:
+            state = ckpt.compact_state(state)
         if master_weights is None:
             ckpt.save_checkpoint(run_dir, model, state, run_settings)
         else:
@@ -718,7 +768,7 @@ def train_run(
         checkpoint = resume_checkpoint(run_dir)
         saved = ckpt.load_checkpoint_settings(checkpoint)
         settings = resumed_settings(TrainSettings.from_dict(saved["train"]), overrides)
-        data_path = data_path or saved["data"]
+        data_path = data_path or saved_data_path(saved["data"], checkpoint)
         model = SpAFModel.from_pretrained(base_model, components=checkpoint / ckpt.COMPONENTS, dtype=dtype)
     else:
         if ckpt.find_checkpoint(run_dir) is not None:
@@ -731,11 +781,22 @@ def train_run(
         settings = TrainSettings.from_dict(overrides)
         torch.manual_seed(settings.seed)  # the SpAF modules' initial weights: the same in every process
         if init_from is not None:
-            settings.init_from = str(init_from)
+            settings.init_from = ckpt.portable_path(init_from)
             model = SpAFModel.from_pretrained(base_model, components=init_from, dtype=dtype)
         else:
             model = SpAFModel.from_pretrained(base_model, config or SpAFConfig(), dtype=dtype)
     return train(model, data_path, run_dir, settings, resume=resume, progress=progress, distributed=distributed)
+
+
+def saved_data_path(saved: str, checkpoint: Path) -> str:
+    """The data file a resumed run recorded, when it is here; else an error naming the fix."""
+    if Path(saved).is_file():
+        return saved
+    where = "" if Path(saved).is_absolute() else f" (relative to the current folder, {Path.cwd()})"
+    raise ConfigError(
+        f"{checkpoint} was trained on {saved}, which is not on this machine{where}. Pass --data with that "
+        "file (a copy anywhere will do: its sequences are checked against the checkpoint's data position)."
+    )
 
 
 def resumed_settings(saved: TrainSettings, overrides: dict[str, Any]) -> TrainSettings:
