@@ -291,3 +291,38 @@ def test_cli_compact_state_resumes_in_a_moved_folder(tiny_model_dir, tmp_path, m
     assert result.exit_code == 0, result.output
     assert json.loads(result.output[result.output.index("{"):])["steps"] == 6
     assert ckpt.load_trainer_state(Path("run") / ckpt.CHECKPOINT)["step"] == 6
+
+
+class Clock:
+    """``time.perf_counter`` advancing one second per call."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
+def test_stop_after_checkpoints_and_a_resume_keeps_the_schedule(tokenizer, tmp_path, monkeypatch):
+    data = write_text_data(tmp_path / "train.jsonl")
+    full = tiny_spaf(tokenizer)
+    train(full, data, tmp_path / "full", settings(steps=12, save_every=0), progress=False)
+
+    run_dir = tmp_path / "sliced"
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.time, "perf_counter", Clock().perf_counter)
+        result = train(tiny_spaf(tokenizer), data, run_dir, settings(steps=12, save_every=0, stop_after=12.0),
+                       progress=False)
+    assert 1 < result.steps < 12
+    assert ckpt.load_trainer_state(run_dir / ckpt.CHECKPOINT)["step"] == result.steps  # saved without save_every
+    stops = [json.loads(line) for line in (run_dir / trainer.LOG_FILE).read_text().splitlines()]
+    assert [row["steps"] for row in stops if row["split"] == "stop"] == [12]  # the schedule was not cut
+    saved = ckpt.load_checkpoint_settings(run_dir / ckpt.CHECKPOINT)["train"]
+    assert saved["stop_after"] is None and saved["steps"] == 12  # for one call only
+
+    resumed = tiny_spaf(tokenizer)
+    assert train(resumed, data, run_dir, settings(steps=12, save_every=0), resume=True, progress=False).steps == 12
+    for name, value in full.spaf_state_dict().items():
+        torch.testing.assert_close(resumed.spaf_state_dict()[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    assert [row["lr"] for row in train_log(run_dir)] == [row["lr"] for row in train_log(tmp_path / "full")]

@@ -53,6 +53,9 @@ from spaf_edge.core.errors import ConfigError
               help="Seconds of training steps: the step time is measured over steps 5-25 and --steps is cut "
                    "to what fits (the cosine schedule follows), then re-checked at steps 50, 100, ... until half "
                    "the run. Default: no limit.")
+@click.option("--stop-after", type=float, default=None,
+              help="Seconds after the first step: write a checkpoint and stop, keeping the schedule of --steps, "
+                   "so a later --resume (on any machine) continues it. For one call; not saved. Default: no limit.")
 @click.option("--packing/--no-packing", default=None, help="Pack rows into full sequences [packing].")
 @click.option("--compact-state/--exact-state", default=None,
               help="Checkpoints keep the optimizer moments in bfloat16 (the components, step, schedule, RNG and "

@@ -71,7 +71,8 @@ LOG_FILE = "train_log.jsonl"
 FINAL = "final"
 # Settings that may differ when resuming (they do not change the optimisation path
 # up to the resumed step; a changed ``steps`` reshapes the rest of the cosine schedule).
-RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "eval_batches", "time_budget", "compact_state")
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "eval_batches", "time_budget", "compact_state",
+                     "stop_after")
 # With a time budget, the step time is measured between these two steps (counted from the
 # loop's first step, so start-up kernels and allocator growth are left out) and ``steps``
 # is cut to what fits. The cosine schedule reads ``steps`` live and follows the cut.
@@ -108,6 +109,7 @@ class TrainSettings:
     time_budget: float | None = None  # seconds of optimizer steps; cuts ``steps`` to fit (None: no limit)
     init_from: str | None = None  # trained components the run started from (recorded by train_run)
     compact_state: bool = False  # checkpoints keep the optimizer moments in bfloat16 (checkpoint.compact_state)
+    stop_after: float | None = None  # seconds after the first step: checkpoint and stop (this call only; not saved)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainSettings:
@@ -139,8 +141,9 @@ class TrainSettings:
             raise ConfigError(f"Invalid min_lr_ratio={self.min_lr_ratio}: expected a number in [0, 1].")
         if self.grad_clip < 0:
             raise ConfigError(f"Invalid grad_clip={self.grad_clip}: expected a number >= 0 (0 = off).")
-        if self.time_budget is not None and not self.time_budget > 0:
-            raise ConfigError(f"Invalid time_budget={self.time_budget}: expected seconds > 0, or unset.")
+        for name in ("time_budget", "stop_after"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"Invalid {name}={getattr(self, name)}: expected seconds > 0, or unset.")
 
 
 @dataclass
@@ -267,8 +270,12 @@ def train(
         last = run.step == settings.steps
         if settings.eval_every and run.step % settings.eval_every == 0 or last:
             run.eval_losses = run.evaluate() or run.eval_losses
-        if settings.save_every and (run.step % settings.save_every == 0 or last):
+        stop = not last and run.slice_over()
+        if stop or settings.save_every and (run.step % settings.save_every == 0 or last):
             run.save_checkpoint()
+        if stop:
+            run.log_stop()
+            break
     return run.finish()
 
 
@@ -317,7 +324,7 @@ class TrainingRun:
             check_resumed_data(state, self.data_identity, run_dir)
         self.step = self._restore(state) if state is not None else 0
 
-        self.run_settings = {"train": settings.to_dict(), "data": ckpt.portable_path(data_path),
+        self.run_settings = {"train": stored_settings(settings), "data": ckpt.portable_path(data_path),
                              "spaf": model.config.to_dict()}
         self.logger = RunLog(run_dir, accelerator.is_main_process, keep_until=self.step if resume else None)
         if accelerator.is_main_process and not resume:
@@ -460,9 +467,25 @@ class TrainingRun:
             self.bar.total = steps
         # The saved settings get the planned steps and no budget: a resume continues this schedule.
         settings.time_budget = None
-        self.run_settings["train"] = settings.to_dict()
+        self.run_settings["train"] = stored_settings(settings)
         if self.accelerator.is_main_process:
             write_run_settings(self.run_dir, self.run_settings)
+
+    def slice_over(self) -> bool:
+        """True once ``stop_after`` seconds have passed since the first step (on any rank: all stop together)."""
+        if self.settings.stop_after is None:
+            return False
+        over = time.perf_counter() - self.started >= self.settings.stop_after
+        flags = torch.tensor([float(over)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.gather(flags)
+        return bool(flags.max())
+
+    def log_stop(self) -> None:
+        seconds = time.perf_counter() - self.started
+        log.info("Stopped after %.0f s at step %d of %d (--stop-after); --resume continues the schedule.",
+                 seconds, self.step, self.settings.steps)
+        self.logger.write({"split": "stop", "step": self.step, "seconds": seconds, "steps": self.settings.steps})
 
     def save_checkpoint(self) -> None:
         data = {**self.data_identity, **data_position(self.step * self.settings.grad_accum,
@@ -587,6 +610,11 @@ def check_run_start(resume: bool, init_from: str | os.PathLike | None, spaf_conf
         source = "--resume keeps the saved" if resume else "--init-from keeps its components'"
         raise ConfigError(f"{source} SpAF config: drop --config/--cutoff-layer/--draft-vocab-size/"
                           "--rollout-steps, or start a new run without it.")
+
+
+def stored_settings(settings: TrainSettings) -> dict[str, Any]:
+    """The settings as ``settings.json`` keeps them: ``stop_after`` belongs to one call, not to the run."""
+    return {**settings.to_dict(), "stop_after": None}
 
 
 def write_run_settings(run_dir: Path, run_settings: dict[str, Any]) -> None:
