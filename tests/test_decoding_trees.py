@@ -13,6 +13,7 @@ from spaf_edge.core.config import SpAFConfig
 from spaf_edge.core.errors import ConfigError
 from spaf_edge.core.sampling import SamplingParams, logits_to_probs
 from spaf_edge.decoding.loop import DecodeSettings, parse_proposers
+from spaf_edge.decoding.spaf import SpAFProposer
 from spaf_edge.decoding.tree import accept_tree
 from spaf_edge.generation.reference import TorchBackend, spaf_generate
 
@@ -93,12 +94,21 @@ def test_chains_take_a_long_enough_lookup_match_else_spaf(min_match, monkeypatch
     at least lookup_min_match tokens, else SpAF's; the tokens stay the base's."""
     model = make_tiny_spaf("llama", 1, spaf_config=SpAFConfig(cutoff_layer=2, adapter_dim_ratio=1.0))
     steps = record_trees(monkeypatch)
+    spaf_trees = set()
+    spaf_propose = SpAFProposer.propose
+
+    def recording(self, *args):
+        proposal = spaf_propose(self, *args)
+        spaf_trees.add(id(proposal.tree))
+        return proposal
+
+    monkeypatch.setattr(SpAFProposer, "propose", recording)
     prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]
     result = spaf_generate(model, prompt, max_new_tokens=40, temperature=0.0, eos_token_ids=[],
                            proposers="spaf+lookup", lookup_min_match=min_match, tree_width=3)  # ignored: chains
     assert result.tokens == hf_greedy(model.base, prompt, 40)
     assert all(tree.is_chain for tree, _ in steps)
-    kinds = {tree.q(1) is None for tree, _ in steps if len(tree) > 1}  # lookup drafts are point masses
+    kinds = {id(tree) in spaf_trees for tree, _ in steps if len(tree) > 1}
     assert kinds == {True, False}  # both proposers drafted some chains
 
 

@@ -114,7 +114,8 @@ class TargetProbs:
 
     :func:`spaf_edge.decoding.tree.accept_tree` reads only the nodes it visits, so the rest
     are never computed (each costs a float64 pass over the vocabulary, plus a partial sort
-    with top-p). Row ``j`` equals ``logits_to_probs(logits, params)[j]``.
+    with top-p). Row ``j`` equals ``logits_to_probs(logits, params)[j]``; greedy gives the logits row
+    itself, whose argmax (all greedy acceptance reads) is that one-hot's.
     """
 
     def __init__(self, logits: np.ndarray, params: SamplingParams) -> None:
@@ -126,6 +127,8 @@ class TargetProbs:
         return len(self.logits)
 
     def __getitem__(self, j: int) -> np.ndarray:
+        if self.params.greedy:  # greedy acceptance reads only the argmax, the logits' own: no one-hot needed
+            return self.logits[j]
         row = self._rows.get(j)
         if row is None:
             row = self._rows[j] = logits_to_probs(self.logits[j], self.params)

@@ -144,13 +144,16 @@ class SpAFProposer:
                 logits, previous = calls.run_queue(j)
             else:
                 logits, previous = calls.head(hidden, previous, j)
-            q = draft_distribution(logits, params, calls.draft_vocab, calls.vocab_size)
-            if q is None:  # NaN/inf logits (broken drafter weights): nothing to draw a draft from
-                break
+            if params.greedy:  # a deterministic candidate: acceptance never reads its q
+                q, token = None, greedy_token(logits, calls.draft_vocab)
+            else:
+                q = draft_distribution(logits, params, calls.draft_vocab, calls.vocab_size)
+                if q is None:  # NaN/inf logits (broken drafter weights): nothing to draw a draft from
+                    break
+                token = choose(q, params, rng)
             threshold = settings.draft_stop_threshold
             if threshold is not None and (softmax(logits).max() if params.greedy else q.max()) < threshold:
                 break
-            token = choose(q, params, rng)
             tokens.append(token)
             probs.append(q)
             runners.append(runners_up(logits, calls.draft_vocab, token, settings.tree_width - 1))
@@ -193,10 +196,16 @@ class SpAFProposer:
         return calls.run_queue(CHAIN_START)[1]
 
 
+def greedy_token(logits: np.ndarray, draft_vocab: np.ndarray | None) -> int:
+    """The full-vocabulary id of the highest draft logit [V_d] (first on ties, as argmax of ``q`` is)."""
+    best = int(np.argmax(logits))
+    return best if draft_vocab is None else int(draft_vocab[best])
+
+
 def runners_up(logits: np.ndarray, draft_vocab: np.ndarray | None, chosen: int, count: int) -> list[int]:
     """The ``count`` tokens with the highest draft logits [V_d] besides ``chosen`` (highest first).
 
-    Read from the logits, not from ``q``: greedy drafting's ``q`` is a point mass.
+    Read from the logits: greedy drafting keeps no ``q``.
     """
     if count <= 0:
         return []
