@@ -326,3 +326,12 @@ def test_stop_after_checkpoints_and_a_resume_keeps_the_schedule(tokenizer, tmp_p
     for name, value in full.spaf_state_dict().items():
         torch.testing.assert_close(resumed.spaf_state_dict()[name], value, rtol=1e-6, atol=1e-7, msg=name)
     assert [row["lr"] for row in train_log(run_dir)] == [row["lr"] for row in train_log(tmp_path / "full")]
+
+
+def test_a_resume_with_more_steps_follows_the_new_schedule_from_its_first_step(tokenizer, tmp_path, monkeypatch):
+    data, run_dir = interrupted_run(tokenizer, tmp_path, monkeypatch)  # stopped at step 4 of 10
+    longer = settings(steps=40)
+    train(tiny_spaf(tokenizer), data, run_dir, longer, resume=True, progress=False)
+    rates = {row["step"]: row["lr"] for row in train_log(run_dir)}
+    assert rates[5] == pytest.approx(longer.lr * trainer.lr_factor(4, longer))  # not the old schedule's rate
+    assert rates[5] != pytest.approx(longer.lr * trainer.lr_factor(4, settings()))

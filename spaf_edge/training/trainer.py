@@ -371,6 +371,8 @@ class TrainingRun:
             ckpt.check_moment_shapes(state["optimizer"], self.parameters, self.run_dir / ckpt.CHECKPOINT)
         dist.load_optimizer_state(self.accelerator, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.last_epoch -= 1  # recompute the next step's rate: a resume may have changed ``steps``
+        self.scheduler.step()
         per_rank = state.get("rng_per_rank")
         ckpt.restore_rng_state(per_rank[self.accelerator.process_index] if per_rank else state["rng"])
         return state["step"]
