@@ -566,8 +566,8 @@ def run_accelerator(model: SpAFModel, settings: TrainSettings, distributed: Dist
     """The Accelerator for this run; refuses a base dtype that cannot train with its precision."""
     weights = model.config.loss_weights
     # A zero-weighted loss leaves the adapters or the heads without gradients: DDP must expect that.
-    unused = (weights.adapter_base == 0 and weights.adapter_ce == 0) or (
-        weights.alignment == 0 and weights.alignment_token == 0
+    unused = (weights.adapter_base == 0 and weights.adapter_ce == 0 and weights.topk == 0) or (
+        weights.alignment == 0 and weights.alignment_token == 0  # no rollout: the AlignmentHead is not used
     )
     accelerator = dist.make_accelerator(settings, distributed, model.hidden_size, unused)
     dist.check_precision_pair(next(model.base.parameters()).dtype, distributed.precision(),
@@ -734,7 +734,8 @@ def reduce_losses(accelerator, losses: dict[str, torch.Tensor]) -> dict[str, flo
 def short_name(name: str) -> str:
     """Progress-bar label: ``align_token_kl/15`` -> ``atk15``."""
     prefix, _, exit_layer = name.partition("/")
-    labels = {"total": "loss", "adapter_kl": "akl", "adapter_ce": "ace", "align_state": "ast", "align_token_kl": "atk"}
+    labels = {"total": "loss", "adapter_kl": "akl", "adapter_ce": "ace", "align_state": "ast", "align_token_kl": "atk",
+              "adapter_topk": "atop", "align_topk": "altop"}
     return labels.get(prefix, prefix) + exit_layer
 
 
