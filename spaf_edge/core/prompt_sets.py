@@ -16,12 +16,12 @@ so every runner gets the same token ids.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from spaf_edge.core.errors import ConfigError
+from spaf_edge.core.jsonl import read_jsonl
 
 DEFAULT_CATEGORY = "all"
 
@@ -61,8 +61,8 @@ def grounded_passages() -> list[str]:
     """The passage or code each grounded prompt quotes (its ``passage`` field), for decontamination."""
     path = grounded_prompts_path()
     passages = []
-    for number, line in _lines(path):
-        passage = json.loads(line).get("passage")
+    for number, row in read_jsonl(path):
+        passage = row.get("passage")
         if not isinstance(passage, str) or not passage.strip():
             raise ConfigError(f"{path}:{number} has no 'passage' string; every grounded prompt names its passage.")
         passages.append(passage)
@@ -83,7 +83,7 @@ def load_prompts(
             f"Prompt file {path} not found. Pass a JSONL file with a 'prompt' or 'turns' field per line, or a "
             f"packaged set: {', '.join(PROMPT_SETS)}."
         )
-    prompts = [_parse_line(line, path, number) for number, line in _lines(path)]
+    prompts = [_parse_row(row, path, number) for number, row in read_jsonl(path, PROMPT_FIELDS)]
     if per_category is not None:
         seen: dict[str, int] = {}
         kept = []
@@ -104,21 +104,11 @@ def encode_prompts(prompts: Sequence[BenchPrompt], encode: Callable[[str], list[
     return [list(encode(prompt.text)) for prompt in prompts]
 
 
-def _lines(path: Path):
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield number, line
+PROMPT_FIELDS = " with a 'prompt' or 'turns' field"
 
 
-def _parse_line(line: str, path: Path, number: int) -> BenchPrompt:
+def _parse_row(row: dict, path: Path, number: int) -> BenchPrompt:
     where = f"{path}:{number}"
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{where} is not valid JSON ({exc}). Each line must be one JSON object.") from exc
-    if not isinstance(row, dict):
-        raise ConfigError(f"{where}: expected a JSON object with a 'prompt' or 'turns' field.")
     text = row.get("prompt")
     if text is None and isinstance(row.get("turns"), list) and row["turns"]:
         text = row["turns"][0]

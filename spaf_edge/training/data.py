@@ -26,18 +26,17 @@ passage) are skipped, with a log line saying how many.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from spaf_edge.core.errors import ConfigError
+from spaf_edge.core.jsonl import read_jsonl
 from spaf_edge.core.prompt_sets import grounded_passages
 
 log = logging.getLogger(__name__)
@@ -89,24 +88,6 @@ def row_texts(row: dict[str, Any]) -> list[str]:
 def is_evaluation_row(row: dict[str, Any]) -> bool:
     """True for a prompt, text or chat row that quotes a grounded evaluation prompt's passage."""
     return any(holds_evaluation_text(text) for text in row_texts(row))
-
-
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, row)`` for each non-empty line; a clear error for bad JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Data file not found: {path}. Pass an existing JSONL file.")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{number} is not valid JSON ({exc}); fix or remove that line.") from exc
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path}:{number} must be a JSON object, got {type(row).__name__}.")
-            yield number, row
 
 
 def render_row(row: dict[str, Any], tokenizer: Any, where: str = "row") -> Example:

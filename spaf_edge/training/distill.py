@@ -46,12 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from spaf_edge.core.errors import ConfigError, UnsupportedArchitectureError
+from spaf_edge.core.jsonl import read_jsonl
 from spaf_edge.prompts import encode_prompt
-from spaf_edge.training.data import (
-    is_evaluation_row,
-    read_jsonl,
-    refuse_evaluation_data,
-)
+from spaf_edge.training.data import is_evaluation_row, refuse_evaluation_data
 
 log = logging.getLogger(__name__)
 
