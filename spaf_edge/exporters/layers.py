@@ -142,8 +142,7 @@ def make_group_query_attention(
     past_k, past_v, present_k, present_v = kv
     lengths = [SEQLENS_K, TOTAL_SEQUENCE_LENGTH]
     if pad_row:
-        last = make_last_rows(b, qkv, b.int64s(f"{path}/pad/one_row", [1]), f"{path}/pad/last_row")
-        (qkv,) = b.make_node("Concat", [qkv, last], f"{path}/pad/Concat", axis=1)
+        (qkv,) = b.make_node("Gather", [qkv, make_padded_rows(b, qkv)], f"{path}/pad/Gather", axis=1)
         lengths = make_padded_lengths(b)
     tree_inputs = make_tree_inputs(b, pad_row) if tree else []
     context, _, _ = b.make_node(
@@ -169,6 +168,24 @@ def make_padded_lengths(b: GraphBuilder) -> list[str]:
         b.make_node("Add", [TOTAL_SEQUENCE_LENGTH, b.constant(f"{PADDED_LENGTHS}/scalar_one", scalar_one)], total,
                     outputs=[total])
     return [seqlens, total]
+
+
+def make_padded_rows(b: GraphBuilder, x: str) -> str:
+    """Row indices ``0 .. S-1, S-1`` (int64 [S+1]) of ``x`` [1, S, ...] (once per graph: every layer's
+    call has the same S): one Gather then appends the padding row, a copy of the last."""
+    rows = f"{PADDED_LENGTHS}/rows"
+    if not any(node.name == rows for node in b.nodes):
+        (length,) = b.make_node("Shape", [x], f"{PADDED_LENGTHS}/rows/Shape", start=1, end=2)  # [1]: S
+        (count,) = b.make_node("Squeeze", [length, b.int64s(f"{PADDED_LENGTHS}/rows/axes", [0])],
+                               f"{PADDED_LENGTHS}/rows/Squeeze")
+        scalar = np.array(0, dtype=np.int64), np.array(1, dtype=np.int64)
+        (every,) = b.make_node("Range", [b.constant(f"{PADDED_LENGTHS}/rows/zero", scalar[0]), count,
+                                         b.constant(f"{PADDED_LENGTHS}/rows/one", scalar[1])],
+                               f"{PADDED_LENGTHS}/rows/Range")
+        (last,) = b.make_node("Sub", [length, b.int64s(f"{PADDED_LENGTHS}/rows/last", [1])],
+                              f"{PADDED_LENGTHS}/rows/Sub")
+        b.make_node("Concat", [every, last], rows, outputs=[rows], axis=0)
+    return rows
 
 
 TREE_INPUTS = "/model/attention_tree"
