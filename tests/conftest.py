@@ -104,6 +104,23 @@ def make_tiny_tokenizer():
     return tokenizer
 
 
+WORDS = ["the cat", "a dog", "runs", "sleeps", "on the mat", "quickly", "and", "then", "big", "red"]
+
+
+def write_text_data(path, rows: int = 80, seed: int = 0):
+    """A JSONL training file of ``rows`` random eight-phrase sentences (``{"text": ...}`` per line)."""
+    import json
+    import random
+    from pathlib import Path
+
+    rng = random.Random(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(8)) + "."}) + "\n"
+                            for _ in range(rows)))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny random Llama folder (config, safetensors, tokenizer, chat template)."""

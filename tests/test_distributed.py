@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tiny_base, make_tiny_tokenizer
+from conftest import make_tiny_base, make_tiny_tokenizer, write_text_data
 from safetensors.torch import load_file
 
 from spaf_edge.cli import main
@@ -41,7 +40,6 @@ RANKS, BATCH, ACCUM = 2, 2, 2
 # Constant lr (no warmup, no decay), so that a run resumed with more --steps follows the
 # same schedule as one that ran all steps at once.
 SETTINGS = dict(seq_len=32, lr=1e-2, warmup=0, min_lr_ratio=1.0, save_every=2, eval_every=2, logit_chunk_rows=40)
-WORDS = ["the cat", "a dog", "runs", "sleeps", "on the mat", "quickly", "and", "then", "big", "red"]
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +51,7 @@ def setup(tmp_path_factory):
                           pad_token_id=tokenizer.pad_token_id)
     base.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    rng = random.Random(0)
-    with (root / "data.jsonl").open("w") as handle:
-        for _ in range(80):
-            handle.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(8)) + "."}) + "\n")
+    write_text_data(root / "data.jsonl")
     return root
 
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_tiny_base, make_tiny_tokenizer
+from conftest import WORDS, make_tiny_base, make_tiny_tokenizer, write_text_data
 from torch.nn import functional as F
 
 from spaf_edge.core.config import LossWeights, SpAFConfig
@@ -32,7 +32,6 @@ from spaf_edge.training.trainer import TrainSettings, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-WORDS = ["the cat", "a dog", "runs", "sleeps", "on the mat", "quickly", "and", "then", "big", "red"]
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +41,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "text.jsonl"
-    with path.open("w") as handle:
-        for _ in range(80):
-            handle.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(8)) + "."}) + "\n")
-    return path
+    return write_text_data(tmp_path_factory.mktemp("data") / "text.jsonl", rows=80)
 
 
 def tiny_spaf(tokenizer, config=None, seed=0):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import random
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tiny_base, make_tiny_tokenizer
+from conftest import make_tiny_base, make_tiny_tokenizer, write_text_data
 from torch.nn import functional as F
 
 from spaf_edge.cli import main
@@ -33,7 +32,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parents[1]
 # The last commit whose losses.py had neither option: the defaults must reproduce its losses bit for bit.
 BEFORE_RECIPE = "d3eee29"
-WORDS = ["the cat", "a dog", "runs", "sleeps", "on the mat", "quickly", "and", "then", "big", "red"]
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +41,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "text.jsonl"
-    with path.open("w") as handle:
-        for _ in range(60):
-            handle.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(8)) + "."}) + "\n")
-    return path
+    return write_text_data(tmp_path_factory.mktemp("data") / "text.jsonl", rows=60)
 
 
 def tiny_spaf(tokenizer, config, dtype=torch.float32):

@@ -4,14 +4,13 @@ and the compact trainer state (bf16 optimizer moments) loads, resumes closely an
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tiny_base, make_tiny_tokenizer
+from conftest import make_tiny_base, make_tiny_tokenizer, write_text_data
 from safetensors.torch import load_file, save_file
 
 from spaf_edge.cli import main
@@ -24,7 +23,6 @@ from spaf_edge.training.trainer import TrainSettings, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-WORDS = ["the cat", "a dog", "runs", "sleeps", "on the mat", "quickly", "and", "then", "big", "red"]
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +30,6 @@ def tokenizer():
     return make_tiny_tokenizer()
 
 
-def write_text_data(path: Path, rows: int = 80, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(8)) + "."}) + "\n"
-                            for _ in range(rows)))
-    return path
 
 
 def tiny_spaf(tokenizer):
