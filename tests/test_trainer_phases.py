@@ -57,9 +57,9 @@ def test_first_plan_always_applies_later_ones_only_past_the_tolerance():
 
 
 @pytest.mark.parametrize("resume, init_from, spaf_options, message", [
-    (True, "components", False, "--resume continues a run's checkpoint; --init-from starts a new run"),
-    (True, None, True, "--resume keeps the saved SpAF config: drop --config"),
-    (False, "components", True, "--init-from keeps its components' SpAF config: drop --config"),
+    (True, "components", (), "--resume continues a run's checkpoint; --init-from starts a new run"),
+    (True, None, ("--config",), "--resume keeps the saved SpAF config: drop --config"),
+    (False, "components", ("--config",), "--init-from keeps its components' SpAF config: drop --config"),
 ])
 def test_run_start_refuses_contradictory_options(resume, init_from, spaf_options, message):
     with pytest.raises(ConfigError, match=message):
@@ -68,9 +68,9 @@ def test_run_start_refuses_contradictory_options(resume, init_from, spaf_options
 
 @pytest.mark.parametrize("resume, init_from", [(False, None), (True, None), (False, "components")])
 def test_run_start_accepts_one_source(resume, init_from):
-    check_run_start(resume, init_from, spaf_config_given=False)
+    check_run_start(resume, init_from, spaf_options=())
     if not (resume or init_from):
-        check_run_start(resume, init_from, spaf_config_given=True)
+        check_run_start(resume, init_from, spaf_options=("--config",))
 
 
 @pytest.mark.parametrize("resume, init_from, message", [(True, None, "--resume keeps the saved SpAF config"),

@@ -12,7 +12,6 @@ import json
 import click
 
 from spaf_edge.cli import options
-from spaf_edge.core.errors import ConfigError
 
 
 @click.command("train")
@@ -83,10 +82,10 @@ def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_si
     from spaf_edge.training.trainer import check_run_start, train_run
 
     overrides = {name: value for name, value in settings.items() if value is not None}
-    spaf_options = (config_path, cutoff_layer, draft_vocab_size, rollout_steps)
-    check_run_start(resume, init_from, any(option is not None for option in spaf_options))
-    recipe = {"--rollout-decay": rollout_decay, "--topk-weight": topk_weight, "--topk-k": topk_k}
-    refuse_recipe_options(resume, init_from, [name for name, value in recipe.items() if value is not None])
+    spaf_options = {"--config": config_path, "--cutoff-layer": cutoff_layer, "--draft-vocab-size": draft_vocab_size,
+                    "--rollout-steps": rollout_steps, "--rollout-decay": rollout_decay, "--topk-weight": topk_weight,
+                    "--topk-k": topk_k}
+    check_run_start(resume, init_from, [name for name, value in spaf_options.items() if value is not None])
     config = None
     if not (resume or init_from):
         config = SpAFConfig.load(config_path) if config_path else SpAFConfig()
@@ -110,11 +109,3 @@ def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_si
         "seconds": round(result.seconds, 1), "replica_max_diff": result.replica_max_diff,
     }, indent=2))
 
-
-def refuse_recipe_options(resume: bool, init_from: str | None, given: list[str]) -> None:
-    """Refuse loss-recipe options (they set the SpAF config) on a run that keeps a saved config."""
-    if not given or not (resume or init_from):
-        return
-    source = "--resume keeps the saved" if resume else "--init-from keeps its components'"
-    raise ConfigError(f"{source} SpAF config, loss recipe included: drop {', '.join(given)}, or start a new "
-                      "run without it.")

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -600,18 +601,18 @@ def load_resume_state(model: SpAFModel, run_dir: Path, num_processes: int) -> di
     return state
 
 
-def check_run_start(resume: bool, init_from: str | os.PathLike | None, spaf_config_given: bool) -> None:
+def check_run_start(resume: bool, init_from: str | os.PathLike | None, spaf_options: Sequence[str] = ()) -> None:
     """Refuse contradictory starts: ``--resume`` with ``--init-from``, or either with SpAF config options.
 
-    Used by ``spaf-edge train`` and :func:`train_run` alike; both options keep an existing
-    SpAF config (the checkpoint's, or the components').
+    ``spaf_options``: the SpAF config options given (their CLI names, e.g. ``--config``,
+    ``--topk-weight``). Used by ``spaf-edge train`` and :func:`train_run` alike; both options
+    keep an existing SpAF config (the checkpoint's, or the components'), loss recipe included.
     """
     if resume and init_from:
         raise ConfigError("--resume continues a run's checkpoint; --init-from starts a new run. Pass one of them.")
-    if (resume or init_from) and spaf_config_given:
+    if (resume or init_from) and spaf_options:
         source = "--resume keeps the saved" if resume else "--init-from keeps its components'"
-        raise ConfigError(f"{source} SpAF config: drop --config/--cutoff-layer/--draft-vocab-size/"
-                          "--rollout-steps, or start a new run without it.")
+        raise ConfigError(f"{source} SpAF config: drop {'/'.join(spaf_options)}, or start a new run without it.")
 
 
 def stored_settings(settings: TrainSettings) -> dict[str, Any]:
@@ -790,7 +791,7 @@ def train_run(
     weights and draft vocabulary, e.g. to fine-tune them on new data. ``config`` is for a
     fresh run without ``init_from`` only (see :func:`check_run_start`).
     """
-    check_run_start(resume, init_from, config is not None)
+    check_run_start(resume, init_from, ("--config",) if config is not None else ())
     run_dir = Path(run_dir)
     overrides = dict(overrides or {})
     distributed = distributed or DistributedSettings()
