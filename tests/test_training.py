@@ -27,7 +27,7 @@ from spaf_edge.training.features import (
     build_feature_cache,
     compute_base_features,
 )
-from spaf_edge.training.losses import chunked_distill_loss, spaf_losses
+from spaf_edge.training.losses import chunked_distill_terms, spaf_losses
 from spaf_edge.training.trainer import TrainSettings, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -160,7 +160,8 @@ def test_chunked_loss_equals_unchunked(with_bias):
 
     expected = run(lambda x: reference_losses(x, teacher, weight, bias, kl_weights, ce_weights, targets))
     for chunk_rows in (1, 7, 64):
-        got = run(lambda x: chunked_distill_loss(x, teacher, weight, bias, kl_weights, ce_weights, targets, chunk_rows))
+        got = run(lambda x: chunked_distill_terms(x, teacher, weight, bias, kl_weights, ce_weights, targets,
+                                                  chunk_rows=chunk_rows)[:2])
         for value, reference in zip(got, expected):
             torch.testing.assert_close(value.double(), reference, rtol=1e-6, atol=1e-9)
 

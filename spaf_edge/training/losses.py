@@ -184,22 +184,6 @@ def chunked_distill_terms(
                                                  topk_weights, topk_k, chunk_rows))
 
 
-def chunked_distill_loss(
-    students: torch.Tensor,
-    teacher: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    kl_weights: torch.Tensor,
-    ce_weights: torch.Tensor | None = None,
-    targets: torch.Tensor | None = None,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The KL and CE sums alone: :func:`chunked_distill_terms` without the top-k term. -> (kl [M], ce [M])."""
-    sums = chunked_distill_terms(students, teacher, weight, bias, kl_weights, ce_weights, targets,
-                                 chunk_rows=chunk_rows)
-    return sums.kl, sums.ce
-
-
 def alignment_state_loss(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str, count: torch.Tensor | None = None
 ) -> torch.Tensor:
