@@ -22,6 +22,8 @@ from spaf_edge.core.config import SpAFConfig
 from spaf_edge.core.embedding_layout import EmbeddingLayout
 from spaf_edge.core.io_names import DRAFT_HEAD_GRAPH, EMBEDDINGS, UPPER_GRAPH
 from spaf_edge.exporters import export_model
+from spaf_edge.runtime import embeddings as embeddings_module
+from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.engine import Engine
 from spaf_edge.runtime.rows import RowCheck, check_rows
 
@@ -82,6 +84,25 @@ def test_embedding_rows_are_the_quantized_head_rows_stored_once(quantization, ti
     assert not [n for n in upper.graph.node if n.op_type == "Gemm"]
     # the draft-vocabulary rows are quantized too (a private head of their own)
     assert head_node(folder, DRAFT_HEAD_GRAPH).attribute
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_cached_rows_are_the_rows_read_and_the_cache_stays_bounded(quantization, tmp_path, monkeypatch):
+    """Rows served from the dequantized-row cache equal fresh reads, in any mix of cached and new
+    tokens and repeats; a cache at its budget starts over, and a lookup larger than it keeps nothing."""
+    monkeypatch.setattr(embeddings_module, "ROW_CACHE_BYTES", 8 * 64 * 4)  # 8 rows of this table
+    folder = tiny_export(tmp_path / "export", quantization)
+    fresh = EmbeddingTable(folder / EMBEDDINGS, 96, 64, np.float32, quantization).rows(list(range(96)))
+    table = EmbeddingTable(folder / EMBEDDINGS, 96, 64, np.float32, quantization)
+    for ids in ([5], [5, 7, 5], [7, 9, 11, 5, 13, 2], [2, 2, 40, 41, 42], [95, 0, 5]):
+        np.testing.assert_array_equal(table.rows(ids), fresh[ids])
+        assert len(table._cache) <= 8
+    assert sorted(table._cache) == [0, 5, 40, 41, 42, 95]  # 6 rows + 3 new overflowed: restarted with the 3
+    table.rows(list(range(20, 40)))
+    assert 20 not in table._cache  # 20 rows: more than the budget, not kept
+    row = table.rows([95])
+    row[:] = 0  # the caller's copy: the cached row is untouched
+    np.testing.assert_array_equal(table.rows([95]), fresh[[95]])
 
 
 def test_quantized_export_without_a_draft_vocabulary_runs_losslessly(tmp_path):

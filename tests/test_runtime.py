@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from conftest import make_tiny_spaf, make_tiny_tokenizer
@@ -39,6 +41,7 @@ from spaf_edge.exporters import export_model
 from spaf_edge.generation.reference import spaf_generate
 from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.engine import Engine
+from spaf_edge.runtime.graphs import Binding
 from spaf_edge.runtime.rows import MAX_ROWS
 from spaf_edge.runtime.stream import IncrementalDecoder
 from spaf_edge.runtime.tokenizer import TextTokenizer
@@ -193,6 +196,70 @@ def test_kv_buffers_are_bound_in_place(engine):
     assert [value.data_ptr() for value in engine.decoder.lower.kv.keys + engine.decoder.upper.kv.values] == before
     outputs = engine.decoder.upper.binding.get_outputs()  # present buffers of the last run are the cache itself
     assert {value.data_ptr() for value in outputs} >= {value.data_ptr() for value in engine.decoder.upper.kv.keys}
+
+
+class RecordingBinding:
+    """An IOBinding stand-in that records every bind call and forwards everything."""
+
+    def __init__(self, raw, calls: list[str]) -> None:
+        self._raw, self._calls = raw, calls
+
+    def bind_ortvalue_input(self, name, value):
+        self._calls.append(name)
+        self._raw.bind_ortvalue_input(name, value)
+
+    def bind_ortvalue_output(self, name, value):
+        self._calls.append(name)
+        self._raw.bind_ortvalue_output(name, value)
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+
+def test_cpu_steps_do_not_rebind_what_is_bound(tiny):
+    """On the CPU provider a plain step binds nothing its graphs already have: the bind calls of a
+    generation do not grow with its length (the host buffers are read and written in place)."""
+    _, folder = tiny
+    engine = Engine.from_folder(folder, row_calls="native")
+    plain = engine.generate(PROMPTS[0], max_new_tokens=12, mode="greedy").tokens
+    counts = []
+    for new in (4, 12):
+        calls: list[str] = []
+        for graph in (engine.decoder.lower, engine.decoder.upper):
+            graph.binding.raw = RecordingBinding(graph.binding.raw, calls)
+        assert engine.generate(PROMPTS[0], max_new_tokens=new, mode="greedy").tokens == plain[:new]
+        for graph in (engine.decoder.lower, engine.decoder.upper):
+            graph.binding.raw = graph.binding.raw._raw
+        counts.append(len(calls))
+    assert counts[0] == counts[1] > 0  # the prefill's row views, then the one-row views once
+
+
+def test_device_bindings_rebind_inputs_every_call():
+    """Device providers copy a host input when it is bound: there the same input is bound again each time."""
+
+    class DeviceSession:
+        def __init__(self, calls):
+            self.calls = calls
+
+        def io_binding(self):
+            return RecordingBinding(types.SimpleNamespace(bind_ortvalue_input=lambda *a: None,
+                                                          bind_ortvalue_output=lambda *a: None), self.calls)
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    value = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, dtype=np.int64))
+    device_calls, cpu_calls = [], []
+    device = Binding(DeviceSession(device_calls))
+    cpu_session = DeviceSession(cpu_calls)
+    cpu_session.get_providers = lambda: ["CPUExecutionProvider"]
+    cpu = Binding(cpu_session)
+    for binding in (device, cpu):
+        for _ in range(3):
+            binding.input("num_logits", value)
+            binding.output("logits", value)
+    assert device_calls == ["num_logits", "logits", "num_logits", "num_logits"]
+    assert cpu_calls == ["num_logits", "logits"]
 
 
 def test_reuse_cache_gives_the_same_tokens(engine):
@@ -534,7 +601,7 @@ def test_prefill_computes_no_logits(fused, monkeypatch):
     calls = record_num_logits(decoder, monkeypatch)
     prompt = [1, 7, 19, 42, 5, 11, 60, 23]
     decoder.buffers.logits.array[:] = np.nan
-    decoder.prefill(prompt)
+    decoder.prefill(prompt, active=True)  # a drafting generation keeps the exact top state
     assert calls == [(3, 0), (3, 0), (1, 0)]  # prompt[:-1] in chunks of 3
     assert np.isnan(decoder.buffers.logits.array).all()  # the logits buffer was never written
     _, top = fresh_top_states(model, prompt)

@@ -69,16 +69,27 @@ class EmbeddingLayout:
         return self.scales_offset + self.vocab_size * self.scale_bytes
 
     def dequantize(self, packed: np.ndarray, scales: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Rows from packed bytes ``uint8 [n, row_bytes]`` and ``scales [n, blocks]`` into ``out`` [n, H]."""
+        """Rows from packed bytes ``uint8 [n, row_bytes]`` and ``scales [n, blocks]`` into ``out`` [n, H].
+
+        Each byte indexes a table of the float value(s) it packs (exact small integers), so a
+        row takes three array operations whatever its width.
+        """
         n = len(packed)
-        if self.bits == 4:
-            values = np.empty((n, self.row_bytes, 2), dtype=np.int8)
-            values[..., 0] = packed & 0x0F
-            values[..., 1] = packed >> 4
-            values -= 8
-        else:
-            values = (packed.astype(np.int16) - 128).astype(np.int8)
-        blocks = values.reshape(n, self.blocks, self.block_size).astype(np.float32)
-        blocks *= scales.astype(np.float32)[:, :, None]
+        values = _BYTE_VALUES[self.bits][packed]  # float32 [n, row_bytes, 2] (4 bits) or [n, row_bytes] (8 bits)
+        blocks = values.reshape(n, self.blocks, self.block_size)
+        blocks *= scales.astype(np.float32, copy=False)[:, :, None]
         out[:] = blocks.reshape(n, -1)[:, : self.hidden_size]
         return out
+
+
+def _byte_values() -> dict[int, np.ndarray]:
+    """Per bit width, the float32 element value(s) of each byte: 4 bits -> [256, 2] (low nibble, high
+    nibble), 8 bits -> [256]; the zero point ``2 ** (bits - 1)`` subtracted."""
+    byte = np.arange(256)
+    return {
+        4: np.stack([(byte & 0x0F) - 8, (byte >> 4) - 8], axis=-1).astype(np.float32),
+        8: (byte - 128).astype(np.float32),
+    }
+
+
+_BYTE_VALUES = _byte_values()

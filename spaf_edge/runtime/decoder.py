@@ -64,6 +64,7 @@ class Decoder:
         # (spaf_edge.runtime.rows.check_rows sets it).
         self.pad = False
         self.tree_inputs = TreeInputs(buffers.rows, buffers.hidden.array.dtype)  # a tree verify's, both stacks
+        self.drafting = False  # this generation drafts: keep the exact states drafting starts from
 
     @property
     def verifies_trees(self) -> bool:
@@ -122,8 +123,10 @@ class Decoder:
         previous tokens are kept, except the last two body rows at most: the top states of
         ``T-1`` and ``T-2`` that drafting reads are not kept, so they are recomputed. The
         proposer may ask for more to be recomputed (:meth:`Proposer.start`) and, when
-        ``active`` (this generation drafts), is told about every chunk. The exact top state of
-        ``T-1`` ends in ``prev_tops`` row 0 (zeros when the prompt has one token).
+        ``active`` (this generation drafts), is told about every chunk. When ``active``, the exact
+        top state of ``T-1`` ends in ``prev_tops`` row 0 (zeros when the prompt has one token);
+        plain decoding keeps no states for drafting (a later generation that reuses the cache
+        recomputes the ones it reads).
         """
         body = prompt_ids[:-1]
         shared = min(common_prefix(self.tokens[: self.position], body), len(body) - 1) if reuse_cache else 0
@@ -135,6 +138,7 @@ class Decoder:
         self.lower.kv.rewind_to(min(start, self.lower.kv.length))
         self.upper.kv.rewind_to(min(start, self.upper.kv.length))
         self.tokens = list(prompt_ids)
+        self.drafting = active
         self.buffers.ensure_rows(max(2, min(len(body), self.prefill_chunk)))  # 2: a padded one-row call
         self.buffers.prev_tops.array[:, 0] = 0  # no position before x_0: the reference's zeros
         for begin in range(self.lower.kv.length, len(body), self.prefill_chunk):
@@ -143,8 +147,9 @@ class Decoder:
             self.run_upper(len(chunk), num_logits=0)  # prefill needs top states only: no LM head
             if proposer is not None and active:
                 proposer.prefilled(begin, len(chunk))
-            last = len(chunk) - 1
-            self.keep_exact(last, last - 1 if last else None)
+            if active:
+                last = len(chunk) - 1
+                self.keep_exact(last, last - 1 if last else None)
 
     def verify(self, proposal: Proposal) -> np.ndarray:
         """One batched target pass over the tree's nodes (a chain: positions ``T .. T+D``), each
@@ -171,7 +176,8 @@ class Decoder:
         """
         start, valid = self.position, self.position + len(rows)  # positions T .. T+n now hold accepted tokens
         self.tokens.extend([*(proposal.tree.token(row) for row in rows[1:]), bonus])
-        self.keep_exact(rows[-1], rows[-2] if len(rows) > 1 else None)
+        if self.drafting:
+            self.keep_exact(rows[-1], rows[-2] if len(rows) > 1 else None)
         for kv in (self.lower.kv, self.upper.kv):
             if not proposal.tree.is_chain:  # the accepted path's rows move to T .. T+n
                 kv.rewind_to(start)

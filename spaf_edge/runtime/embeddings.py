@@ -6,6 +6,10 @@ whole page-cache folios resident (about 2 MB per touched row on Linux with file 
 docs/exporter.md), so a few hundred distinct tokens map most of the table; a read copies
 only the row's bytes and leaves the rest in the (reclaimable) page cache. That is what
 lets the tied LM head live once, prepacked, in ``upper.onnx``.
+
+Quantized rows are dequantized on the way out, which costs more than the read; the table
+keeps the dequantized rows of recent tokens (at most :data:`ROW_CACHE_BYTES`), since a
+generation reads the same tokens over and over.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import numpy as np
 from spaf_edge.core.embedding_layout import EmbeddingLayout
 from spaf_edge.core.errors import ExportFormatError
 from spaf_edge.core.manifest import check_embedding_file
+
+ROW_CACHE_BYTES = 4 << 20  # dequantized rows kept per quantized table (emptied when full)
 
 
 class EmbeddingTable:
@@ -37,6 +43,8 @@ class EmbeddingTable:
         check_embedding_file(self.path, self.layout)
         self._file = open(self.path, "rb", buffering=0)  # unbuffered: reads go straight into the rows
         self._fd = self._file.fileno()
+        self._cache: dict[int, np.ndarray] = {}  # token -> its dequantized row [H] (quantized tables only)
+        self._cache_rows = max(1, ROW_CACHE_BYTES // (hidden_size * self.dtype.itemsize))
 
     def lookup(self, token_ids: Sequence[int], out: np.ndarray) -> np.ndarray:
         """Rows of ``token_ids`` into ``out`` [n, H] (C-contiguous, the table's dtype). Returns ``out``."""
@@ -49,14 +57,31 @@ class EmbeddingTable:
         return out
 
     def _lookup_quantized(self, token_ids: Sequence[int], out: np.ndarray) -> np.ndarray:
-        layout, n = self.layout, len(token_ids)
+        cache = self._cache
+        missing = []  # (index in token_ids, token) of rows not cached
+        for index, token in enumerate(token_ids):
+            row = cache.get(token)
+            if row is None:
+                missing.append((index, int(token)))
+            else:
+                out[index] = row
+        if not missing:
+            return out
+        layout, n = self.layout, len(missing)
         packed = np.empty((n, layout.row_bytes), dtype=np.uint8)
         scales = np.empty((n, layout.blocks), dtype=self.dtype)
-        for index, token in enumerate(token_ids):
-            self._read_row(int(token), memoryview(packed[index]))
-            self._read(layout.scales_offset + int(token) * layout.scale_bytes, memoryview(scales[index]).cast("B"),
-                       int(token))
-        return layout.dequantize(packed, scales, out)
+        for slot, (_, token) in enumerate(missing):
+            self._read_row(token, memoryview(packed[slot]))
+            self._read(layout.scales_offset + token * layout.scale_bytes, memoryview(scales[slot]).cast("B"), token)
+        rows = layout.dequantize(packed, scales, np.empty((n, self.hidden_size), dtype=self.dtype))
+        keep = n <= self._cache_rows  # a long prompt's rows are not kept
+        if keep and len(cache) + n > self._cache_rows:
+            cache.clear()
+        for slot, (index, token) in enumerate(missing):
+            out[index] = rows[slot]
+            if keep:
+                cache[token] = rows[slot]
+        return out
 
     def rows(self, token_ids: Sequence[int]) -> np.ndarray:
         """A new [n, H] array holding the rows of ``token_ids``."""

@@ -44,6 +44,36 @@ from spaf_edge.decoding.tree import masked_value
 from spaf_edge.runtime.kv import KVCache
 
 
+class Binding:
+    """A session's IOBinding that skips binding a name to the OrtValue it already has, where that is a no-op.
+
+    On the CPU provider ONNX Runtime reads and writes the bound host buffers in place, so binding
+    the same OrtValue again changes nothing, yet each call costs the Python around the graph runs
+    (tens of µs a step: that code runs with caches the weights have just evicted). Device
+    providers copy a host input when it is bound, so there inputs are rebound every call.
+    ``get_outputs`` and the raw binding (``raw``) stay available.
+    """
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.raw = session.io_binding()
+        self.rebind_inputs = session.get_providers()[0] != "CPUExecutionProvider"
+        self._inputs: dict[str, ort.OrtValue] = {}
+        self._outputs: dict[str, ort.OrtValue] = {}
+
+    def input(self, name: str, value: ort.OrtValue) -> None:
+        if self.rebind_inputs or self._inputs.get(name) is not value:
+            self.raw.bind_ortvalue_input(name, value)
+            self._inputs[name] = value
+
+    def output(self, name: str, value: ort.OrtValue) -> None:
+        if self._outputs.get(name) is not value:
+            self.raw.bind_ortvalue_output(name, value)
+            self._outputs[name] = value
+
+    def get_outputs(self) -> list[ort.OrtValue]:
+        return self.raw.get_outputs()
+
+
 class _Positions:
     """The GroupQueryAttention length inputs of a call: ``seqlens_k = P+S-1``, ``total = P+S``."""
 
@@ -53,12 +83,11 @@ class _Positions:
         self.seqlens_value = ort.OrtValue.ortvalue_from_numpy(self.seqlens)
         self.total_value = ort.OrtValue.ortvalue_from_numpy(self.total)
 
-    def bind(self, binding: ort.IOBinding, past: int, new: int) -> None:
+    def bind(self, binding: Binding, past: int, new: int) -> None:
         self.seqlens[0] = past + new - 1
         self.total[()] = past + new
-        # Rebinding is free on CPU and makes device providers copy the fresh values.
-        binding.bind_ortvalue_input(SEQLENS_K, self.seqlens_value)
-        binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self.total_value)
+        binding.input(SEQLENS_K, self.seqlens_value)  # bound once on CPU; device providers copy the fresh values
+        binding.input(TOTAL_SEQUENCE_LENGTH, self.total_value)
 
 
 class TreeInputs:
@@ -128,7 +157,7 @@ class TreeInputs:
         self.new = new
         self.is_chain = bool(parents[0] == -1 and (parents[1:] == rows[:-1]).all())
 
-    def bind(self, binding: ort.IOBinding, past: int) -> None:
+    def bind(self, binding: Binding, past: int) -> None:
         """Bind the described call's inputs for a cache holding ``past`` positions."""
         new = self.new
         if past == 0 and not self.is_chain:
@@ -141,9 +170,8 @@ class TreeInputs:
             views = (ort.OrtValue.ortvalue_from_numpy(self.positions[:, :new]),
                      ort.OrtValue.ortvalue_from_numpy(self.bias[: new * new].reshape(1, 1, new, new)))
             self._views[new] = views
-        # Rebinding is free on CPU and makes device providers copy the fresh values.
-        binding.bind_ortvalue_input(TREE_POSITIONS, views[0])
-        binding.bind_ortvalue_input(TREE_BIAS, views[1])
+        binding.input(TREE_POSITIONS, views[0])  # bound once on CPU; device providers copy the fresh values
+        binding.input(TREE_BIAS, views[1])
 
 
 class StackGraph:
@@ -156,8 +184,8 @@ class StackGraph:
     def __init__(self, session: ort.InferenceSession, kv: KVCache) -> None:
         self.session = session
         self.kv = kv
-        self.binding = session.io_binding()
-        kv.bind(self.binding)
+        self.binding = Binding(session)
+        kv.bind(self.binding.raw)
         self.positions = _Positions()
         self.accepts_trees = TREE_POSITIONS in {arg.name for arg in session.get_inputs()}
         self.chain_inputs = TreeInputs(2, kv.dtype) if self.accepts_trees else None  # what calls without a tree bind
@@ -176,7 +204,7 @@ class StackGraph:
                 "with this version of spaf-edge to verify draft trees."
             )
         self.positions.bind(self.binding, self.kv.length, new)
-        self.session.run_with_iobinding(self.binding)
+        self.session.run_with_iobinding(self.binding.raw)
         self.kv.advance(new)
 
 
@@ -187,8 +215,8 @@ class LowerGraph(StackGraph):
         self, inputs_embeds: ort.OrtValue, new: int, cutoff_hidden: ort.OrtValue, tree: TreeInputs | None = None
     ) -> None:
         # inputs_embeds: [1, S, H] -> cutoff_hidden: [1, S, H]; tree: the S rows' tree inputs (None: a chain)
-        self.binding.bind_ortvalue_input(INPUTS_EMBEDS, inputs_embeds)
-        self.binding.bind_ortvalue_output(CUTOFF_HIDDEN, cutoff_hidden)
+        self.binding.input(INPUTS_EMBEDS, inputs_embeds)
+        self.binding.output(CUTOFF_HIDDEN, cutoff_hidden)
         self._run(new, tree)
 
 
@@ -207,10 +235,10 @@ class UpperGraph(StackGraph):
         # cutoff_hidden: [1, S, H] -> logits: [1, n, V] float32 (last n = num_logits positions), top_hidden: [1, S, H]
         # tree: the S rows' tree inputs (None: a chain)
         self.num_logits[0] = num_logits
-        self.binding.bind_ortvalue_input(NUM_LOGITS, self.num_logits_value)  # rebound: device providers copy it
-        self.binding.bind_ortvalue_input(CUTOFF_HIDDEN, cutoff_hidden)
-        self.binding.bind_ortvalue_output(LOGITS, logits)
-        self.binding.bind_ortvalue_output(TOP_HIDDEN, top_hidden)
+        self.binding.input(NUM_LOGITS, self.num_logits_value)
+        self.binding.input(CUTOFF_HIDDEN, cutoff_hidden)
+        self.binding.output(LOGITS, logits)
+        self.binding.output(TOP_HIDDEN, top_hidden)
         self._run(new, tree)
 
 
@@ -219,14 +247,14 @@ class DrafterGraph:
 
     def __init__(self, session: ort.InferenceSession) -> None:
         self.session = session
-        self.binding = session.io_binding()
+        self.binding = Binding(session)
 
     def run(self, token_embeds: ort.OrtValue, prev_hidden: ort.OrtValue, pseudo_hidden: ort.OrtValue) -> None:
         # token_embeds: [1, 1, H] e(d), prev_hidden: [1, 1, H] -> pseudo_hidden: [1, 1, H]
-        self.binding.bind_ortvalue_input(TOKEN_EMBEDS, token_embeds)  # rebound: device providers copy it
-        self.binding.bind_ortvalue_input(PREV_HIDDEN, prev_hidden)
-        self.binding.bind_ortvalue_output(PSEUDO_HIDDEN, pseudo_hidden)
-        self.session.run_with_iobinding(self.binding)
+        self.binding.input(TOKEN_EMBEDS, token_embeds)
+        self.binding.input(PREV_HIDDEN, prev_hidden)
+        self.binding.output(PSEUDO_HIDDEN, pseudo_hidden)
+        self.session.run_with_iobinding(self.binding.raw)
 
 
 class DraftHeadGraph:
@@ -243,23 +271,23 @@ class DraftHeadGraph:
         kv: KVCache | None = None,
     ) -> None:
         self.session = session
-        self.binding = session.io_binding()
+        self.binding = Binding(session)
         self.reads_top_state = reads_top_state
         self.kv = kv
-        self.binding.bind_ortvalue_output(DRAFT_LOGITS, draft_logits)  # [1, 1, V_d]
+        self.binding.output(DRAFT_LOGITS, draft_logits)  # [1, 1, V_d]
         if kv is not None:
-            kv.bind(self.binding)
+            kv.bind(self.binding.raw)
             self.positions = _Positions()
 
     def run(self, draft_hidden: ort.OrtValue, prev_top: ort.OrtValue, drafted_top: ort.OrtValue, new: int = 1) -> None:
         # draft_hidden, prev_top: [1, S, H] (S = new: 1 unless the adapter attends)
         #   -> draft logits of the last row (bound buffer), drafted_top: [1, 1, H]
-        self.binding.bind_ortvalue_input(DRAFT_HIDDEN, draft_hidden)
+        self.binding.input(DRAFT_HIDDEN, draft_hidden)
         if self.reads_top_state:
-            self.binding.bind_ortvalue_input(PREV_TOP, prev_top)
-        self.binding.bind_ortvalue_output(DRAFTED_TOP, drafted_top)
+            self.binding.input(PREV_TOP, prev_top)
+        self.binding.output(DRAFTED_TOP, drafted_top)
         if self.kv is not None:
             self.positions.bind(self.binding, self.kv.length, new)
-        self.session.run_with_iobinding(self.binding)
+        self.session.run_with_iobinding(self.binding.raw)
         if self.kv is not None:
             self.kv.advance(new)
