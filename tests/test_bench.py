@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from spaf_edge.bench import baselines, metrics
+from spaf_edge.bench import baselines, exports, metrics
 from spaf_edge.bench.baselines import BenchContext, Runner, RunOutput
 from spaf_edge.bench.benchmark import BenchOptions, assemble_result, load_runners
 from spaf_edge.bench.report import PLOT_PNG, RESULTS_JSON, RESULTS_MD, write_report
@@ -589,3 +589,14 @@ def test_bench_command_end_to_end_on_a_tiny_model(exportable_model_dir, tmp_path
     assert all(p["prompts"] == 3 for p in result["pairs"])
     assert result["settings"]["categories"] == ["chat", "math"]
     assert len(runners["spaf"]["acceptance_by_position"]) == 5  # the export's default num_draft_tokens
+
+
+def test_cached_exports_depend_on_every_source_the_exporter_writes_with():
+    """The export cache's key hashes the files the exporter's output depends on: the manifest and IO
+    names (core/), the exporters, modules and architectures; every listed file exists."""
+    root = Path(exports.__file__).resolve().parents[1]
+    sources = exports.exporter_sources()
+    assert all(file.is_file() for file in sources)
+    for needed in ("core/manifest.py", "core/io_names.py", "core/embedding_layout.py", "exporters/layers.py",
+                   "modules/drafters.py", "models/registry.py", "model.py"):
+        assert root / needed in sources, needed

@@ -20,6 +20,7 @@ from spaf_edge.training.distill import (
     distill,
     generate_batch,
     onnx_backend,
+    parse_shard,
     resolve_backend,
     torch_backend,
 )
@@ -235,6 +236,31 @@ def test_onnx_sampled_replies_are_seeded_per_prompt(saved, prompts, tmp_path):
     assert by_index(tmp_path / "c.jsonl") != by_index(tmp_path / "a.jsonl")
     run_saved(saved, prompts, tmp_path / "greedy.jsonl", backend="onnx")
     assert by_index(tmp_path / "greedy.jsonl") != by_index(tmp_path / "a.jsonl")
+
+
+@pytest.mark.usefixtures("export_cache")
+def test_onnx_shards_split_the_prompts_and_join_to_one_run(saved, prompts, tmp_path):
+    """Shards 0/3, 1/3, 2/3 write disjoint prompts whose rows, joined, are one unsharded run's (sampled replies
+    are seeded per prompt), whatever --limit selects; a shard resumes like a whole run."""
+    sampled = dict(backend="onnx", temperature=1.0, seed=5)
+    whole = by_index(run_saved(saved, prompts, tmp_path / "whole.jsonl", **sampled).out)
+    parts = []
+    for index in range(3):
+        out = tmp_path / f"shard{index}.jsonl"
+        run_saved(saved, prompts, out, shard=(index, 3), limit=4, **sampled)  # prompts 0..3 first
+        summary = run_saved(saved, prompts, out, shard=(index, 3), **sampled)
+        rows = read_rows(out)
+        assert {row["prompt_index"] % 3 for row in rows} == {index}
+        assert summary.already_done == len([i for i in range(4) if i % 3 == index])
+        parts += rows
+    assert sorted(parts, key=lambda row: row["prompt_index"]) == whole
+
+
+def test_shard_settings_are_checked():
+    assert parse_shard("1/4") == (1, 4) and parse_shard(None) is None
+    for bad in ("4/4", "1", "a/2", "1/0", "-1/2", "1/2/3"):
+        with pytest.raises(ConfigError, match="expected K/N with 0 <= K < N"):
+            parse_shard(bad)
 
 
 def test_auto_backend_is_onnx_on_a_cpu_and_torch_with_cuda(monkeypatch):

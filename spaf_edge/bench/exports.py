@@ -49,11 +49,15 @@ def cached_export(
 
 def exporter_code_key() -> str:
     """Hash of the exporter and model sources: a code change invalidates cached exports."""
-    root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    files = sorted((root / "exporters").rglob("*.py")) + sorted((root / "modules").rglob("*.py"))
-    files += [root / "model.py", root / "io_names.py", root / "manifest.py"]
-    for file in files:
-        if file.is_file():
-            digest.update(file.read_bytes())
+    for file in exporter_sources():
+        digest.update(file.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def exporter_sources() -> list[Path]:
+    """The sources an export depends on: the exporters, the modules and architectures, and core/ (the
+    manifest, IO names and byte layouts the exporter writes)."""
+    root = Path(__file__).resolve().parents[1]
+    folders = ("exporters", "modules", "models", "core")
+    return [file for folder in folders for file in sorted((root / folder).rglob("*.py"))] + [root / "model.py"]

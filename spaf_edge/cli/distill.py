@@ -38,22 +38,27 @@ from spaf_edge.cli import options
               help="onnx backend: an existing export folder of --base-model (from `spaf-edge export`) instead of "
                    "exporting the base + --components to the cache.")
 @options.threads
+@click.option("--shard", default=None, metavar="K/N",
+              help="Generate only shard K of N (the prompts whose line index is K modulo N), so that N processes "
+                   "or machines split the prompts; give each shard its own --out (and one --export, made once).")
 @options.progress
 def command(prompts, out, base_model, backend, max_new_tokens, batch_size, limit, shuffle, seed, temperature, top_p,
-            max_prompt_tokens, device, components, export, threads, progress):
+            max_prompt_tokens, device, components, export, threads, shard, progress):
     """Generate the base model's replies to training prompts (resumable).
 
     Greedy by default; --temperature T samples, seeded per prompt (per batch with torch)
     from --seed, so a resumed run writes what an uninterrupted one would.
     """
     from spaf_edge.core.config import validate_sampling
-    from spaf_edge.training.distill import distill
+    from spaf_edge.training.distill import distill, parse_shard
 
     validate_sampling(temperature, top_p, 0)
+    shard = parse_shard(shard)
     summary = distill(
         prompts, out, base_model, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, seed=seed,
         temperature=temperature, top_p=top_p, shuffle=shuffle, max_prompt_tokens=max_prompt_tokens,
         device=device, progress=progress, backend=backend, components=components, export=export, threads=threads,
+        shard=shard,
     )
     click.echo(json.dumps({
         "out": str(summary.out), "written": summary.written, "already_done": summary.already_done,

@@ -110,6 +110,30 @@ def select_prompts(rows: list[PromptRow], limit: int | None, shuffle: bool, seed
     return rows[:limit] if limit is not None else rows
 
 
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """``"K/N"`` -> ``(K, N)`` with ``0 <= K < N``; None stays None. ConfigError names the form otherwise."""
+    if value is None:
+        return None
+    parts = value.split("/")
+    if len(parts) == 2 and all(part.strip().isdigit() for part in parts):
+        index, count = (int(part) for part in parts)
+        if count >= 1 and index < count:
+            return index, count
+    raise ConfigError(f"--shard {value!r}: expected K/N with 0 <= K < N, e.g. 0/2 and 1/2 for two processes.")
+
+
+def shard_prompts(rows: list[PromptRow], shard: tuple[int, int] | None) -> list[PromptRow]:
+    """The prompts of shard ``K/N``: those whose index in the prompt file is ``K`` modulo ``N`` (all for None).
+
+    By file index, not by position among the selected prompts: a prompt stays in its shard whatever
+    --limit or --shuffle select, so shards resumed with other settings never overlap.
+    """
+    if shard is None:
+        return rows
+    index, count = shard
+    return [row for row in rows if row.index % count == index]
+
+
 def repair_and_read_done(out: Path) -> set[int]:
     """Cut a partial last line off ``out`` and return the prompt indices it holds."""
     if not out.is_file():
@@ -170,6 +194,7 @@ def distill(
     components: str | os.PathLike | None = None,
     export: str | os.PathLike | None = None,
     threads: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> DistillSummary:
     """Generate the base model's replies to the prompts and append them to ``out_path``.
 
@@ -179,6 +204,8 @@ def distill(
     prompts are generated together. onnx: ``components`` are the SpAF components exported with
     the base (default: :func:`spaf_edge.models.loading.resolve_components`); ``export`` is an
     existing export folder of the same base to use instead; ``threads`` are ONNX Runtime's.
+    ``shard`` ``(K, N)``: only the selected prompts of shard K of N (:func:`shard_prompts`), so that N
+    processes (each with its own ``out_path``) split the work.
     """
     from tqdm.auto import tqdm
 
@@ -186,7 +213,7 @@ def distill(
         raise ConfigError("--batch-size and --max-new-tokens must be integers >= 1.")
     refuse_evaluation_data(out_path)
     out = Path(out_path)
-    rows = select_prompts(read_prompts(prompts_path), limit, shuffle, seed)
+    rows = shard_prompts(select_prompts(read_prompts(prompts_path), limit, shuffle, seed), shard)
     done = repair_and_read_done(out)
     pending = [row for row in rows if row.index not in done]
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
