@@ -1,8 +1,9 @@
 """The four export graphs behind persistent IOBindings (docs/export_format.md, "Graph IO").
 
-Each wrapper owns one session and one IOBinding. KV buffers and fixed-size outputs are
-bound once; per call only the few small inputs and the row views of host buffers that
-change with the chunk size are rebound, from cached OrtValues. On the CPU provider every
+Each wrapper owns one session and one IOBinding (:class:`Binding`). KV buffers and fixed-size
+outputs are bound once; per call only the row views of host buffers that change with the
+chunk size are rebound, from cached OrtValues, and on device providers the small inputs,
+whose fresh values the provider then copies. On the CPU provider every
 host buffer is shared with ONNX Runtime without copies; on device providers ORT copies
 the small inputs in and the outputs out (hidden states and logits: a few KB per step),
 while the KV caches never leave the device.
