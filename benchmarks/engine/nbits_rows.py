@@ -6,7 +6,7 @@ and reports whether row 0's bits equal the M = 1 result and the M = 2 result, an
 per call (best of N, wall, µs). The rows of a verify pass must get the same bits as a one-row
 decode step, or speculative greedy output drifts from plain greedy at near-ties.
 
-usage: python benchmarks/engine/nbits_rows.py [--k 576] [--n 1536] [--threads 2]
+usage: python benchmarks/engine/nbits_rows.py [--k 576] [--n 1536] [--threads 2] [--blocks 32,128] [--levels 0,1,4]
 """
 
 from __future__ import annotations
@@ -73,14 +73,17 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1536)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--blocks", default="32,128", help="comma-separated block sizes")
+    parser.add_argument("--levels", default="0,1,4", help="comma-separated accuracy levels")
     args = parser.parse_args()
+    blocks, levels = ([int(v) for v in text.split(",")] for text in (args.blocks, args.levels))
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((args.k, args.n)) * 0.05).astype(np.float32)
     base = one_matmul(args.k, args.n, weight)
     cases = [("fp32 MatMul", base)]
     for bits in (4, 8):
-        for block in (32, 128):
-            for level in (0, 1, 4):
+        for block in blocks:
+            for level in levels:
                 cases.append((f"int{bits} b{block} level {level}", quantized(base, bits, block, level)))
     print(f"K {args.k}, N {args.n}, {args.threads} threads, onnxruntime {ort.__version__}")
     print("each row vs itself alone: '=' same bits, '≠1' differs but equals it leading a 2-row call, '≠' neither")
