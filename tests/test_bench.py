@@ -600,3 +600,34 @@ def test_cached_exports_depend_on_every_source_the_exporter_writes_with():
     for needed in ("core/manifest.py", "core/io_names.py", "core/embedding_layout.py", "exporters/layers.py",
                    "modules/drafters.py", "models/registry.py", "model.py"):
         assert root / needed in sources, needed
+
+
+def test_concurrent_cached_builds_build_once(tmp_path, monkeypatch):
+    """Two callers that need the same cached build at once (two distill shards, say) get one build:
+    the second waits on the build lock and then finds the first's folder."""
+    import threading
+    import time
+
+    from spaf_edge.bench.cache import cached_folder
+
+    monkeypatch.setenv("SPAF_EDGE_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    builds, results = [], []
+
+    def build(folder):
+        builds.append(folder)
+        time.sleep(0.5)  # long enough for the other caller to arrive while this one builds
+        (folder / "weights.bin").write_bytes(b"x")
+
+    def call():
+        results.append(cached_folder("exports", source, "fp32", build, max_length=64))
+
+    callers = [threading.Thread(target=call) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(builds) == 1 and len(results) == 2 and results[0] == results[1]
+    assert (results[0] / "weights.bin").read_bytes() == b"x"

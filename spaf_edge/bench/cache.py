@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from spaf_edge.core.atomic import atomic_directory
+from spaf_edge.core.atomic import atomic_directory, build_lock
 from spaf_edge.models.loading import cache_dir
 
 DONE_MARKER = "spaf_build.json"
@@ -53,8 +53,11 @@ def cached_folder(
     target = cache_dir() / kind / f"{Path(source).name}-{precision}-{key}"
     if (target / DONE_MARKER).is_file():
         return target
-    with atomic_directory(target) as tmp:
-        build(tmp)
-        record = {"source": str(source), "precision": precision, **settings}
-        (tmp / DONE_MARKER).write_text(json.dumps(record, default=str))
+    with build_lock(target):
+        if (target / DONE_MARKER).is_file():  # another process built it while this one waited
+            return target
+        with atomic_directory(target) as tmp:
+            build(tmp)
+            record = {"source": str(source), "precision": precision, **settings}
+            (tmp / DONE_MARKER).write_text(json.dumps(record, default=str))
     return target

@@ -40,7 +40,7 @@ from spaf_edge.cli import options
 @options.threads
 @click.option("--shard", default=None, metavar="K/N",
               help="Generate only shard K of N (the prompts whose line index is K modulo N), so that N processes "
-                   "or machines split the prompts; give each shard its own --out (and one --export, made once).")
+                   "or machines split the prompts; give each shard its own --out.")
 @options.progress
 def command(prompts, out, base_model, backend, max_new_tokens, batch_size, limit, shuffle, seed, temperature, top_p,
             max_prompt_tokens, device, components, export, threads, shard, progress):

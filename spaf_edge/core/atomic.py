@@ -60,6 +60,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 @contextlib.contextmanager
+def build_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on building ``path`` (a hidden ``.NAME.lock`` beside it) for the block.
+
+    Two processes that need the same cached build (two distill shards, two benches) then build it
+    once: the second waits, and should check again whether the build exists before starting its
+    own. The lock goes with the process (the OS releases it when a holder dies). POSIX only; where
+    ``fcntl`` is missing, no lock (the build is still atomic, just possibly done twice).
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def atomic_directory(
     path: str | os.PathLike, overwrite: bool = True, expected_bytes: int | None = None
 ) -> Iterator[Path]:

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from spaf_edge.core.atomic import atomic_directory
+from spaf_edge.core.atomic import atomic_directory, build_lock
 from spaf_edge.core.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,13 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     marker = target / "spaf_source.json"
     if marker.is_file() and (target / "config.json").is_file():
         return target
+    with build_lock(target):  # one conversion when several processes start at once
+        if marker.is_file() and (target / "config.json").is_file():
+            return target
+        return _convert_gguf(gguf_path, target)
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("Converting %s to %s (first use only)...", gguf_path, target)
