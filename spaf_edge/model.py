@@ -261,6 +261,20 @@ class SpAFModel(nn.Module):
         """Whether the exit's adapter reads the previous top state (its export then has a ``prev_top`` input)."""
         return bool(getattr(self.adapter(exit_layer), "reads_top_state", False))
 
+    def fused_layers(self, exit_layer: int | None = None) -> tuple[int, ...]:
+        """The layers (states after them, HF ``hidden_states`` indices) whose states the exit's adapter
+        fuses into the previous top state; empty for kinds that read the top state alone."""
+        return tuple(getattr(self.adapter(exit_layer), "fused_layers", ()))
+
+    def exact_top(self, top: torch.Tensor, states: dict[int, torch.Tensor], exit_layer: int | None = None
+                  ) -> torch.Tensor:
+        """What the exit's adapter reads as a verified position's top state: ``top`` itself, or its fusion
+        with ``states`` (state after layer m -> [..., H], at least :meth:`fused_layers`). top: [..., H] -> [..., H]"""
+        layers = self.fused_layers(exit_layer)
+        if not layers:
+            return top
+        return self.adapter(exit_layer).fuse(top, [states[m] for m in layers])
+
     def attends(self, exit_layer: int | None = None) -> bool:
         """Whether the exit's adapter attends across positions (it then keeps a KV cache of its own)."""
         return bool(getattr(self.adapter(exit_layer), "attends", False))
@@ -316,7 +330,8 @@ class SpAFModel(nn.Module):
         )
 
     def run_layers(
-        self, hidden: torch.Tensor, cache: StackKVCache, tree: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, hidden: torch.Tensor, cache: StackKVCache, tree: tuple[torch.Tensor, torch.Tensor] | None = None,
+        taps: dict[int, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Run the layers ``cache.layer_ids`` on new positions ``cache.length ..``.
 
@@ -324,6 +339,7 @@ class SpAFModel(nn.Module):
         a draft tree (DESIGN §4b): their rotary positions (int64 [S]) and which of the call's
         cache rows each may see besides the committed ones (bool [S, S_tree], the last S columns
         the call's own rows; the others, rows of the same tree written by an earlier call).
+        ``taps``: its keys name layer counts m; each gets the state after m layers, [1, S, H].
         """
         assert hidden.shape[0] == 1, "the KV-cached path is batch-1"
         start, length = cache.length, hidden.shape[1]
@@ -340,6 +356,8 @@ class SpAFModel(nn.Module):
                 hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope,
                 use_cache=True, **{self._cache_kwarg: cache},
             )
+            if taps is not None and index + 1 in taps:
+                taps[index + 1] = hidden
         cache.advance(length)
         return hidden
 

@@ -58,6 +58,10 @@ class SpAFConfig:
     adapter_layers: list[int] | None = None
     adapter_kind: str = "bottleneck"
     adapter_dim_ratio: float = 0.25
+    # layer_fusion adapters: states after these layers (cutoff < m < L; None: midway between the last exit and
+    # the top) join the previous position's top state through rank-``fusion_rank`` projections
+    fusion_layers: list[int] | None = None
+    fusion_rank: int = 64
     alignment_head: AlignmentHeadConfig = field(default_factory=AlignmentHeadConfig)
     loss_weights: LossWeights = field(default_factory=LossWeights)
     alignment_loss_type: str = "mse"
@@ -134,9 +138,22 @@ class SpAFConfig:
         layers = list(self.adapter_layers) if self.adapter_layers else [cutoff]
         if cutoff not in layers:
             layers.append(cutoff)
-        config = dataclasses.replace(self, cutoff_layer=cutoff, adapter_layers=sorted(set(layers)))
+        fusion = sorted(set(self.fusion_layers)) if self.fusion_layers else None
+        config = dataclasses.replace(self, cutoff_layer=cutoff, adapter_layers=sorted(set(layers)),
+                                     fusion_layers=fusion)
         config.validate(num_layers)
         return config
+
+    def fused_layers(self, num_layers: int) -> list[int]:
+        """The layers a ``layer_fusion`` adapter reads: ``fusion_layers``, else the one midway between
+        the last exit and the top. Call on a resolved config."""
+        if self.fusion_layers:
+            return list(self.fusion_layers)
+        last = max(self.adapter_layers or [self.cutoff_layer])
+        layer = (last + num_layers) // 2
+        _check(layer > last, "fusion_layers", None,
+               f"a layer above the last exit ({last}); none lies below the top ({num_layers} layers)")
+        return [layer]
 
     @property
     def greedy(self) -> bool:
@@ -188,6 +205,20 @@ class SpAFConfig:
                 isinstance(self.adapter_layers, (list, tuple)) and all(_is_int(x) for x in self.adapter_layers),
                 "adapter_layers", self.adapter_layers, "a list of integer exit layers or null",
             )
+        _check(_is_int(self.fusion_rank) and self.fusion_rank >= 1, "fusion_rank", self.fusion_rank, "an integer >= 1")
+        if self.fusion_layers is not None:
+            _check(
+                isinstance(self.fusion_layers, (list, tuple)) and all(_is_int(x) for x in self.fusion_layers),
+                "fusion_layers", self.fusion_layers, "a list of integer layers or null",
+            )
+        if num_layers is not None and self.fusion_layers:
+            lowest = max([self.cutoff_layer or 0, *(self.adapter_layers or [])]) + 1
+            for layer in self.fusion_layers:
+                _check(
+                    lowest <= layer <= num_layers - 1, "fusion_layers", self.fusion_layers,
+                    f"layers in {lowest}..{num_layers - 1}: above every exit (the upper stack computes them) and "
+                    f"below the top ({num_layers} layers)",
+                )
         if num_layers is not None:
             upper = num_layers - 1
             for name, layer in [("cutoff_layer", self.cutoff_layer)] + [

@@ -41,7 +41,7 @@ ADAPTER_KV = "adapter"  # the "layer" of an attending adapter's KV cache in the 
 DRAFT_LOGITS = "draft_logits"  # float32 [1, 1, V_d]: head(a(h, f)) over the draft vocabulary
 DRAFTED_TOP = "drafted_top"  # float [1, 1, H]: final_norm(a(h, f)), the next chained draft step's prev_top
 LOGITS = "logits"  # float32 [1, n, V]: positions P+S-n .. P+S-1 (n = num_logits)
-TOP_HIDDEN = "top_hidden"  # float [1, S, H]: post-final-norm states (what the LM head reads)
+TOP_HIDDEN = "top_hidden"  # float [1, S, H]: post-final-norm states (the LM head's input; a fusing adapter's fusion)
 PSEUDO_HIDDEN = "pseudo_hidden"  # float [1, 1, H]: drafter output ĥ(t+1)
 
 

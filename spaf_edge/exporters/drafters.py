@@ -4,6 +4,8 @@ A new adapter or AlignmentHead kind registers its builder here; a kind without o
 cannot be exported and says so. Adapter builders get ``prev_top`` (the graph's top-state
 input) only for kinds whose ``reads_top_state`` is True, else None; builders of attending
 kinds also get ``rotary`` (the cos/sin caches) and ``kv`` (their past/present names).
+Kinds with ``fused_layers`` also register a fusion builder, which the upper graph runs on
+its top state and the tapped layer states.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from spaf_edge.exporters.layers import (
 
 # adapter: builder(b, hidden, prev_top, module, name) -> output
 # AlignmentHead: builder(b, token_embeds, prev_hidden, module, name) -> output
+# layer fusion (upper graph, kinds with fused_layers): builder(b, top, states, module, name) -> output
 ADAPTER_BUILDERS: dict[str, Callable[..., str]] = {}
 ALIGNMENT_HEAD_BUILDERS: dict[str, Callable[..., str]] = {}
+FUSION_BUILDERS: dict[str, Callable[..., str]] = {}
 
 
 def _register(registry: dict[str, Callable[..., str]], kind: str) -> Callable[[Callable[..., str]], Callable[..., str]]:
@@ -72,6 +76,7 @@ def make_fused_adapter(b: GraphBuilder, hidden: str, prev_top: str | None, modul
     return y
 
 
+@_register(ADAPTER_BUILDERS, "layer_fusion")  # its draft head is the attention kind's
 @_register(ADAPTER_BUILDERS, "attention")
 def make_attention_adapter(
     b: GraphBuilder, hidden: str, prev_top: str | None, module: nn.Module, name: str,
@@ -96,6 +101,19 @@ def make_attention_adapter(
     inner = make_silu(b, make_module_linear(b, x, f"{name}.inner", module.inner), f"{path}/act")
     (y,) = b.make_node("Add", [z, make_module_linear(b, inner, f"{name}.out", module.out)], f"{path}/residual")
     return y
+
+
+@_register(FUSION_BUILDERS, "layer_fusion")
+def make_layer_fusion(b: GraphBuilder, top: str, states: list[str], module: nn.Module, name: str) -> str:
+    """``f + sum_m up_m(down_m(norm_m(h_m)))``; top and each state [1, S, H] -> [1, S, H]."""
+    fused = top
+    for index, state in enumerate(states):
+        norm = module.fusion_norms[index]
+        normed = make_rms_norm(b, state, f"{name}.fusion_norms.{index}", norm.weight, norm.eps)
+        down = make_module_linear(b, normed, f"{name}.fusion_down.{index}", module.fusion_down[index])
+        up = make_module_linear(b, down, f"{name}.fusion_up.{index}", module.fusion_up[index])
+        (fused,) = b.make_node("Add", [fused, up], f"{node_path(name)}/fusion_{index}/Add")
+    return fused
 
 
 @_register(ALIGNMENT_HEAD_BUILDERS, "mlp")

@@ -29,9 +29,10 @@ from spaf_edge.core.embedding_layout import EmbeddingLayout
 from spaf_edge.exporters.drafters import (
     ADAPTER_BUILDERS,
     ALIGNMENT_HEAD_BUILDERS,
+    FUSION_BUILDERS,
     builder_for,
 )
-from spaf_edge.exporters.graph_builder import GraphBuilder
+from spaf_edge.exporters.graph_builder import GraphBuilder, node_path
 from spaf_edge.exporters.layers import (
     AttentionShape,
     HeadBlocks,
@@ -263,7 +264,11 @@ def build_lower(plan: GraphPlan, on_layer: Callable[[], None] | None = None) -> 
 
 
 def build_upper(plan: GraphPlan, on_layer: Callable[[], None] | None = None) -> GraphBuilder:
-    """Layers k..L-1 + final norm + LM head: top states of every position, logits of the last ``num_logits``."""
+    """Layers k..L-1 + final norm + LM head: top states of every position, logits of the last ``num_logits``.
+
+    For a fusing adapter kind the ``top_hidden`` output is the fusion it reads (the LM head
+    still reads the top state itself).
+    """
     b = plan.new_builder("spaf_upper")
     config = plan.config
     hidden = b.input(io_names.CUTOFF_HIDDEN, b.float_type, [1, "sequence_length", config.hidden_size])
@@ -273,10 +278,18 @@ def build_upper(plan: GraphPlan, on_layer: Callable[[], None] | None = None) -> 
     plan.tree_inputs(b)
     rotary = make_rotary_caches(b, plan.model.arch.rotary(plan.base), plan.shape.head_dim, plan.max_length)
     layers = plan.model.arch.layers(plan.base)
-    mlp_out, residual = make_decoder_layers(b, hidden, layers, layer_ids, plan.eps, plan.shape, rotary, on_layer)
+    taps = dict.fromkeys(plan.model.fused_layers(plan.exit_layer))
+    mlp_out, residual = make_decoder_layers(b, hidden, layers, layer_ids, plan.eps, plan.shape, rotary, on_layer,
+                                            taps)
+    # A fusing adapter reads a fusion of the top state and the tapped states; the LM head, the top state.
+    top = io_names.TOP_HIDDEN if not taps else f"{node_path(FINAL_NORM)}/top_state"
     make_skip_rms_norm(b, mlp_out, residual, FINAL_NORM, plan.model.arch.final_norm(plan.base).weight, plan.eps,
-                       normed=io_names.TOP_HIDDEN)
-    last = make_last_rows(b, io_names.TOP_HIDDEN, num_logits, "/lm_head/last_rows")  # [1, num_logits, H]
+                       normed=top)
+    if taps:
+        fused = builder_for(FUSION_BUILDERS, plan.adapter, "layer fusion")(
+            b, top, [taps[m] for m in taps], plan.adapter, f"spaf.adapters.{plan.exit_layer}")
+        b.make_node("Identity", [fused], "/spaf/fusion/top_hidden", outputs=[io_names.TOP_HIDDEN])
+    last = make_last_rows(b, top, num_logits, "/lm_head/last_rows")  # [1, num_logits, H]
     make_lm_head(b, last, "/lm_head", plan.lm_head_blocks(b), config.vocab_size, io_names.LOGITS)
     b.output(io_names.LOGITS, TensorProto.FLOAT, [1, "num_logits", config.vocab_size])
     b.output(io_names.TOP_HIDDEN, b.float_type, [1, "sequence_length", config.hidden_size])

@@ -257,11 +257,14 @@ def make_decoder_layers(
     shape: AttentionShape,
     rotary: tuple[str, str],
     on_layer: Callable[[], None] | None = None,
+    taps: dict[int, str | None] | None = None,
 ) -> tuple[str, str]:
     """Run ``layer_ids`` on ``hidden`` [1, S, H]. Returns ``(mlp_out, residual)`` of the last layer.
 
     The last residual add is left to the caller, which fuses it into the next norm
-    (upper) or emits it as the cutoff state (lower).
+    (upper) or emits it as the cutoff state (lower). ``taps``: its keys name layer counts m
+    (after the first of ``layer_ids``, before the last); each gets the name of the state after
+    m layers, the residual sum the next layer's input norm computes anyway.
     """
     pending: tuple[str, str] | None = None
     for index in layer_ids:
@@ -271,6 +274,8 @@ def make_decoder_layers(
             normed, residual = make_rms_norm(b, hidden, norm_name, layer.input_layernorm.weight, eps), hidden
         else:
             normed, residual = make_skip_rms_norm(b, *pending, norm_name, layer.input_layernorm.weight, eps)
+            if taps is not None and index in taps:
+                taps[index] = residual
         attn = make_attention(b, normed, index, layer.self_attn, shape, rotary)
         normed, residual = make_skip_rms_norm(
             b, attn, residual, f"model.layers.{index}.post_attention_layernorm",

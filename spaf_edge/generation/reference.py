@@ -41,7 +41,7 @@ class TorchBackend:
         self.top: torch.Tensor | None = None
         self.hidden: torch.Tensor | None = None
         self.top2: torch.Tensor | None = None
-        # The last upper call's rows: cutoff states and top states, [1, R, H]
+        # The last upper call's rows: cutoff states and the top states the drafter reads, [1, R, H]
         self.call_hidden: torch.Tensor | None = None
         self.call_top: torch.Tensor | None = None
         self.serial_hidden: list[torch.Tensor] = []  # h(T .. T+e-1) from this step's serial drafts
@@ -84,8 +84,8 @@ class TorchBackend:
             ids = torch.tensor([tree.tokens[exact:].tolist()], device=model.base_device)  # [1, N-e]
             rows = None if shape is None else (shape[0][exact:], shape[1][exact:])
             pieces.append(model.run_layers(model.embed(ids), self.lower, rows))
-        self._run_upper(torch.cat(pieces, dim=1), shape)
-        return model.lm_head_rows(self.call_top)[0].float().cpu().numpy()
+        top = self._run_upper(torch.cat(pieces, dim=1), shape)
+        return model.lm_head_rows(top)[0].float().cpu().numpy()
 
     def commit(self, proposal: Proposal, rows: list[int], bonus: int) -> None:
         valid = self.position + len(rows)  # positions T .. T+n now hold accepted tokens
@@ -101,11 +101,16 @@ class TorchBackend:
         """Rotary positions int64 [N] and ancestor-or-self visibility bool [N, N] of the tree's nodes."""
         return torch.from_numpy(tree.positions(self.position)), torch.from_numpy(tree.ancestor_mask())
 
-    def _run_upper(self, hidden: torch.Tensor, tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def _run_upper(self, hidden: torch.Tensor, tree: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> torch.Tensor:
         """The upper stack on cutoff states [1, R, H] at the next positions (``tree``: see
-        :meth:`SpAFModel.run_layers`); the call's rows are kept."""
+        :meth:`SpAFModel.run_layers`). Returns the top states [1, R, H] (the LM head's input); the
+        call's rows are kept with the top states the drafter reads (:meth:`SpAFModel.exact_top`)."""
         model = self.model
-        self.call_hidden, self.call_top = hidden, model.top_state(model.run_layers(hidden, self.upper, tree))
+        taps = dict.fromkeys(model.fused_layers())
+        top = model.top_state(model.run_layers(hidden, self.upper, tree, taps))
+        self.call_hidden, self.call_top = hidden, model.exact_top(top, taps)
+        return top
 
     def _keep_exact(self, row: int, before: int | None) -> None:
         """The states of the last call's row ``row`` become those of ``T-1``; row ``before``'s top state

@@ -13,6 +13,10 @@ before ``hidden``'s: exact after a verify pass, or the drafter's own estimate
 Kinds whose ``attends`` is True also mix positions: they take the rotary ``rope`` of
 their positions and either a ``context`` (exact keys/values of the whole sequence, in
 training) or a KV ``cache`` (while decoding); see :class:`AttentionAdapter`.
+
+Kinds with ``fused_layers`` read, for a verified previous position, ``fuse(f, [h_m ...])``
+instead of its top state ``f``: a learned fusion with the states after those layers
+(:class:`LayerFusionAdapter`). Callers get it through ``SpAFModel.exact_top``.
 """
 
 from __future__ import annotations
@@ -224,6 +228,40 @@ class AttentionAdapter(nn.Module):
         z = hidden + self.o(mixed.transpose(1, 2).reshape(batch, length, -1))
         x = torch.cat([self.mlp_norm(z), self.top_norm(prev_top)], dim=-1)
         return z + self.out(nn.functional.silu(self.inner(x)))
+
+
+@register(ADAPTER_KINDS, "layer_fusion")
+class LayerFusionAdapter(AttentionAdapter):
+    """The attention adapter reading a learned fusion of layer states of the previous position (as in EAGLE-3).
+
+    Where the attention kind reads the previous top state ``f(t-1)``, this kind reads
+    ``g(t-1) = f(t-1) + sum_m U_m · D_m · norm_m(h_m(t-1))`` over the states ``h_m`` after the
+    layers ``fused_layers`` (between the cutoff and the top: the verify pass computes them
+    anyway), with rank-``fusion_rank`` projections. ``U_m`` starts at zero, so an untrained
+    fusion is the attention kind and that kind's trained weights load into this one.
+
+    The base gives these states for verified positions only: :meth:`fuse` turns them into the
+    ``prev_top`` of the next position. A drafted position has none, so the next chained
+    draft reads its drafted top state ``final_norm(a(...))`` as the attention kind does.
+    """
+
+    def __init__(self, config: SpAFConfig, base_config: Any) -> None:
+        super().__init__(config, base_config)
+        hidden = base_config.hidden_size
+        self.fused_layers = tuple(config.fused_layers(base_config.num_hidden_layers))
+        count = len(self.fused_layers)
+        self.fusion_norms = nn.ModuleList(RMSNorm(hidden, base_config.rms_norm_eps) for _ in range(count))
+        self.fusion_down = nn.ModuleList(nn.Linear(hidden, config.fusion_rank, bias=False) for _ in range(count))
+        self.fusion_up = nn.ModuleList(nn.Linear(config.fusion_rank, hidden, bias=False) for _ in range(count))
+        for down, up in zip(self.fusion_down, self.fusion_up):
+            nn.init.normal_(down.weight, std=hidden**-0.5)
+            nn.init.zeros_(up.weight)
+
+    def fuse(self, top: torch.Tensor, states: list[torch.Tensor]) -> torch.Tensor:
+        """``g`` of verified positions: their top states and the states after ``fused_layers``, [..., H] each."""
+        for norm, down, up, state in zip(self.fusion_norms, self.fusion_down, self.fusion_up, states, strict=True):
+            top = top + up(down(norm(state)))
+        return top
 
 
 @register(ALIGNMENT_HEAD_KINDS, "mlp")

@@ -9,8 +9,9 @@ for several, and some ``MatMulNBits`` configurations compute one row differently
 
 :func:`check_rows` measures it on the engine's own graphs at load: it runs the same
 positions as one-row calls, as two-row calls whose second row is padding, and as calls of
-2..``max_rows`` rows, and compares every row's cutoff state, top state and logits bit for
-bit. The decoder then runs one-row stack calls as two-row calls (``pad``) when only that
+2..``max_rows`` rows, and compares every row's cutoff state and logits bit for bit (the
+top state only feeds drafts, which never change the output; for a ``layer_fusion`` adapter
+it is a fusion the LM head does not read). The decoder then runs one-row stack calls as two-row calls (``pad``) when only that
 keeps every call on one kernel path. Torch-free.
 """
 
@@ -103,8 +104,8 @@ def check_tree(decoder) -> bool:
     """Does every node of a draft tree get the bits of the same node in a chain?
 
     A tree (:data:`TREE_PARENTS`) is verified in one call after a prompt of :data:`TREE_PROMPT`
-    positions, and each node's cutoff state, top state and logits are compared with the last
-    row of a chain of its path. Leaves the decoder with empty caches and no tokens.
+    positions, and each node's cutoff state and logits are compared with the last row of a chain
+    of its path. Leaves the decoder with empty caches and no tokens.
     """
     nodes = len(TREE_PARENTS)
     if not decoder.verifies_trees or decoder.lower.kv.max_length < TREE_PROMPT + nodes + 3:
@@ -132,10 +133,9 @@ def check_tree(decoder) -> bool:
 
 
 def _states(decoder, logits: np.ndarray, rows) -> list[np.ndarray]:
-    """The last upper call's ``rows``: each row's cutoff state, top state and logits, in one float32 array."""
-    buffers = decoder.buffers
-    return [np.concatenate([buffers.hidden.array[0, r].ravel().astype(np.float32),
-                            buffers.top_hidden.array[0, r].ravel().astype(np.float32), logits[r]]) for r in rows]
+    """The last upper call's ``rows``: each row's cutoff state and logits, in one float32 array."""
+    hidden = decoder.buffers.hidden.array
+    return [np.concatenate([hidden[0, r].ravel().astype(np.float32), logits[r]]) for r in rows]
 
 
 def probe_tokens(vocab_size: int, count: int) -> list[int]:
@@ -144,7 +144,7 @@ def probe_tokens(vocab_size: int, count: int) -> list[int]:
 
 
 def _row_by_row(decoder, start: int, tokens: list[int], pad: bool) -> list[np.ndarray]:
-    """Cutoff states, top states and logits of ``tokens`` at ``start ..``, one decode step each."""
+    """Cutoff states and logits of ``tokens`` at ``start ..``, one decode step each."""
     decoder.pad = pad
     _rewind(decoder, start)
     out = []

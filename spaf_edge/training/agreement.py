@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from spaf_edge.model import SpAFModel
-from spaf_edge.training.features import compute_base_features, previous_top_states
+from spaf_edge.training.features import compute_base_features, previous_exact_tops
 
 
 @dataclass
@@ -108,7 +108,7 @@ def measure_agreement(
             best = logits.argmax(-1)
             return vocab[best] if vocab is not None else best
 
-        exact_top = previous_top_states(final)
+        exact_top = previous_exact_tops(model, features, k)
         context = model.adapter_context(hidden, exact_top, k)
         states = model.adapt(hidden, k, exact_top, context=context)  # [1, S, H]
         matched, positions = ((draft_tokens(states) == target) & scored).sum().item(), scored.sum().item()

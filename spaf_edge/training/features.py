@@ -2,12 +2,13 @@
 
 Per batch the trainer needs the cutoff state ``h`` of every exit layer and the
 base's final (post-norm) hidden state, from which the teacher logits ``p`` follow
-through the shared LM head. One no-grad base forward gives both.
+through the shared LM head, plus the states a ``layer_fusion`` adapter fuses into the
+top state. One no-grad base forward gives them all.
 
 Feature cache (optional). The base is frozen, so these features are the same every
 epoch. :func:`build_feature_cache` stores them once in fp16 (``.npy`` memory maps,
-[N, S, H] per exit plus the final state), keyed by the base fingerprint, the exits
-and a hash of the token data; :class:`CachedFeatureDataset` serves them with the
+[N, S, H] per exit and fused layer plus the final state), keyed by the base fingerprint,
+the exits, the fused layers and a hash of the token data; :class:`CachedFeatureDataset` serves them with the
 token tensors. fp16 rounding changes the teacher logits by ~1e-3, far below what
 the drafters learn. Cost: ``N * S * H * 2 bytes`` per stored state.
 """
@@ -36,15 +37,22 @@ FINAL = "final"
 class BaseFeatures:
     cutoff: dict[int, torch.Tensor]  # exit layer k -> h: [B, S, H]
     final: torch.Tensor  # post-norm last hidden state: [B, S, H]; teacher logits = lm_head(final)
+    layers: dict[int, torch.Tensor]  # layer m -> the state after it, for fusing adapters: [B, S, H]
 
 
 def compute_base_features(
     model: SpAFModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> BaseFeatures:
-    """One no-grad base forward. input_ids: [B, S] -> cutoff states and final state."""
+    """One no-grad base forward. input_ids: [B, S] -> cutoff states, final state, fused layers' states."""
     hidden_states = model.base_features(input_ids, attention_mask)
     # hidden_states[k] is the state after layer k-1; the last entry is after the final norm.
-    return BaseFeatures({k: hidden_states[k] for k in model.config.adapter_layers}, hidden_states[-1])
+    return BaseFeatures({k: hidden_states[k] for k in model.config.adapter_layers}, hidden_states[-1],
+                        {m: hidden_states[m] for m in fused_layers(model)})
+
+
+def fused_layers(model: SpAFModel) -> list[int]:
+    """Every layer whose state some exit's adapter fuses into its top state."""
+    return sorted({m for k in model.config.adapter_layers for m in model.fused_layers(k)})
 
 
 def previous_top_states(final: torch.Tensor) -> torch.Tensor:
@@ -53,18 +61,26 @@ def previous_top_states(final: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(final[:, :-1], (0, 0, 1, 0))
 
 
+def previous_exact_tops(model: SpAFModel, features: BaseFeatures, exit_layer: int) -> torch.Tensor:
+    """:func:`previous_top_states` of what the exit's adapter reads for a verified position
+    (:meth:`SpAFModel.exact_top`: a fusing kind's fusion, with gradients into it). [B, S, H]"""
+    return previous_top_states(model.exact_top(features.final, features.layers, exit_layer))
+
+
 def batch_features(model: SpAFModel, batch: dict[str, torch.Tensor]) -> BaseFeatures:
     """Features from a cached batch when present, else from a base forward."""
     if FINAL in batch:
         dtype = next(model.base.parameters()).dtype
         cutoff = {k: batch[f"cutoff_{k}"].to(dtype) for k in model.config.adapter_layers}
-        return BaseFeatures(cutoff, batch[FINAL].to(dtype))
+        layers = {m: batch[f"layer_{m}"].to(dtype) for m in fused_layers(model)}
+        return BaseFeatures(cutoff, batch[FINAL].to(dtype), layers)
     return compute_base_features(model, batch["input_ids"], batch["attention_mask"])
 
 
 def cache_key(model: SpAFModel, dataset: TokenDataset) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps([model.fingerprint, model.config.adapter_layers]).encode())
+    layers = fused_layers(model)  # absent when empty, so that older caches keep their keys
+    digest.update(json.dumps([model.fingerprint, model.config.adapter_layers] + ([layers] if layers else [])).encode())
     for tensor in (dataset.input_ids, dataset.attention_mask):
         digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -85,7 +101,7 @@ def build_feature_cache(
     with atomic_directory(target) as tmp:
         arrays = {
             name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float16, shape=shape)
-            for name in [f"cutoff_{k}" for k in model.config.adapter_layers] + [FINAL]
+            for name in feature_names(model.config.adapter_layers, fused_layers(model))
         }
         for start in tqdm(range(0, count, batch_size), desc="caching base features", disable=not progress):
             rows = slice(start, min(count, start + batch_size))
@@ -93,12 +109,20 @@ def build_feature_cache(
             for k, hidden in features.cutoff.items():
                 arrays[f"cutoff_{k}"][rows] = _to_fp16(hidden)
             arrays[FINAL][rows] = _to_fp16(features.final)
+            for m, state in features.layers.items():
+                arrays[f"layer_{m}"][rows] = _to_fp16(state)
         for array in arrays.values():
             array.flush()
         del arrays
-        meta = {"key": key, "fingerprint": model.fingerprint, "exits": model.config.adapter_layers, "shape": shape}
+        meta = {"key": key, "fingerprint": model.fingerprint, "exits": model.config.adapter_layers,
+                "layers": fused_layers(model), "shape": shape}
         (tmp / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n")
     return target
+
+
+def feature_names(exits: list[int], layers: list[int]) -> list[str]:
+    """The cached arrays: cutoff states per exit, the final state, fused layers' states."""
+    return [f"cutoff_{k}" for k in exits] + [FINAL] + [f"layer_{m}" for m in layers]
 
 
 def _to_fp16(hidden: torch.Tensor) -> np.ndarray:
@@ -120,7 +144,7 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
         self.dataset = dataset
         self.arrays = {
             name: np.load(folder / f"{name}.npy", mmap_mode="r")
-            for name in [f"cutoff_{k}" for k in meta["exits"]] + [FINAL]
+            for name in feature_names(meta["exits"], meta.get("layers", []))
         }
 
     def __len__(self) -> int:

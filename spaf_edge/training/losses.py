@@ -61,7 +61,7 @@ from torch.nn import functional as F
 
 from spaf_edge.core.config import SpAFConfig
 from spaf_edge.model import SpAFModel
-from spaf_edge.training.features import BaseFeatures, previous_top_states
+from spaf_edge.training.features import BaseFeatures, previous_exact_tops
 
 DEFAULT_CHUNK_ROWS = 512
 
@@ -238,9 +238,9 @@ def spaf_losses(
     decay = config.alignment_rollout_decay
     losses: dict[str, torch.Tensor] = {}
     total = features.final.new_zeros(())
-    exact_top = previous_top_states(features.final)  # [B, S, H], shared by every exit
     for k in config.adapter_layers:
         hidden = features.cutoff[k]  # [B, S, H]
+        exact_top = previous_exact_tops(model, features, k)  # [B, S, H]
         reads_top = model.reads_top_state(k)
         context = model.adapter_context(hidden, exact_top, k)  # exact keys/values (attending kinds)
         # Variant 0: the adapter on exact states, reading the exact top state of the position before.

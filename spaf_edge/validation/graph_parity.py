@@ -156,12 +156,14 @@ def check_graphs(
             cursor += length
             ids_t = torch.as_tensor(ids, device=device)
             hidden = model.run_layers(model.embed(ids_t), lower_cache)  # [1, S, H]
-            top = model.top_state(model.run_layers(hidden, upper_cache))  # [1, S, H]
+            taps = dict.fromkeys(model.fused_layers(exit_layer))
+            final = model.top_state(model.run_layers(hidden, upper_cache, taps=taps))  # [1, S, H]
+            top = model.exact_top(final, taps, exit_layer)  # what the drafter reads: [1, S, H]
             lower = graphs.run_lower(ids)
             upper = graphs.run_upper(_numpy(hidden, dtype))
             graphs.advance(length)
             report.add("lower", step, lower, {io_names.CUTOFF_HIDDEN: hidden})
-            report.add("upper", step, upper, {io_names.LOGITS: model.lm_head_rows(top), io_names.TOP_HIDDEN: top})
+            report.add("upper", step, upper, {io_names.LOGITS: model.lm_head_rows(final), io_names.TOP_HIDDEN: top})
             tops = torch.cat([tops, top.to(tops.dtype)], dim=1)
             # draft head on the exact state of the chunk's last position, with the exact top state before it
             # (an attending adapter: on every position of the chunk, filling its cache; the last row compared)
