@@ -12,6 +12,7 @@ import json
 import click
 
 from spaf_edge.cli import options
+from spaf_edge.core.config import ROLLOUT_TOPS
 
 
 @click.command("train")
@@ -29,6 +30,9 @@ from spaf_edge.cli import options
 @click.option("--rollout-steps", type=int, default=None, help="AlignmentHead steps rolled on its own outputs.")
 @click.option("--rollout-decay", type=float, default=None,
               help="Rollout step r's alignment losses weigh decay**(r-1), normalised; in (0, 1] [1.0: plain mean].")
+@click.option("--rollout-top", type=click.Choice(ROLLOUT_TOPS), default=None,
+              help="The top state the first rollout step reads: a serial first draft's (s >= 1 decoding) or the "
+                   "exact one (s = 0 decoding) [drafted].")
 @click.option("--topk-weight", type=float, default=None,
               help="Weight of the top-k ranking loss (loss_weights.topk) on every draft variant [0: off].")
 @click.option("--topk-k", type=int, default=None, help="Teacher tokens the top-k ranking loss reads [8].")
@@ -74,7 +78,7 @@ from spaf_edge.cli import options
                    "optimizer and schedule, e.g. to fine-tune them on new data.")
 @options.progress
 def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_size, rollout_steps, rollout_decay,
-            topk_weight, topk_k, mixed_precision, base_dtype, deepspeed_config, resume, init_from, progress,
+            rollout_top, topk_weight, topk_k, mixed_precision, base_dtype, deepspeed_config, resume, init_from, progress,
             **settings):
     """Train SpAF components (only they train; the base stays frozen)."""
     from spaf_edge.core.config import SpAFConfig
@@ -83,15 +87,15 @@ def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_si
 
     overrides = {name: value for name, value in settings.items() if value is not None}
     spaf_options = {"--config": config_path, "--cutoff-layer": cutoff_layer, "--draft-vocab-size": draft_vocab_size,
-                    "--rollout-steps": rollout_steps, "--rollout-decay": rollout_decay, "--topk-weight": topk_weight,
-                    "--topk-k": topk_k}
+                    "--rollout-steps": rollout_steps, "--rollout-decay": rollout_decay, "--rollout-top": rollout_top,
+                    "--topk-weight": topk_weight, "--topk-k": topk_k}
     check_run_start(resume, init_from, [name for name, value in spaf_options.items() if value is not None])
     config = None
     if not (resume or init_from):
         config = SpAFConfig.load(config_path) if config_path else SpAFConfig()
         changes = {"cutoff_layer": cutoff_layer, "draft_vocab_size": draft_vocab_size,
                    "alignment_rollout_steps": rollout_steps, "alignment_rollout_decay": rollout_decay,
-                   "topk_distill_k": topk_k}
+                   "alignment_rollout_top": rollout_top, "topk_distill_k": topk_k}
         if topk_weight is not None:
             changes["loss_weights"] = dataclasses.replace(config.loss_weights, topk=topk_weight)
         config = config.replace(**{k: v for k, v in changes.items() if v is not None})
