@@ -408,3 +408,14 @@ def test_cli_sets_both_options_and_refuses_them_on_resume(tiny_model_dir, text_d
     result = invoke("train", *common, "--resume", "--steps", 3, "--topk-weight", 0.5)
     assert result.exit_code != 0 and "--resume keeps the saved SpAF config" in result.output
     assert "drop --topk-weight" in result.output
+    # a new run from the components may change the recipe, not the modules
+    tuned = tmp_path / "tuned"
+    start = ["--base-model", tiny_model_dir, "--out", tuned, "--data", text_data, "--init-from", run_dir / "final",
+             "--steps", 1, "--batch-size", 2, "--seq-len", 16, "--eval-every", 0, "--logit-chunk-rows", 8]
+    result = invoke("train", *start, "--cutoff-layer", 1)
+    assert result.exit_code != 0 and "drop --cutoff-layer" in result.output
+    result = invoke("train", *start, "--rollout-top", "drafted", "--topk-weight", 0.5)
+    assert result.exit_code == 0, result.output
+    tuned_config = json.loads((tuned / "final" / "spaf_config.json").read_text())
+    assert tuned_config["alignment_rollout_top"] == "drafted" and tuned_config["loss_weights"]["topk"] == 0.5
+    assert tuned_config["alignment_rollout_decay"] == 0.5 and tuned_config["draft_vocab_size"] == 20

@@ -6,7 +6,6 @@ Runs unchanged in one process or under a launcher (``torchrun``, ``accelerate la
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import click
@@ -86,19 +85,19 @@ def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_si
     from spaf_edge.training.trainer import check_run_start, train_run
 
     overrides = {name: value for name, value in settings.items() if value is not None}
-    spaf_options = {"--config": config_path, "--cutoff-layer": cutoff_layer, "--draft-vocab-size": draft_vocab_size,
-                    "--rollout-steps": rollout_steps, "--rollout-decay": rollout_decay, "--rollout-top": rollout_top,
-                    "--topk-weight": topk_weight, "--topk-k": topk_k}
-    check_run_start(resume, init_from, [name for name, value in spaf_options.items() if value is not None])
+    spaf_options = {"--config": config_path, "--cutoff-layer": cutoff_layer, "--draft-vocab-size": draft_vocab_size}
+    recipe = {"rollout_steps": rollout_steps, "rollout_decay": rollout_decay, "rollout_top": rollout_top,
+              "topk_weight": topk_weight, "topk_k": topk_k}
+    check_run_start(resume, init_from, [name for name, value in spaf_options.items() if value is not None],
+                    ["--" + name.replace("_", "-") for name, value in recipe.items() if value is not None])
     config = None
-    if not (resume or init_from):
+    if init_from:  # the components' config with the recipe given, if any (train_run checks nothing else moved)
+        if any(value is not None for value in recipe.values()):
+            config = SpAFConfig.load(init_from).with_recipe(**recipe)
+    elif not resume:
         config = SpAFConfig.load(config_path) if config_path else SpAFConfig()
-        changes = {"cutoff_layer": cutoff_layer, "draft_vocab_size": draft_vocab_size,
-                   "alignment_rollout_steps": rollout_steps, "alignment_rollout_decay": rollout_decay,
-                   "alignment_rollout_top": rollout_top, "topk_distill_k": topk_k}
-        if topk_weight is not None:
-            changes["loss_weights"] = dataclasses.replace(config.loss_weights, topk=topk_weight)
-        config = config.replace(**{k: v for k, v in changes.items() if v is not None})
+        changes = {"cutoff_layer": cutoff_layer, "draft_vocab_size": draft_vocab_size}
+        config = config.replace(**{k: v for k, v in changes.items() if v is not None}).with_recipe(**recipe)
     distributed = DistributedSettings(mixed_precision, base_dtype, deepspeed_config)
     try:
         result = train_run(base_model, data, run_dir, overrides, config, resume=resume, progress=progress,

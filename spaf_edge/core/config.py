@@ -29,6 +29,9 @@ THREAD_POOL_ENV = "SPAF_EDGE_THREAD_POOL"  # the default when none is asked for 
 CONFIG_FILE = "spaf_config.json"
 ALIGNMENT_LOSS_TYPES = ("mse", "cosine")
 ROLLOUT_TOPS = ("drafted", "exact")
+# Settings of the training loss alone: a run that starts from trained components may change them.
+RECIPE_FIELDS = ("loss_weights", "alignment_loss_type", "alignment_rollout_steps", "alignment_rollout_decay",
+                 "alignment_rollout_top", "topk_distill_k")
 
 
 @dataclass
@@ -134,6 +137,21 @@ class SpAFConfig:
         config = dataclasses.replace(self, **changes)
         config.validate()
         return config
+
+    def with_recipe(self, rollout_steps: int | None = None, rollout_decay: float | None = None,
+                    rollout_top: str | None = None, topk_weight: float | None = None,
+                    topk_k: int | None = None) -> SpAFConfig:
+        """This config with the given loss-recipe options (``spaf-edge train``'s); None keeps a setting."""
+        changes = {"alignment_rollout_steps": rollout_steps, "alignment_rollout_decay": rollout_decay,
+                   "alignment_rollout_top": rollout_top, "topk_distill_k": topk_k}
+        if topk_weight is not None:
+            changes["loss_weights"] = dataclasses.replace(self.loss_weights, topk=topk_weight)
+        return self.replace(**{k: v for k, v in changes.items() if v is not None})
+
+    def differs_beyond_recipe(self, other: SpAFConfig) -> list[str]:
+        """The settings other than :data:`RECIPE_FIELDS` in which ``other`` differs from this config."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return sorted(name for name in mine if name not in RECIPE_FIELDS and mine[name] != theirs[name])
 
     def resolved(self, num_layers: int) -> SpAFConfig:
         """Fill defaults that depend on the base model depth and validate against it."""

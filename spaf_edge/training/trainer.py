@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from spaf_edge.core.atomic import atomic_write_text
-from spaf_edge.core.config import SpAFConfig
+from spaf_edge.core.config import RECIPE_FIELDS, SpAFConfig
 from spaf_edge.core.errors import ConfigError
 from spaf_edge.model import SpAFModel
 from spaf_edge.training import checkpoint as ckpt
@@ -601,18 +601,21 @@ def load_resume_state(model: SpAFModel, run_dir: Path, num_processes: int) -> di
     return state
 
 
-def check_run_start(resume: bool, init_from: str | os.PathLike | None, spaf_options: Sequence[str] = ()) -> None:
+def check_run_start(resume: bool, init_from: str | os.PathLike | None, spaf_options: Sequence[str] = (),
+                    recipe_options: Sequence[str] = ()) -> None:
     """Refuse contradictory starts: ``--resume`` with ``--init-from``, or either with SpAF config options.
 
     ``spaf_options``: the SpAF config options given (their CLI names, e.g. ``--config``,
-    ``--topk-weight``). Used by ``spaf-edge train`` and :func:`train_run` alike; both options
-    keep an existing SpAF config (the checkpoint's, or the components'), loss recipe included.
+    ``--cutoff-layer``); ``recipe_options``: the loss-recipe ones (e.g. ``--topk-weight``). Used by
+    ``spaf-edge train`` and :func:`train_run` alike. ``--resume`` keeps the checkpoint's SpAF config,
+    loss recipe included; ``--init-from`` keeps the components' modules but may change the recipe.
     """
     if resume and init_from:
         raise ConfigError("--resume continues a run's checkpoint; --init-from starts a new run. Pass one of them.")
-    if (resume or init_from) and spaf_options:
+    refused = [*spaf_options, *recipe_options] if resume else list(spaf_options) if init_from else []
+    if refused:
         source = "--resume keeps the saved" if resume else "--init-from keeps its components'"
-        raise ConfigError(f"{source} SpAF config: drop {'/'.join(spaf_options)}, or start a new run without it.")
+        raise ConfigError(f"{source} SpAF config: drop {'/'.join(refused)}, or start a new run without it.")
 
 
 def stored_settings(settings: TrainSettings) -> dict[str, Any]:
@@ -788,10 +791,11 @@ def train_run(
     must then match the saved settings except for :data:`RESUMABLE_CHANGES`. The base is
     loaded once per process, in ``dtype`` or else ``distributed.base_dtype``. ``init_from``
     starts a fresh run (new optimizer and schedule) from trained components: their config,
-    weights and draft vocabulary, e.g. to fine-tune them on new data. ``config`` is for a
-    fresh run without ``init_from`` only (see :func:`check_run_start`).
+    weights and draft vocabulary, e.g. to fine-tune them on new data; with it, ``config`` may
+    only change the loss recipe (:data:`~spaf_edge.core.config.RECIPE_FIELDS`) of theirs.
+    ``config`` is refused with ``resume`` (see :func:`check_run_start`).
     """
-    check_run_start(resume, init_from, ("--config",) if config is not None else ())
+    check_run_start(resume, init_from, ("--config",) if config is not None and init_from is None else ())
     run_dir = Path(run_dir)
     overrides = dict(overrides or {})
     distributed = distributed or DistributedSettings()
@@ -815,9 +819,23 @@ def train_run(
         if init_from is not None:
             settings.init_from = ckpt.portable_path(init_from)
             model = SpAFModel.from_pretrained(base_model, components=init_from, dtype=dtype)
+            if config is not None:
+                model.config = recipe_of(model.config, config, model.num_layers, init_from)
         else:
             model = SpAFModel.from_pretrained(base_model, config or SpAFConfig(), dtype=dtype)
     return train(model, data_path, run_dir, settings, resume=resume, progress=progress, distributed=distributed)
+
+
+def recipe_of(components: SpAFConfig, config: SpAFConfig, num_layers: int, source: str | os.PathLike) -> SpAFConfig:
+    """``components`` (a loaded config, resolved for ``num_layers``) with the loss recipe of ``config``;
+    other changes are refused."""
+    changed = components.differs_beyond_recipe(config.resolved(num_layers))
+    if changed:
+        raise ConfigError(
+            f"--init-from {source} keeps its components' modules: the config given changes {', '.join(changed)}. "
+            "Change only the loss recipe, or start a new run without --init-from."
+        )
+    return components.replace(**{name: getattr(config, name) for name in RECIPE_FIELDS})
 
 
 def saved_data_path(saved: str, checkpoint: Path) -> str:
