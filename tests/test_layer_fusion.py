@@ -25,12 +25,7 @@ from spaf_edge.core.config import SpAFConfig
 from spaf_edge.core.errors import ConfigError
 from spaf_edge.model import SpAFModel
 from spaf_edge.runtime.engine import Engine
-from spaf_edge.training.features import (
-    CachedFeatureDataset,
-    batch_features,
-    build_feature_cache,
-    compute_base_features,
-)
+from spaf_edge.training.features import compute_base_features
 from spaf_edge.training.losses import spaf_losses
 from spaf_edge.validation.graph_parity import check_graphs
 
@@ -115,23 +110,6 @@ def test_fusion_loss_reads_the_fused_previous_top_and_trains_the_fusion():
         unfused = (p * (p.log() - log_plain)).sum(-1).mean()
     torch.testing.assert_close(losses["adapter_kl/2"].detach(), expected, rtol=1e-5, atol=1e-7)
     assert abs(float(unfused) - float(expected)) > 1e-3  # the test can tell a fusion that is not read
-
-
-def test_feature_cache_stores_the_fused_layers(tmp_path):
-    from spaf_edge.training.data import TokenDataset
-
-    model = make_fusion_spaf(seed=2)
-    ids = torch.randint(0, 90, (3, 16))
-    dataset = TokenDataset(ids, torch.ones_like(ids), torch.ones(3, 16))
-    folder = build_feature_cache(model, dataset, tmp_path, batch_size=2, progress=False)
-    assert (folder / "layer_3.npy").is_file()
-    cached = torch.utils.data.default_collate([CachedFeatureDataset(dataset, folder)[i] for i in range(2)])
-    live = torch.utils.data.default_collate([dataset[i] for i in range(2)])
-    with torch.no_grad():
-        from_cache = spaf_losses(model, cached, batch_features(model, cached))
-        from_base = spaf_losses(model, live, batch_features(model, live))
-    for name in from_base:
-        torch.testing.assert_close(from_cache[name], from_base[name], rtol=2e-2, atol=1e-3)
 
 
 # ---- export and engine ---------------------------------------------------------------------

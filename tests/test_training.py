@@ -192,12 +192,15 @@ def test_draft_vocab_kl_uses_teacher_renormalised_on_vd(tokenizer):
     torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_feature_cache_gives_the_same_losses(tokenizer, tmp_path):
-    model = tiny_spaf(tokenizer)
+@pytest.mark.parametrize("adapter_kind", ["bottleneck", "layer_fusion"])
+def test_feature_cache_gives_the_same_losses(tokenizer, tmp_path, adapter_kind):
+    """Cached features give the losses of a base forward; a layer_fusion adapter's fused states are cached too."""
+    model = tiny_spaf(tokenizer, SpAFConfig(cutoff_layer=2, alignment_rollout_steps=2, adapter_kind=adapter_kind))
     examples = [render_row({"text": " ".join(WORDS)}, tokenizer)] * 3
     dataset = build_sequences(examples, seq_len=24, pad_id=1)
     folder = build_feature_cache(model, dataset, tmp_path, batch_size=2, progress=False)
     assert build_feature_cache(model, dataset, tmp_path, progress=False) == folder  # reused, not rebuilt
+    assert (folder / "layer_3.npy").is_file() == (adapter_kind == "layer_fusion")
     cached = torch.utils.data.default_collate([CachedFeatureDataset(dataset, folder)[i] for i in range(2)])
     live = torch.utils.data.default_collate([dataset[i] for i in range(2)])
     with torch.no_grad():
