@@ -38,6 +38,7 @@ from spaf_edge.core.sampling import (
     logits_to_probs,
     sample,
     softmax,
+    top_probability,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -484,3 +485,12 @@ def test_chi_square_rejects_a_wrong_acceptance_rule(sampling_model, monkeypatch,
     monkeypatch.setattr(loop, "accept_tree", on_chains(wrong_rule))
     counts = sampled_joint(sampling_model, params, POWER_SAMPLES, seed=1000, proposers="spaf")
     assert chi_square_p_value(counts, exact_joint(sampling_model, params)) < ALPHA
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_top_probability_is_the_softmax_maximum(dtype):
+    """The greedy stop-threshold check reads softmax(l).max() without normalising the row."""
+    rng = np.random.default_rng(3)
+    for scale in (0.1, 3.0, 40.0):  # flat, typical and peaked rows (no overflow: max subtracted first)
+        logits = (rng.standard_normal(4096) * scale).astype(dtype)
+        assert top_probability(logits) == pytest.approx(softmax(logits).max(), rel=1e-5)

@@ -37,6 +37,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return x
 
 
+def top_probability(logits: np.ndarray) -> float:
+    """``softmax(logits).max()`` of one row [V] without the normalised array: ``1 / sum(exp(l - max l))``."""
+    return 1.0 / float(np.exp(logits - logits.max()).sum())
+
+
 TOP_P_STEPS = 24  # thresholds max(p) / 4**i tried before top-p sorts the whole vocabulary
 
 

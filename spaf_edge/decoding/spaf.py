@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from spaf_edge.core.sampling import choose, draft_distribution, softmax
+from spaf_edge.core.sampling import choose, draft_distribution, top_probability
 from spaf_edge.decoding.loop import DecodeSettings, Proposal
 from spaf_edge.decoding.tree import DraftTree
 
@@ -152,7 +152,7 @@ class SpAFProposer:
                     break
                 token = choose(q, params, rng)
             threshold = settings.draft_stop_threshold
-            if threshold is not None and (softmax(logits).max() if params.greedy else q.max()) < threshold:
+            if threshold is not None and (top_probability(logits) if params.greedy else q.max()) < threshold:
                 break
             tokens.append(token)
             probs.append(q)
