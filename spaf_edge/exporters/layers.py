@@ -263,8 +263,8 @@ def make_decoder_layers(
 
     The last residual add is left to the caller, which fuses it into the next norm
     (upper) or emits it as the cutoff state (lower). ``taps``: its keys name layer counts m
-    (after the first of ``layer_ids``, before the last); each gets the name of the state after
-    m layers, the residual sum the next layer's input norm computes anyway.
+    (m in ``layer_ids``, not the first); each gets the name of the state after m layers, the
+    residual sum that layer m's input norm computes anyway.
     """
     pending: tuple[str, str] | None = None
     for index in layer_ids:
