@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 from conftest import make_tiny_spaf
 from test_reference_generation import hf_greedy, make_upper_identity
@@ -34,35 +33,6 @@ def test_exact_early_exit_agrees_everywhere_and_random_drafters_do_not():
     assert measure_agreement(noisy, replies_of(noisy, [[1, 7, 19]])).first < 0.9
 
 
-def test_s0_chain_starts_from_the_exact_top_state():
-    """``aligned_s0`` differs from ``aligned`` only in its first step's top state: the exact one, as s = 0
-    decoding drafts; for a kind that reads no top state the two chains are the same."""
-    prompts = [[1, 7, 19], [4, 4, 2, 9]]
-    plain = make_tiny_spaf("llama", seed=2)  # bottleneck: no top state
-    report = measure_agreement(plain, replies_of(plain, prompts), aligned_steps=2)
-    assert report.aligned_s0 == report.aligned
-    fused = make_tiny_spaf("llama", seed=2, spaf_config=SpAFConfig(cutoff_layer=2, adapter_kind="fused"))
-    make_upper_identity(fused)
-    with torch.no_grad():
-        fused.adapters["2"].out.weight.mul_(30)  # the top state weighs in the drafts
-    replies = replies_of(fused, prompts)
-    report = measure_agreement(fused, replies, aligned_steps=1)
-    hits = count = 0
-    with torch.no_grad():
-        for reply in replies:
-            ids = torch.tensor([reply.prompt_ids + reply.reply_ids])
-            states = fused.base_features(ids)
-            exact_top = torch.nn.functional.pad(states[-1][:, :-1], (0, 0, 1, 0))  # f(t-1)
-            pseudo = fused.align(ids[:, 1:], states[2][:, :-1])  # ĥ(t) from h(t-1), t = 1 ..
-            drafts = fused.draft_logits(pseudo, prev_top=exact_top[:, 1:]).argmax(-1)
-            target = fused.lm_head_rows(states[-1]).argmax(-1)[:, 1:]
-            scored = slice(len(reply.prompt_ids) - 2, -1)  # positions t whose next token is a reply token
-            hits += int((drafts[:, scored] == target[:, scored]).sum())
-            count += drafts[:, scored].numel()
-    assert report.aligned_s0[0] == pytest.approx(hits / count)
-    assert report.aligned_s0 != report.aligned
-
-
 def test_cli_reports_agreement_and_tau_and_caches_replies(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("spaf_edge.models.loading.cache_dir", lambda: tmp_path / "cache")
     prompts = tmp_path / "eval.jsonl"
@@ -76,7 +46,7 @@ def test_cli_reports_agreement_and_tau_and_caches_replies(tiny_model_dir, tmp_pa
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["num_prompts"] == 2 and [entry["exit_layer"] for entry in report["exits"]] == [1, 2]
     for entry in report["exits"]:
-        assert 0 <= entry["first"] <= 1 and len(entry["aligned"]) == len(entry["aligned_s0"]) == 3
+        assert 0 <= entry["first"] <= 1 and len(entry["aligned"]) == 3
         assert entry["tau"] >= 1 and set(entry["first_by_category"]) == {"x"}
         assert 0 < entry["percent_of_base_parameters"] < 100
 

@@ -68,14 +68,14 @@ def test_run_start_refuses_contradictory_options(resume, init_from, spaf_options
 
 
 def test_init_from_may_change_the_loss_recipe_but_resume_may_not():
-    check_run_start(False, "components", (), ("--rollout-top", "--topk-weight"))
-    with pytest.raises(ConfigError, match="--resume keeps the saved SpAF config: drop --rollout-top"):
-        check_run_start(True, None, (), ("--rollout-top",))
+    check_run_start(False, "components", (), ("--rollout-decay", "--topk-weight"))
+    with pytest.raises(ConfigError, match="--resume keeps the saved SpAF config: drop --rollout-decay"):
+        check_run_start(True, None, (), ("--rollout-decay",))
     components = SpAFConfig(cutoff_layer=2, adapter_kind="attention").resolved(4)
-    recipe = components.with_recipe(rollout_top="exact", topk_weight=0.5, rollout_steps=2)
+    recipe = components.with_recipe(rollout_decay=0.7, topk_weight=0.5, rollout_steps=2)
     changed = recipe_of(components, recipe, 4, "components")
-    assert (changed.alignment_rollout_top, changed.loss_weights.topk, changed.alignment_rollout_steps) == (
-        "exact", 0.5, 2)
+    assert (changed.alignment_rollout_decay, changed.loss_weights.topk, changed.alignment_rollout_steps) == (
+        0.7, 0.5, 2)
     assert changed.differs_beyond_recipe(components) == []
     with pytest.raises(ConfigError, match="keeps its components' modules: the config given changes adapter_kind"):
         recipe_of(components, recipe.replace(adapter_kind="fused"), 4, "components")

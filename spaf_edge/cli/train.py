@@ -11,7 +11,6 @@ import json
 import click
 
 from spaf_edge.cli import options
-from spaf_edge.core.config import ROLLOUT_TOPS
 
 
 @click.command("train")
@@ -29,9 +28,6 @@ from spaf_edge.core.config import ROLLOUT_TOPS
 @click.option("--rollout-steps", type=int, default=None, help="AlignmentHead steps rolled on its own outputs.")
 @click.option("--rollout-decay", type=float, default=None,
               help="Rollout step r's alignment losses weigh decay**(r-1), normalised; in (0, 1] [1.0: plain mean].")
-@click.option("--rollout-top", type=click.Choice(ROLLOUT_TOPS), default=None,
-              help="The top state the first rollout step reads: a serial first draft's (s >= 1 decoding) or the "
-                   "exact one (s = 0 decoding) [drafted].")
 @click.option("--topk-weight", type=float, default=None,
               help="Weight of the top-k ranking loss (loss_weights.topk) on every draft variant [0: off].")
 @click.option("--topk-k", type=int, default=None, help="Teacher tokens the top-k ranking loss reads [8].")
@@ -77,7 +73,7 @@ from spaf_edge.core.config import ROLLOUT_TOPS
                    "optimizer and schedule, e.g. to fine-tune them on new data.")
 @options.progress
 def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_size, rollout_steps, rollout_decay,
-            rollout_top, topk_weight, topk_k, mixed_precision, base_dtype, deepspeed_config, resume, init_from, progress,
+            topk_weight, topk_k, mixed_precision, base_dtype, deepspeed_config, resume, init_from, progress,
             **settings):
     """Train SpAF components (only they train; the base stays frozen)."""
     from spaf_edge.core.config import SpAFConfig
@@ -86,8 +82,8 @@ def command(base_model, data, run_dir, config_path, cutoff_layer, draft_vocab_si
 
     overrides = {name: value for name, value in settings.items() if value is not None}
     spaf_options = {"--config": config_path, "--cutoff-layer": cutoff_layer, "--draft-vocab-size": draft_vocab_size}
-    recipe = {"rollout_steps": rollout_steps, "rollout_decay": rollout_decay, "rollout_top": rollout_top,
-              "topk_weight": topk_weight, "topk_k": topk_k}
+    recipe = {"rollout_steps": rollout_steps, "rollout_decay": rollout_decay, "topk_weight": topk_weight,
+              "topk_k": topk_k}
     check_run_start(resume, init_from, [name for name, value in spaf_options.items() if value is not None],
                     ["--" + name.replace("_", "-") for name, value in recipe.items() if value is not None])
     config = None

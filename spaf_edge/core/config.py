@@ -28,10 +28,9 @@ THREAD_POOL_ENV = "SPAF_EDGE_THREAD_POOL"  # the default when none is asked for 
 
 CONFIG_FILE = "spaf_config.json"
 ALIGNMENT_LOSS_TYPES = ("mse", "cosine")
-ROLLOUT_TOPS = ("drafted", "exact")
 # Settings of the training loss alone: a run that starts from trained components may change them.
 RECIPE_FIELDS = ("loss_weights", "alignment_loss_type", "alignment_rollout_steps", "alignment_rollout_decay",
-                 "alignment_rollout_top", "topk_distill_k")
+                 "topk_distill_k")
 
 
 @dataclass
@@ -71,9 +70,6 @@ class SpAFConfig:
     alignment_loss_type: str = "mse"
     alignment_rollout_steps: int = 1  # AH steps rolled on its own outputs in training
     alignment_rollout_decay: float = 1.0  # rollout step r weighs decay**(r-1), normalised; 1.0 = plain mean
-    # the top state the first rollout step reads: "drafted" (a serial first draft's, as chains with s >= 1
-    # decode) or "exact" (the verified position's, as chains with s = 0 decode)
-    alignment_rollout_top: str = "drafted"
     topk_distill_k: int = 8  # k of the loss_weights.topk term
     draft_vocab_size: int | None = None  # restrict draft logits to the V_d most frequent tokens
     num_draft_tokens: int = 5
@@ -139,11 +135,11 @@ class SpAFConfig:
         return config
 
     def with_recipe(self, rollout_steps: int | None = None, rollout_decay: float | None = None,
-                    rollout_top: str | None = None, topk_weight: float | None = None,
+                    topk_weight: float | None = None,
                     topk_k: int | None = None) -> SpAFConfig:
         """This config with the given loss-recipe options (``spaf-edge train``'s); None keeps a setting."""
         changes = {"alignment_rollout_steps": rollout_steps, "alignment_rollout_decay": rollout_decay,
-                   "alignment_rollout_top": rollout_top, "topk_distill_k": topk_k}
+                   "topk_distill_k": topk_k}
         if topk_weight is not None:
             changes["loss_weights"] = dataclasses.replace(self.loss_weights, topk=topk_weight)
         return self.replace(**{k: v for k, v in changes.items() if v is not None})
@@ -210,10 +206,6 @@ class SpAFConfig:
             _is_number(self.alignment_rollout_decay) and 0 < self.alignment_rollout_decay <= 1,
             "alignment_rollout_decay", self.alignment_rollout_decay,
             "a number in (0, 1]: rollout step r weighs decay**(r-1); 1 weighs every step alike",
-        )
-        _check(
-            self.alignment_rollout_top in ROLLOUT_TOPS, "alignment_rollout_top", self.alignment_rollout_top,
-            f"one of {ROLLOUT_TOPS}: what the first rollout step's adapter reads as the previous top state",
         )
         _check(
             _is_int(self.topk_distill_k) and self.topk_distill_k >= 1,

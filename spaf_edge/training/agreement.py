@@ -9,10 +9,7 @@ they are used while drafting (DESIGN §4):
   position before: ``argmax head(a(h(t), f(t-1)))`` — a serial draft;
 - ``aligned_r`` (r = 1 .. R): an aligned draft ``r`` steps after the last exact state:
   ``ĥ(t) = AH(e(x_t), h̄(t-1))`` chained ``r`` times from ``h(t-r)``, the adapter reading
-  the top state drafted one step earlier — the drafts after a serial first draft (s >= 1);
-- ``aligned_s0_r``: the same chain, but its first step reads the exact top state of the
-  position before, as every draft chain does with s = 0 (no serial draft: the first draft is
-  aligned, right after the verify pass that gave that state).
+  the top state drafted one step earlier.
 
 Greedy agreement bounds acceptance: draft ``j`` of a step is accepted only if it and
 every draft before it agree. Replies are generated once per base model and prompt set
@@ -46,14 +43,12 @@ class AgreementReport:
     positions: int  # reply positions scored by ``first``
     first: float  # agreement of the first (serial) draft
     aligned: list[float] = field(default_factory=list)  # aligned_1 .. aligned_R
-    aligned_s0: list[float] = field(default_factory=list)  # aligned_s0_1 .. aligned_s0_R
     by_category: dict[str, float] = field(default_factory=dict)  # ``first`` per prompt category
 
     def to_dict(self) -> dict:
         return {
             "exit_layer": self.exit_layer, "positions": self.positions, "first": round(self.first, 4),
             "aligned": [round(value, 4) for value in self.aligned],
-            "aligned_s0": [round(value, 4) for value in self.aligned_s0],
             "first_by_category": {key: round(value, 4) for key, value in self.by_category.items()},
         }
 
@@ -95,8 +90,7 @@ def measure_agreement(
     """Top-1 agreement of the first and aligned drafts with the base's greedy token (see module doc)."""
     k = exit_layer or model.cutoff
     vocab = model.draft_vocab if model.draft_vocab.numel() else None
-    # [chain, step]: chain 0 is the serial first draft (step 0) and the drafts after it, chain 1 s = 0's chain
-    hits = torch.zeros(2, aligned_steps + 1, dtype=torch.float64)
+    hits = torch.zeros(aligned_steps + 1, dtype=torch.float64)
     counts = torch.zeros_like(hits)
     categories: dict[str, list[float]] = {}
     for reply in replies:
@@ -116,28 +110,26 @@ def measure_agreement(
 
         exact_top = previous_exact_tops(model, features, k)
         context = model.adapter_context(hidden, exact_top, k)
-        first = model.adapt(hidden, k, exact_top, context=context)  # [1, S, H]
-        matched, positions = ((draft_tokens(first) == target) & scored).sum().item(), scored.sum().item()
-        hits[0, 0] += matched
-        counts[0, 0] += positions
+        states = model.adapt(hidden, k, exact_top, context=context)  # [1, S, H]
+        matched, positions = ((draft_tokens(states) == target) & scored).sum().item(), scored.sum().item()
+        hits[0] += matched
+        counts[0] += positions
         category = categories.setdefault(reply.category, [0.0, 0.0])
         category[0] += matched
         category[1] += positions
-        predicted = [hidden]  # ĥ of positions step .. S-1 at each step (the exact states at step 0)
-        for step in range(1, min(aligned_steps + 1, ids.shape[1])):
-            predicted.append(model.align(ids[:, step:], predicted[-1][:, :-1], k))
-        for chain in (0, 1):
-            states = first
-            for step in range(1, len(predicted)):
-                # The adapter reads the top drafted a step earlier (and exact keys of earlier positions);
-                # s = 0's first aligned draft reads the exact top state the verify pass gave.
-                top = exact_top[:, 1:] if chain == 1 and step == 1 else model.top_state(states[:, :-1])
-                states = model.adapt(predicted[step], k, top, offset=step, context=context)
-                valid = scored[:, step:]
-                hits[chain, step] += ((draft_tokens(states) == target[:, step:]) & valid).sum().item()
-                counts[chain, step] += valid.sum().item()
+        previous = hidden
+        for step in range(1, aligned_steps + 1):
+            if step >= ids.shape[1]:
+                break
+            predicted = model.align(ids[:, step:], previous[:, :-1], k)  # positions step .. S-1
+            # The adapter reads the top drafted a step earlier (and exact keys of earlier positions).
+            states = model.adapt(predicted, k, model.top_state(states[:, :-1]), offset=step, context=context)
+            valid = scored[:, step:]
+            hits[step] += ((draft_tokens(states) == target[:, step:]) & valid).sum().item()
+            counts[step] += valid.sum().item()
+            previous = predicted
     rates = (hits / counts.clamp(min=1)).tolist()
     return AgreementReport(
-        exit_layer=k, positions=int(counts[0, 0]), first=rates[0][0], aligned=rates[0][1:], aligned_s0=rates[1][1:],
+        exit_layer=k, positions=int(counts[0]), first=rates[0], aligned=rates[1:],
         by_category={name: h / max(c, 1) for name, (h, c) in sorted(categories.items())},
     )

@@ -255,14 +255,9 @@ def spaf_losses(
             state_losses.append(alignment_state_loss(predicted, hidden[:, step:], step_mask,
                                                      config.alignment_loss_type, divisors[index]))
             if aligned_drafts:
-                # Chained drafting: the top state read here is the previous step's drafted one, or for the
-                # first step of s = 0 chains the exact one of the verified position before.
-                if step == 1 and config.alignment_rollout_top == "exact":
-                    previous_top = exact_top[:, 1:]  # f(t-1) of positions 1 .. S-1
-                else:
-                    previous_top = norm(states[-1][:, step - 1:-1])  # drafted at positions step-1 .. S-2
-                adapted = model.adapt(predicted, k, previous_top if reads_top else None, offset=step,
-                                      context=context)
+                # Chained drafting: the top state read here is the previous step's drafted one.
+                drafted_top = norm(states[-1][:, step - 1:-1]) if reads_top else None  # positions step-1 .. S-2
+                adapted = model.adapt(predicted, k, drafted_top, offset=step, context=context)
                 states.append(F.pad(adapted, (0, 0, step, 0)))  # [B, S, H]
                 row_masks.append(F.pad(step_mask, (step, 0)))
                 row_divisors.append(divisors[index])
