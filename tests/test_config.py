@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,13 @@ def test_replace_validates():
     with pytest.raises(ConfigError, match="serial_parallel_transition"):
         SpAFConfig().replace(num_draft_tokens=1)
     assert SpAFConfig().replace(num_draft_tokens=1, serial_parallel_transition=1).num_draft_tokens == 1
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("spaf_*.json")),
+                         ids=lambda path: path.name)
+def test_shipped_configs_load_for_the_default_model(path):
+    """Every config in configs/ is one `train --config` takes for SmolLM2 (30 layers)."""
+    config = SpAFConfig.load(path).resolved(30)
+    assert config.cutoff_layer in config.adapter_layers
+    if config.adapter_kind == "layer_fusion":
+        assert config.fused_layers(30) == [25]
