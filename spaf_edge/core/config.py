@@ -135,8 +135,7 @@ class SpAFConfig:
         return config
 
     def with_recipe(self, rollout_steps: int | None = None, rollout_decay: float | None = None,
-                    topk_weight: float | None = None,
-                    topk_k: int | None = None) -> SpAFConfig:
+                    topk_weight: float | None = None, topk_k: int | None = None) -> SpAFConfig:
         """This config with the given loss-recipe options (``spaf-edge train``'s); None keeps a setting."""
         changes = {"alignment_rollout_steps": rollout_steps, "alignment_rollout_decay": rollout_decay,
                    "topk_distill_k": topk_k}
