@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from spaf_edge.core.atomic import atomic_directory, build_lock
+from spaf_edge.core.atomic import atomic_directory, build_once
 from spaf_edge.models.loading import cache_dir
 
 DONE_MARKER = "spaf_build.json"
@@ -51,13 +51,11 @@ def cached_folder(
     """Return the cached build of ``source``; run ``build(tmp_folder)`` first when there is none."""
     key = source_key(source, precision=precision, kind=kind, **settings)
     target = cache_dir() / kind / f"{Path(source).name}-{precision}-{key}"
-    if (target / DONE_MARKER).is_file():
-        return target
-    with build_lock(target):
-        if (target / DONE_MARKER).is_file():  # another process built it while this one waited
-            return target
+
+    def build_folder() -> None:
         with atomic_directory(target) as tmp:
             build(tmp)
             record = {"source": str(source), "precision": precision, **settings}
             (tmp / DONE_MARKER).write_text(json.dumps(record, default=str))
-    return target
+
+    return build_once(target, (target / DONE_MARKER).is_file, build_folder)

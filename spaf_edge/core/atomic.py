@@ -16,7 +16,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from spaf_edge.core.errors import StorageError
@@ -59,13 +59,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def build_once(path: str | os.PathLike, is_built: Callable[[], bool], build: Callable[[], object]) -> Path:
+    """Run ``build()`` unless ``is_built()``, under :func:`build_lock`; returns ``path``.
+
+    Two processes that need the same cached build (two distill shards, two benches) then build it
+    once: the second waits for the lock, finds the build done, and reuses it.
+    """
+    path = Path(path)
+    if is_built():
+        return path
+    with build_lock(path):
+        if not is_built():  # else another process built it while this one waited
+            build()
+    return path
+
+
 @contextlib.contextmanager
 def build_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on building ``path`` (a hidden ``.NAME.lock`` beside it) for the block.
 
-    Two processes that need the same cached build (two distill shards, two benches) then build it
-    once: the second waits, and should check again whether the build exists before starting its
-    own. The lock goes with the process (the OS releases it when a holder dies). POSIX only; where
+    The lock goes with the process (the OS releases it when a holder dies). POSIX only; where
     ``fcntl`` is missing, no lock (the build is still atomic, just possibly done twice).
     """
     try:

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from spaf_edge.core.atomic import atomic_directory, build_lock
+from spaf_edge.core.atomic import atomic_directory, build_once
 from spaf_edge.core.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -103,17 +103,16 @@ def resolve_base_model(name_or_path: str | os.PathLike | None) -> Path:
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> Path:
-    """Dequantize a GGUF file to an fp32 HF folder once; reuse the cached copy after."""
-    marker = target / "spaf_source.json"
-    if marker.is_file() and (target / "config.json").is_file():
-        return target
-    with build_lock(target):  # one conversion when several processes start at once
-        if marker.is_file() and (target / "config.json").is_file():
-            return target
-        return _convert_gguf(gguf_path, target)
+    """Dequantize a GGUF file to an fp32 HF folder once (once also for processes starting together);
+    reuse the cached copy after."""
+
+    def converted() -> bool:
+        return (target / "spaf_source.json").is_file() and (target / "config.json").is_file()
+
+    return build_once(target, converted, lambda: _convert_gguf(gguf_path, target))
 
 
-def _convert_gguf(gguf_path: Path, target: Path) -> Path:
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("Converting %s to %s (first use only)...", gguf_path, target)
@@ -133,7 +132,6 @@ def _convert_gguf(gguf_path: Path, target: Path) -> Path:
         (tmp / "spaf_source.json").write_text(
             json.dumps({"gguf": str(gguf_path), "key": _file_key(gguf_path)}, indent=2)
         )
-    return target
 
 
 def load_base_model(name_or_path: str | os.PathLike | None = None, dtype: Any = None) -> tuple[Any, Any]:
