@@ -361,6 +361,17 @@ class SpAFModel(nn.Module):
         cache.advance(length)
         return hidden
 
+    def run_upper(
+        self, hidden: torch.Tensor, cache: StackKVCache, tree: tuple[torch.Tensor, torch.Tensor] | None = None,
+        exit_layer: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The upper stack (``cache.layer_ids``) and final norm on cutoff states [1, S, H] (``tree``: see
+        :meth:`run_layers`). Returns the top states (the LM head's input) and what the exit's adapter
+        reads as those positions' top states (:meth:`exact_top`), [1, S, H] each."""
+        taps = dict.fromkeys(self.fused_layers(exit_layer))
+        top = self.top_state(self.run_layers(hidden, cache, tree, taps))
+        return top, self.exact_top(top, taps, exit_layer)
+
     def lower_layer_ids(self, exit_layer: int | None = None) -> range:
         return range(0, exit_layer or self.cutoff)
 

@@ -287,7 +287,7 @@ def build_upper(plan: GraphPlan, on_layer: Callable[[], None] | None = None) -> 
                        normed=top)
     if taps:
         fused = builder_for(FUSION_BUILDERS, plan.adapter, "layer fusion")(
-            b, top, [taps[m] for m in taps], plan.adapter, f"spaf.adapters.{plan.exit_layer}")
+            b, top, list(taps.values()), plan.adapter, f"spaf.adapters.{plan.exit_layer}")
         b.make_node("Identity", [fused], "/spaf/fusion/top_hidden", outputs=[io_names.TOP_HIDDEN])
     last = make_last_rows(b, top, num_logits, "/lm_head/last_rows")  # [1, num_logits, H]
     make_lm_head(b, last, "/lm_head", plan.lm_head_blocks(b), config.vocab_size, io_names.LOGITS)

@@ -105,11 +105,9 @@ class TorchBackend:
                    ) -> torch.Tensor:
         """The upper stack on cutoff states [1, R, H] at the next positions (``tree``: see
         :meth:`SpAFModel.run_layers`). Returns the top states [1, R, H] (the LM head's input); the
-        call's rows are kept with the top states the drafter reads (:meth:`SpAFModel.exact_top`)."""
-        model = self.model
-        taps = dict.fromkeys(model.fused_layers())
-        top = model.top_state(model.run_layers(hidden, self.upper, tree, taps))
-        self.call_hidden, self.call_top = hidden, model.exact_top(top, taps)
+        call's rows are kept with the top states the drafter reads."""
+        top, self.call_top = self.model.run_upper(hidden, self.upper, tree)
+        self.call_hidden = hidden
         return top
 
     def _keep_exact(self, row: int, before: int | None) -> None:

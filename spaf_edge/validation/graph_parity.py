@@ -156,9 +156,7 @@ def check_graphs(
             cursor += length
             ids_t = torch.as_tensor(ids, device=device)
             hidden = model.run_layers(model.embed(ids_t), lower_cache)  # [1, S, H]
-            taps = dict.fromkeys(model.fused_layers(exit_layer))
-            final = model.top_state(model.run_layers(hidden, upper_cache, taps=taps))  # [1, S, H]
-            top = model.exact_top(final, taps, exit_layer)  # what the drafter reads: [1, S, H]
+            final, top = model.run_upper(hidden, upper_cache, exit_layer=exit_layer)  # top: what the drafter reads
             lower = graphs.run_lower(ids)
             upper = graphs.run_upper(_numpy(hidden, dtype))
             graphs.advance(length)
