@@ -11,8 +11,8 @@ for several, and some ``MatMulNBits`` configurations compute one row differently
 positions as one-row calls, as two-row calls whose second row is padding, and as calls of
 2..``max_rows`` rows, and compares every row's cutoff state and logits bit for bit (the
 top state only feeds drafts, which never change the output; for a ``layer_fusion`` adapter
-it is a fusion the LM head does not read). The decoder then runs one-row stack calls as two-row calls (``pad``) when only that
-keeps every call on one kernel path. Torch-free.
+it is a fusion the LM head does not read). The decoder then runs one-row stack calls as
+two-row calls (``pad``) when only that keeps every call on one kernel path. Torch-free.
 """
 
 from __future__ import annotations

@@ -612,8 +612,8 @@ def check_run_start(resume: bool, init_from: str | os.PathLike | None, spaf_opti
     """
     if resume and init_from:
         raise ConfigError("--resume continues a run's checkpoint; --init-from starts a new run. Pass one of them.")
-    refused = [*spaf_options, *recipe_options] if resume else list(spaf_options) if init_from else []
-    if refused:
+    refused = [*spaf_options, *(recipe_options if resume else ())]
+    if (resume or init_from) and refused:
         source = "--resume keeps the saved" if resume else "--init-from keeps its components'"
         raise ConfigError(f"{source} SpAF config: drop {'/'.join(refused)}, or start a new run without it.")
 
