@@ -34,9 +34,9 @@ def timed(graph, name: str) -> None:
     graph.run = wrapper
 
 
-calls = decoder.proposer.spaf.calls
-for graph, name in ((decoder.lower, "lower"), (decoder.upper, "upper"), (calls.drafter, "drafter"),
-                    (calls.draft_head, "draft_head")):
+draft_calls = decoder.proposer.spaf.calls
+for graph, name in ((decoder.lower, "lower"), (decoder.upper, "upper"), (draft_calls.drafter, "drafter"),
+                    (draft_calls.draft_head, "draft_head")):
     timed(graph, name)
 print(f"{platform.processor() or platform.machine()}, onnxruntime {onnxruntime.__version__}, {threads} threads, "
       f"defaults {engine.defaults}")

@@ -16,7 +16,7 @@ import numpy as np
 
 from spaf_edge.runtime import Engine
 
-ROWS = (1, 2, 3, 5, 8)
+ROWS = (1, 2, 3, 5, 8, 12, 17)
 PROMPT = list(range(1000, 1100))  # 100 cached positions before the measured calls
 
 

@@ -1,5 +1,5 @@
 """CPU time (best of N, 1 thread) of a decode step (lower + upper, S=1), a verify (S=2..8), a
-draft-head call, and TTFT of a 100-token prompt (generate 1 token).
+one aligned draft (AlignmentHead + draft head), and TTFT of a 100-token prompt (generate 1 token).
 
 usage: python benchmarks/engine/step_cost.py EXPORT_DIR
 """
@@ -19,8 +19,8 @@ P = d.lower.kv.length
 def step(S):
     d.lower.kv.rewind_to(P)
     d.upper.kv.rewind_to(P)
-    d._run_lower([5] * S, row=0)
-    d._run_upper(S, num_logits=S)
+    d.run_lower([5] * S, row=0)
+    d.run_upper(S, num_logits=S)
 
 def measure(fn, reps=15):
     fn()
@@ -35,9 +35,19 @@ def measure(fn, reps=15):
 d.buffers.ensure_rows(8, logit_rows=8)
 res = {S: measure(lambda: step(S)) for S in (1, 2, 6, 8)}
 print(" ".join(f"S={S} {c:.1f}ms({c / res[1][0]:.2f}x)" for S, (c, w) in res.items()))
-buffers = d.buffers
-c, _ = measure(lambda: d.draft_head.run(buffers.hidden.view(0, 1), buffers.prev_tops.view(0, 1),
-                                        buffers.prev_tops.view(1, 2)))
-print(f"draft_head {c:.1f}ms")
+calls = d.proposer.spaf.calls
+
+
+def draft() -> None:
+    """One aligned draft: the AlignmentHead, then the draft head on its pseudo state (an attending
+    adapter's drafted entry is dropped again)."""
+    length = calls.adapter_length if calls.attends else 0
+    calls.head(calls.align(5, calls.exact_hidden(), 2), calls.exact_top(), 2)
+    if calls.attends:
+        calls.rewind_adapter(length)
+
+
+c, _ = measure(draft)
+print(f"one aligned draft (AlignmentHead + draft head) {c:.2f}ms")
 ttft = measure(lambda: engine.generate(prompt, max_new_tokens=1, mode="greedy"), reps=7)
 print(f"TTFT 100-token prompt: cpu {ttft[0]:.0f} ms, wall {ttft[1]:.0f} ms")
