@@ -1,4 +1,4 @@
-"""CPU time (best of N, 1 thread) of a decode step (lower + upper, S=1), a verify (S=2..8), a
+"""CPU time (best of N, 1 thread) of a decode step (lower + upper, S=1), a verify (S=2..8),
 one aligned draft (AlignmentHead + draft head), and TTFT of a 100-token prompt (generate 1 token).
 
 usage: python benchmarks/engine/step_cost.py EXPORT_DIR
