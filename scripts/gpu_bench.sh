@@ -8,7 +8,9 @@
 # Steps: unpack and checksum the bundle; install its wheels into $WORK/site (--no-deps,
 # --no-index; they shadow a CPU onnxruntime); give the embedded GGUF a package for
 # 'default' to find; record the machine; export the default with its shipped components in
-# $PRECISION; `spaf-edge validate` on $PROVIDER; `spaf-edge bench` (transformers on the GPU,
+# $PRECISION; `spaf-edge validate` on $PROVIDER; `spaf-edge tune` on $PROVIDER within $TUNE_SECONDS
+# (drafting settings, and draft trees where the engine finds them exact there; stored in the export,
+# so the bench's SpAF rows use them; 0 skips it); `spaf-edge bench` (transformers on the GPU,
 # onnxruntime-genai's CUDA build, the engine's plain modes, SpAF greedy and sampling) on
 # $PER_CATEGORY MT-Bench prompts per category. Everything lands in $OUT (or a temp folder);
 # exit code 0 when every step passed (a failed export or bench stops the script; validate does not).
@@ -22,10 +24,11 @@ mkdir -p "$WORK" "$RESULTS"
 exec > >(tee "$RESULTS/gpu_bench.log") 2>&1
 
 if [[ "${1:-}" == "--cpu-dry-run" ]]; then
-    PROVIDER=cpu PRECISION=${PRECISION:-fp32} RUNNERS=${RUNNERS:-hf,engine-greedy,spaf}
+    PROVIDER=cpu PRECISION=${PRECISION:-fp32} RUNNERS=${RUNNERS:-hf,engine-greedy,spaf} TUNE_SECONDS=${TUNE_SECONDS:-0}
 else
     BUNDLE=${1:?usage: gpu_bench.sh BUNDLE_DIR | --cpu-dry-run}
     PROVIDER=cuda PRECISION=${PRECISION:-fp16} RUNNERS=${RUNNERS:-hf,genai,engine-greedy,engine-sample,spaf,spaf-sample}
+    TUNE_SECONDS=${TUNE_SECONDS:-150}
     rm -rf "$WORK/files" && cat "$BUNDLE"/bundle.tar.part_* | tar -x -C "$WORK" || exit 3
     (cd "$WORK/files" && sha256sum --quiet -c SHA256SUMS) || { echo "bundle checksum mismatch"; exit 3; }
     "$PYTHON" -m pip install --quiet --no-index --no-deps --target "$WORK/site" "$WORK"/files/*.whl || exit 4
@@ -73,6 +76,9 @@ step export stop "$PYTHON" -m spaf_edge export --precision "$PRECISION" --out "$
 # Go on when validate fails: fp16 rounding can flip a greedy token against the fp32 PyTorch reference, and
 # bench then shows whether SpAF still equals the engine's own plain greedy (the lossless check that matters).
 step validate go "$PYTHON" -m spaf_edge validate "$EXPORT" --provider "$PROVIDER"
+if (( TUNE_SECONDS > 0 )); then  # a tune cut short stores nothing: the bench then uses the config's settings
+    step tune go timeout "$TUNE_SECONDS" "$PYTHON" -m spaf_edge tune "$EXPORT" --provider "$PROVIDER" --no-progress
+fi
 step bench stop "$PYTHON" -m spaf_edge bench --export-dir "$EXPORT" --provider "$PROVIDER" --precision "$PRECISION" \
     --runners "$RUNNERS" --per-category "$PER_CATEGORY" --name "$PROVIDER-$PRECISION" --output-dir "$RESULTS"
 echo "GPU BENCH: done (exit $FAILED); results in $RESULTS"

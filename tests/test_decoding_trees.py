@@ -88,6 +88,24 @@ def test_lookup_alone_is_lossless_and_speculates():
     assert sum(result.stats.accepted) > 0 and result.stats.tau > 1.0  # a random tiny model repeats itself
 
 
+def test_lookup_chains_grow_while_accepted_whole(monkeypatch):
+    """A lookup chain copies at most lookup_start tokens, twice as many after a step that accepted its
+    whole lookup chain (up to lookup_depth), lookup_start again after any other; tokens stay the base's."""
+    model = make_tiny_spaf("llama", 1)
+    steps = record_trees(monkeypatch)
+    prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]
+    result = spaf_generate(model, prompt, max_new_tokens=96, temperature=0.0, eos_token_ids=[], proposers="lookup",
+                           lookup_start=2, lookup_depth=8)
+    assert result.tokens == hf_greedy(model.base, prompt, 96)
+    limit, lengths = 2, []
+    for tree, path in steps:
+        proposed = len(tree) - 1
+        assert proposed <= limit
+        lengths.append(proposed)
+        limit = min(8, 2 * limit) if proposed and len(path) >= proposed else 2
+    assert max(lengths) == 8  # a random tiny model repeats itself: copies grew to the depth
+
+
 @pytest.mark.parametrize("min_match", [1, 3])
 def test_chains_take_a_long_enough_lookup_match_else_spaf(min_match, monkeypatch):
     """Without trees, spaf+lookup proposes one chain per step: the lookup branch when its match has

@@ -1,5 +1,5 @@
 """Prompt-lookup proposals: exact candidates on hand-made histories, incremental == rebuilt,
-and the trie that merges them."""
+the trie that merges them, and how far a lookup chain may copy."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from spaf_edge.core.errors import ConfigError
+from spaf_edge.core.sampling import SamplingParams
 from spaf_edge.decoding.lookup import NgramIndex, candidates_to_trie
+from spaf_edge.decoding.loop import DecodeSettings
+from spaf_edge.decoding.proposers import LookupProposer
 
 
 def index_of(tokens, **settings) -> NgramIndex:
@@ -174,3 +177,37 @@ def test_lookup_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def copy_limits(steps, start=4, depth=16):
+    """The limits a LookupProposer gives over ``steps`` of (tokens proposed by lookup, drafts accepted)."""
+    settings = DecodeSettings(SamplingParams(temperature=0.0), 4, 0, None, "spaf", lookup_start=start,
+                              lookup_depth=depth)
+    proposer = LookupProposer(lambda: [1, 2, 3])
+    proposer.start()
+    limits = []
+    for proposed, accepted in steps:
+        limits.append(proposer.limit(settings))
+        proposer.proposing(proposed, settings)
+        proposer.accepted(accepted)
+    limits.append(proposer.limit(settings))
+    return limits
+
+
+def test_lookup_copies_double_while_accepted_whole_and_reset_otherwise():
+    # whole, whole, whole (capped), partial, a SpAF chain accepted whole, a short branch accepted whole
+    steps = [(4, 4), (8, 8), (16, 16), (16, 3), (0, 5), (2, 2)]
+    assert copy_limits(steps) == [4, 8, 16, 16, 4, 4, 8]
+    assert copy_limits([(4, 3)]) == [4, 4]  # one short of whole: no growth
+    assert copy_limits([(4, 4), (8, 8)], start=6, depth=4) == [4, 4, 4]  # start above depth: the depth caps it
+    assert copy_limits([(3, 3)], start=3, depth=5) == [3, 5]
+
+
+def test_a_new_generation_starts_short():
+    settings = DecodeSettings(SamplingParams(temperature=0.0), 4, 0, None, "spaf")
+    proposer = LookupProposer(lambda: [1, 2, 3])
+    proposer.proposing(4, settings)
+    proposer.accepted(4)
+    assert proposer.limit(settings) == 8
+    proposer.start()
+    assert proposer.limit(settings) == settings.lookup_start == 4

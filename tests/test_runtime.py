@@ -626,8 +626,9 @@ def test_verify_asks_for_its_rows_only(fused, monkeypatch):
     steps = calls[1:]  # one verify per step: all D+1 rows
     assert len(steps) == spaf.stats.verify_steps and all(new == rows for new, rows in steps)
     assert sum(rows - 1 for _, rows in steps) == sum(spaf.stats.drafted) > 0
-    # sized for the widest verify (the row check's at load), not for prefill_chunk rows
-    assert engine.decoder.buffers.logits.rows == MAX_ROWS + 1 < engine.decoder.buffers.rows
+    # sized for the widest verify (the row check's at load, or a lookup chain's), not for prefill_chunk rows
+    widest = max(MAX_ROWS, engine.settings().lookup_depth) + 1
+    assert engine.decoder.buffers.logits.rows == widest < engine.decoder.buffers.rows
 
 
 # ---- text, chat template and streaming -----------------------------------

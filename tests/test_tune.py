@@ -107,9 +107,9 @@ def test_tune_stores_the_fastest_finalist_and_the_engine_uses_it(tiny, export_co
     engine = Engine.from_folder(export_copy)
     settings = engine.settings()
     assert (settings.num_draft_tokens, settings.serial_parallel_transition, settings.draft_stop_threshold,
-            "+".join(settings.proposers), settings.lookup_min_match, settings.lookup_depth) == (
+            "+".join(settings.proposers), settings.lookup_min_match, settings.lookup_start, settings.lookup_depth) == (
         chosen.num_draft_tokens, chosen.serial_parallel_transition, chosen.draft_stop_threshold, chosen.proposers,
-        chosen.lookup_min_match, chosen.lookup_depth)
+        chosen.lookup_min_match, chosen.lookup_start, chosen.lookup_depth)
     assert engine.settings(num_draft_tokens=2, serial_parallel_transition=1).num_draft_tokens == 2  # options win
 
 

@@ -153,7 +153,7 @@ def drafting(func):
 
 
 def tree(func):
-    """--proposers/--tree-width/--lookup-branches/--lookup-depth/--lookup-min-match/--max-nodes: who drafts
+    """--proposers/--tree-width/--lookup-branches/--lookup-depth/--lookup-start/--lookup-min-match/--max-nodes: who drafts
     and the draft tree's shape.
 
     Unset, they come from the export's `spaf-edge tune` result, else the defaults (SpAF chains).
@@ -173,6 +173,10 @@ def tree(func):
         click.option("--lookup-depth", default=None,
                      type=Checked(click.INT, "lookup_depth", lambda n: n >= 1, "an integer >= 1"),
                      help="Tokens a lookup branch copies at most."),
+        click.option("--lookup-start", default=None,
+                     type=Checked(click.INT, "lookup_start", lambda n: n >= 1, "an integer >= 1"),
+                     help="Tokens a lookup branch copies after a step that did not accept a whole lookup chain; "
+                          "each step that did doubles it, up to --lookup-depth."),
         click.option("--lookup-min-match", default=None,
                      type=Checked(click.INT, "lookup_min_match", lambda n: n >= 1, "an integer >= 1"),
                      help="Chains: a lookup branch is the step's chain when its match has this many tokens."),

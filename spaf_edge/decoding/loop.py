@@ -40,7 +40,8 @@ class DecodeSettings:
     tree_width: int = 1  # SpAF candidates per depth: its draft plus tree_width - 1 runner-up leaves
     lookup_branches: int = 2  # lookup continuations merged into the tree
     lookup_min_match: int = 2  # chains only: a lookup branch replaces SpAF's chain when matched by this many tokens
-    lookup_depth: int = 8  # tokens a lookup branch copies at most (SpAF drafts num_draft_tokens)
+    lookup_depth: int = 16  # tokens a lookup branch copies at most (SpAF drafts num_draft_tokens)
+    lookup_start: int = 4  # ... after a step that did not accept a whole lookup chain; doubled after one that did
     max_nodes: int = 16  # candidates in a tree at most (the pending token not counted)
 
 
@@ -203,6 +204,7 @@ def resolve_settings(
     max_nodes: int | None = None,
     lookup_min_match: int | None = None,
     lookup_depth: int | None = None,
+    lookup_start: int | None = None,
 ) -> DecodeSettings:
     """Options left unset come from ``defaults`` (a config's or manifest's decoding keys); validated (ConfigError)."""
     if mode not in MODES:
@@ -221,7 +223,7 @@ def resolve_settings(
     tree = {}
     for name, value, least in (("tree_width", tree_width, 1), ("lookup_branches", lookup_branches, 1),
                                ("max_nodes", max_nodes, 1), ("lookup_min_match", lookup_min_match, 1),
-                               ("lookup_depth", lookup_depth, 1)):
+                               ("lookup_depth", lookup_depth, 1), ("lookup_start", lookup_start, 1)):
         value = defaults.get(name, DecodeSettings.__dataclass_fields__[name].default) if value is None else value
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(f"Invalid {name}={value!r}: expected an integer >= {least}.")

@@ -10,7 +10,8 @@ proposal of the same node (:class:`spaf_edge.decoding.tree.DraftTree`), at most
 Where trees are not verified exactly (ONNX Runtime's CPU attention rounds a node off the
 tree's first path differently from the same node in a chain: benchmarks/results/cpu-tree-verify),
 the proposals are chains: with both proposers, a lookup branch found by a match of at least
-``lookup_min_match`` tokens is the chain, else SpAF drafts it. Torch-free.
+``lookup_min_match`` tokens is the chain, else SpAF drafts it. How far a lookup branch copies
+grows while its copies are accepted (:class:`LookupProposer`). Torch-free.
 """
 
 from __future__ import annotations
@@ -27,15 +28,40 @@ from spaf_edge.decoding.tree import DraftTree
 
 
 class LookupProposer:
-    """Branches copied from the history after the longest earlier match of its last tokens."""
+    """Branches copied from the history after the longest earlier match of its last tokens.
+
+    How far a branch may copy grows while copies keep being accepted: ``lookup_start`` tokens,
+    doubled after each step that accepted its whole lookup chain, at most ``lookup_depth``, and
+    back to ``lookup_start`` after any other step. A long quoted passage is then verified in long
+    chains, while a chance match costs few verify rows (benchmarks/results/cpu-drafting-policy-v12).
+    The limit depends only on earlier steps' acceptance, so sampling stays exact.
+    """
 
     def __init__(self, history: Callable[[], list[int]], index: NgramIndex | None = None) -> None:
         self.history = history  # the backend's committed tokens x_0 .. x_T
         self.index = index or NgramIndex()
+        self.depth = 0  # how far the next branch may copy; 0: lookup_start
+        self.proposed = 0  # tokens of this step's (first) lookup branch; 0: none proposed
+        self.grown = self.reset_to = 0  # the next depth after a step that accepted it whole / any other
 
     def start(self) -> None:
-        """A new generation: the index re-reads the history when next asked."""
+        """A new generation: the index re-reads the history when next asked; copies start short."""
         self.index.reset()
+        self.depth = self.proposed = 0
+
+    def limit(self, settings: DecodeSettings) -> int:
+        """Tokens a branch may copy this step."""
+        return self.depth or min(settings.lookup_start, settings.lookup_depth)
+
+    def proposing(self, tokens: int, settings: DecodeSettings) -> None:
+        """This step proposes a lookup branch of ``tokens`` (0: none)."""
+        self.proposed = tokens
+        self.grown = min(settings.lookup_depth, 2 * self.limit(settings))
+        self.reset_to = min(settings.lookup_start, settings.lookup_depth)
+
+    def accepted(self, drafts: int) -> None:
+        """After verify: the step accepted ``drafts`` drafts."""
+        self.depth = self.grown if self.proposed and drafts >= self.proposed else self.reset_to
 
     def matches(self, budget: int, branches: int) -> list[tuple[int, list[int]]]:
         """Up to ``branches`` continuations of at most ``budget`` tokens after the pending one, each
@@ -68,18 +94,20 @@ class Proposers:
         if not self.trees or len(self.lookup.history()) < 2:  # a tree needs a committed position
             return self._chain(budget, settings, rng, use_spaf, use_lookup)
         proposal = self.spaf.propose(budget, settings, rng) if use_spaf else Proposal(DraftTree(self.pending))
-        if use_lookup:
-            branches = self.lookup.matches(min(budget, settings.lookup_depth), settings.lookup_branches)
-            add_branches(proposal.tree, [branch for _, branch in branches], settings.max_nodes)
+        branches = self.lookup.matches(min(budget, self.lookup.limit(settings)), settings.lookup_branches) \
+            if use_lookup else []
+        self.lookup.proposing(len(branches[0][1]) if branches else 0, settings)
+        add_branches(proposal.tree, [branch for _, branch in branches], settings.max_nodes)
         return proposal
 
     def _chain(self, budget: int, settings: DecodeSettings, rng: np.random.Generator, use_spaf: bool,
                use_lookup: bool) -> Proposal:
         """One chain: the best lookup branch when its match is long enough (or SpAF is not used), else SpAF's."""
-        if use_lookup:
-            found = self.lookup.matches(min(budget, settings.lookup_depth), 1)
-            if found and (not use_spaf or found[0][0] >= settings.lookup_min_match):
-                return Proposal(DraftTree.from_chain([self.pending, *found[0][1]]))
+        found = self.lookup.matches(min(budget, self.lookup.limit(settings)), 1) if use_lookup else []
+        chosen = bool(found) and (not use_spaf or found[0][0] >= settings.lookup_min_match)
+        self.lookup.proposing(len(found[0][1]) if chosen else 0, settings)
+        if chosen:
+            return Proposal(DraftTree.from_chain([self.pending, *found[0][1]]))
         if use_spaf:  # no runner-up leaves: a chain
             return self.spaf.propose(budget, replace(settings, tree_width=1), rng)
         return Proposal(DraftTree(self.pending))
@@ -89,6 +117,7 @@ class Proposers:
         return self.lookup.history()[-1]
 
     def accepted(self, proposal: Proposal, rows: list[int]) -> None:
+        self.lookup.accepted(len(rows) - 1)
         self.spaf.accepted(proposal, rows)  # its adapter queue follows every commit, drafted or not
 
 

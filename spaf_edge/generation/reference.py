@@ -152,8 +152,8 @@ def spaf_generate(
     """Generate up to ``max_new_tokens`` tokens; settings default to ``model.config``'s.
 
     ``trees``: verify draft trees (else chains, as the engine does where trees are not exact).
-    ``tree``: ``proposers``, ``tree_width``, ``lookup_branches``, ``max_nodes``, ``lookup_min_match``
-    (:func:`spaf_edge.decoding.loop.resolve_settings`).
+    ``tree``: ``proposers``, ``tree_width``, ``lookup_branches``, ``max_nodes``, ``lookup_min_match``,
+    ``lookup_depth``, ``lookup_start`` (:func:`spaf_edge.decoding.loop.resolve_settings`).
     """
     defaults = {key: getattr(model.config, key) for key in DECODING_KEYS}
     settings = resolve_settings(defaults, temperature, top_p, top_k, num_draft_tokens, serial_parallel_transition,

@@ -72,7 +72,7 @@ from spaf_edge.runtime.tokenizer import TextTokenizer
 
 DECODING_KEYS = (
     "num_draft_tokens", "serial_parallel_transition", "draft_stop_threshold", "temperature", "top_p", "top_k",
-    "proposers", "tree_width", "lookup_branches", "lookup_depth", "lookup_min_match", "max_nodes",
+    "proposers", "tree_width", "lookup_branches", "lookup_depth", "lookup_start", "lookup_min_match", "max_nodes",
 )
 PREFILL_CHUNK = 64  # prompt positions per prefill call (rows of the hidden-state buffers)
 LOGIT_ROWS = 8  # initial rows of the logits buffer: a verify pass of up to 7 drafts (grown for more)

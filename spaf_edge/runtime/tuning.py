@@ -44,12 +44,14 @@ from spaf_edge.core.prompt_sets import load_prompts
 logger = logging.getLogger(__name__)
 
 DRAFTING_KEYS = ("num_draft_tokens", "serial_parallel_transition", "draft_stop_threshold", "proposers",
-                 "lookup_min_match", "lookup_depth", "tree_width")
+                 "lookup_min_match", "lookup_start", "lookup_depth", "tree_width")
 # Second stage: the chosen drafting setting with each way of combining the proposers (decoding/proposers.py)
-# (proposers, lookup_min_match, lookup_depth): a lookup chain's verify rows cost more with int4 kernels;
-# with fp32 ones longer copies pay on input-grounded prompts (benchmarks/results/cpu-decoding-probes-v8)
-PROPOSER_VARIANTS = (("spaf", 2, 8), ("spaf+lookup", 1, 8), ("spaf+lookup", 2, 8), ("spaf+lookup", 3, 8),
-                     ("spaf+lookup", 2, 4), ("spaf+lookup", 2, 16), ("lookup", 2, 8))
+# (proposers, lookup_min_match, lookup_start, lookup_depth): a lookup chain's verify rows cost more with int4
+# kernels than with fp32 ones; copies that grow while accepted pay on input-grounded prompts
+# (benchmarks/results/cpu-decoding-probes-v8, cpu-drafting-policy-v12)
+PROPOSER_VARIANTS = (("spaf", 2, 4, 16), ("spaf+lookup", 1, 4, 16), ("spaf+lookup", 2, 4, 16),
+                     ("spaf+lookup", 3, 4, 16), ("spaf+lookup", 2, 2, 8), ("spaf+lookup", 2, 8, 8),
+                     ("lookup", 2, 4, 16))
 
 
 def calibration_prompts_path() -> Path:
@@ -67,7 +69,8 @@ class Candidate:
     draft_stop_threshold: float | None = None
     proposers: str = "spaf+lookup"  # who drafts (spaf_edge.decoding.proposers)
     lookup_min_match: int = 2  # the match a lookup branch needs to be the step's chain
-    lookup_depth: int = 8  # tokens a lookup chain copies at most
+    lookup_start: int = 4  # tokens a lookup chain copies after a step that did not accept a whole one
+    lookup_depth: int = 16  # tokens a lookup chain copies at most (each whole acceptance doubles the start)
     tree_width: int = 1  # SpAF candidates per depth (> 1 only where the engine verifies trees exactly)
 
     @property
@@ -77,8 +80,8 @@ class Candidate:
         if self.proposers != "spaf+lookup" or self.lookup_min_match != 2:
             match = f" m={self.lookup_min_match}" if self.proposers == "spaf+lookup" else ""
             label += f" {self.proposers}{match}"
-        if self.lookup_depth != 8 and "lookup" in self.proposers:
-            label += f" depth={self.lookup_depth}"
+        if (self.lookup_start, self.lookup_depth) != (4, 16) and "lookup" in self.proposers:
+            label += f" copy={self.lookup_start}..{self.lookup_depth}"
         if self.tree_width > 1:
             label += f" width={self.tree_width}"
         return label
@@ -89,13 +92,13 @@ class Candidate:
         eta = 0.0 if self.draft_stop_threshold is None else self.draft_stop_threshold
         return dict(num_draft_tokens=self.num_draft_tokens,
                     serial_parallel_transition=self.serial_parallel_transition, draft_stop_threshold=eta,
-                    proposers=self.proposers, lookup_min_match=self.lookup_min_match, lookup_depth=self.lookup_depth,
-                    tree_width=self.tree_width)
+                    proposers=self.proposers, lookup_min_match=self.lookup_min_match, lookup_start=self.lookup_start,
+                    lookup_depth=self.lookup_depth, tree_width=self.tree_width)
 
-    def with_proposers(self, proposers: str, lookup_min_match: int, lookup_depth: int = 8,
+    def with_proposers(self, proposers: str, lookup_min_match: int, lookup_start: int = 4, lookup_depth: int = 16,
                        tree_width: int = 1) -> Candidate:
         return Candidate(self.num_draft_tokens, self.serial_parallel_transition, self.draft_stop_threshold,
-                         proposers, lookup_min_match, lookup_depth, tree_width)
+                         proposers, lookup_min_match, lookup_start, lookup_depth, tree_width)
 
     def to_dict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in DRAFTING_KEYS}
@@ -350,7 +353,7 @@ def proposer_variants(candidate: Candidate, trees: bool = False) -> list[Candida
     leaves: tree widths 2 and 3)."""
     variants = [candidate.with_proposers(*variant) for variant in PROPOSER_VARIANTS]
     if trees:
-        variants += [candidate.with_proposers("spaf+lookup", 2, 8, width) for width in (2, 3)]
+        variants += [candidate.with_proposers("spaf+lookup", 2, 4, 16, width) for width in (2, 3)]
     return [variant for variant in variants if variant != candidate]
 
 
