@@ -9,10 +9,11 @@ for several, and some ``MatMulNBits`` configurations compute one row differently
 
 :func:`check_rows` measures it on the engine's own graphs at load: it runs the same
 positions as one-row calls, as two-row calls whose second row is padding, and as calls of
-2..``max_rows`` rows, and compares every row's cutoff state and logits bit for bit (the
+2..9 and ``max_rows`` rows, and compares every row's cutoff state and logits bit for bit (the
 top state only feeds drafts, which never change the output; for a ``layer_fusion`` adapter
-it is a fusion the LM head does not read). The decoder then runs one-row stack calls as
-two-row calls (``pad``) when only that keeps every call on one kernel path. Torch-free.
+it is a fusion the LM head does not read); the padded calls only where the plain ones differ
+(or padding is forced). The decoder then runs one-row stack calls as two-row calls (``pad``)
+when only that keeps every call on one kernel path. Torch-free.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from spaf_edge.decoding.tree import DraftTree
 
 ROW_CALLS = ("auto", "native", "padded")  # auto: choose from the measurement
 PROBE_PROMPT = 5  # positions prefilled before the compared rows
-MAX_ROWS = 9  # widest verify call compared (8 drafts + the pending token)
+MAX_ROWS = 17  # widest verify call compared: a default lookup chain of 16 tokens + the pending token
+EVERY_SIZE = 9  # calls of every size up to this are compared, and the widest one
 
 
 @dataclass(frozen=True)
@@ -34,14 +36,15 @@ class RowCheck:
     """What :func:`check_rows` found, and the mode the decoder runs in."""
 
     native: bool  # every multi-row call matches one-row calls
-    padded: bool  # every multi-row call matches two-row calls (one real row + padding)
+    padded: bool | None  # every multi-row call matches two-row calls (one real row + padding); None: not
+    # measured, because plain one-row calls already match and padding was not asked for
     pad: bool  # the decoder runs one-row stack calls as two rows
     rows: int  # widest call compared (0: the context was too short to compare any)
 
     @property
     def lossless(self) -> str:
         """``exact``: verify rows get decode-step bits in the chosen mode; ``near``: only up to rounding."""
-        return "exact" if (self.padded if self.pad else self.native) else "near"
+        return "exact" if (self.padded if self.pad else self.native) is True else "near"
 
     def describe(self) -> str:
         mode = "one-row calls run as two rows" if self.pad else "calls of any row count"
@@ -79,16 +82,17 @@ def check_rows(decoder, row_calls: str = "auto", max_rows: int = MAX_ROWS) -> Ro
     start = decoder.position
     tokens = ids[PROBE_PROMPT: PROBE_PROMPT + rows]
     try:
+        sizes = sorted({*range(2, min(rows, EVERY_SIZE) + 1), rows})
+        together = {size: _all_at_once(decoder, start, tokens[:size]) for size in sizes}
         single = _row_by_row(decoder, start, tokens, pad=False)
-        paired = _row_by_row(decoder, start, tokens, pad=True)
-        native = padded = True
-        for size in range(2, rows + 1):
-            together = _all_at_once(decoder, start, tokens[:size])
-            native = native and _same(together, single, size)
-            padded = padded and _same(together, paired, size)
+        native = all(_same(together[size], single, size) for size in sizes)
+        padded = None  # measured only where it may be used: plain calls differ, or padding is forced
+        if not native or row_calls == "padded":
+            paired = _row_by_row(decoder, start, tokens, pad=True)
+            padded = all(_same(together[size], paired, size) for size in sizes)
     finally:
         decoder.reset()
-    pad = {"auto": padded and not native, "native": False, "padded": True}[row_calls]
+    pad = {"auto": bool(padded) and not native, "native": False, "padded": True}[row_calls]
     decoder.pad = pad
     return RowCheck(native=native, padded=padded, pad=pad, rows=rows)
 
