@@ -153,8 +153,8 @@ def drafting(func):
 
 
 def tree(func):
-    """--proposers/--tree-width/--lookup-branches/--lookup-depth/--lookup-start/--lookup-min-match/--max-nodes: who drafts
-    and the draft tree's shape.
+    """--proposers/--tree-width/--lookup-branches/--lookup-depth/--lookup-start/--lookup-min-match/--max-nodes:
+    who drafts and the draft tree's shape.
 
     Unset, they come from the export's `spaf-edge tune` result, else the defaults (SpAF chains).
     """

@@ -30,7 +30,8 @@ from spaf_edge.cli import options
 @options.json_output
 def command(export_dir, prompt, from_stdin, chat_loop, max_new_tokens, chat, special_tokens, temperature, top_p,
             top_k, seed, num_draft_tokens, serial_parallel_transition, draft_stop_threshold, proposers, tree_width,
-            lookup_branches, lookup_depth, lookup_start, lookup_min_match, max_nodes, mode, provider, threads, stats, json_output):
+            lookup_branches, lookup_depth, lookup_start, lookup_min_match, max_nodes, mode, provider, threads, stats,
+            json_output):
     """Generate from an export folder (from `spaf-edge export`) with ONNX Runtime, streaming the text."""
     from spaf_edge.runtime.engine import Engine
 
