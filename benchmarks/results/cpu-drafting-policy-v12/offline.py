@@ -17,14 +17,7 @@ import sys
 
 import numpy as np
 
-
-def accepted(chain, answer):
-    n = 0
-    for draft, token in zip(chain, answer):
-        if draft != token:
-            break
-        n += 1
-    return n
+from spaf_edge.decoding.loop import common_prefix as accepted
 
 
 def lookup(history, max_tokens, max_n=4):
