@@ -33,7 +33,7 @@ def lookup(history, max_tokens, max_n=4):
 
 def proposals(paths):
     choices = {
-        "logged (default: lookup 8 tokens from a 2-token match, else SpAF)": lambda s, h: s["chosen"],
+        "logged (lookup 8 tokens from a 2-token match, else SpAF)": lambda s, h: s["chosen"],
         "SpAF chain only": lambda s, h: s["spaf"],
     }
     for depth in (4, 8, 16):

@@ -1,6 +1,7 @@
 """Per-step logs of the engine's greedy SpAF decoding, for the offline analyses in offline.py.
 
-- ``proposals``: with the export's defaults (spaf+lookup chains), each step's SpAF chain (computed
+- ``proposals``: with the default settings before this session (spaf+lookup chains, lookup chains of
+  a fixed 8 tokens from a 2-token match), each step's SpAF chain (computed
   even when a lookup branch is chosen), its best lookup branches (up to 16 tokens, 3 branches, with
   their match lengths) and the chosen chain; with the prompt and the answer's tokens.
 - ``drafts``: SpAF chains alone (``proposers="spaf"``), N=8, s=0, no stop threshold: each draft's top
@@ -33,7 +34,7 @@ if kind == "proposals":
         return chosen
 
     Proposers._chain = logged_chain
-    options = {}
+    options = {"lookup_start": 8, "lookup_depth": 8}
 else:
     probabilities: list[float] = []
     top_probability = spaf_module.top_probability
