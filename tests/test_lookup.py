@@ -188,7 +188,7 @@ def copy_limits(steps, start=4, depth=16):
     limits = []
     for proposed, accepted in steps:
         limits.append(proposer.limit(settings))
-        proposer.proposing(proposed, settings)
+        proposer.proposing(proposed)
         proposer.accepted(accepted)
     limits.append(proposer.limit(settings))
     return limits
@@ -206,7 +206,7 @@ def test_lookup_copies_double_while_accepted_whole_and_reset_otherwise():
 def test_a_new_generation_starts_short():
     settings = DecodeSettings(SamplingParams(temperature=0.0), 4, 0, None, "spaf")
     proposer = LookupProposer(lambda: [1, 2, 3])
-    proposer.proposing(4, settings)
+    proposer.proposing(4)
     proposer.accepted(4)
     assert proposer.limit(settings) == 8
     proposer.start()

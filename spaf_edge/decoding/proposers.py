@@ -40,28 +40,25 @@ class LookupProposer:
     def __init__(self, history: Callable[[], list[int]], index: NgramIndex | None = None) -> None:
         self.history = history  # the backend's committed tokens x_0 .. x_T
         self.index = index or NgramIndex()
-        self.depth = 0  # how far the next branch may copy; 0: lookup_start
+        self.streak = 0  # steps in a row that accepted their whole lookup chain
         self.proposed = 0  # tokens of this step's (first) lookup branch; 0: none proposed
-        self.grown = self.reset_to = 0  # the next depth after a step that accepted it whole / any other
 
     def start(self) -> None:
         """A new generation: the index re-reads the history when next asked; copies start short."""
         self.index.reset()
-        self.depth = self.proposed = 0
+        self.streak = self.proposed = 0
 
     def limit(self, settings: DecodeSettings) -> int:
         """Tokens a branch may copy this step."""
-        return self.depth or min(settings.lookup_start, settings.lookup_depth)
+        return min(settings.lookup_depth, settings.lookup_start << min(self.streak, settings.lookup_depth))
 
-    def proposing(self, tokens: int, settings: DecodeSettings) -> None:
+    def proposing(self, tokens: int) -> None:
         """This step proposes a lookup branch of ``tokens`` (0: none)."""
         self.proposed = tokens
-        self.grown = min(settings.lookup_depth, 2 * self.limit(settings))
-        self.reset_to = min(settings.lookup_start, settings.lookup_depth)
 
     def accepted(self, drafts: int) -> None:
         """After verify: the step accepted ``drafts`` drafts."""
-        self.depth = self.grown if self.proposed and drafts >= self.proposed else self.reset_to
+        self.streak = self.streak + 1 if self.proposed and drafts >= self.proposed else 0
 
     def matches(self, budget: int, branches: int) -> list[tuple[int, list[int]]]:
         """Up to ``branches`` continuations of at most ``budget`` tokens after the pending one, each
@@ -96,7 +93,7 @@ class Proposers:
         proposal = self.spaf.propose(budget, settings, rng) if use_spaf else Proposal(DraftTree(self.pending))
         branches = self.lookup.matches(min(budget, self.lookup.limit(settings)), settings.lookup_branches) \
             if use_lookup else []
-        self.lookup.proposing(len(branches[0][1]) if branches else 0, settings)
+        self.lookup.proposing(len(branches[0][1]) if branches else 0)
         add_branches(proposal.tree, [branch for _, branch in branches], settings.max_nodes)
         return proposal
 
@@ -105,7 +102,7 @@ class Proposers:
         """One chain: the best lookup branch when its match is long enough (or SpAF is not used), else SpAF's."""
         found = self.lookup.matches(min(budget, self.lookup.limit(settings)), 1) if use_lookup else []
         chosen = bool(found) and (not use_spaf or found[0][0] >= settings.lookup_min_match)
-        self.lookup.proposing(len(found[0][1]) if chosen else 0, settings)
+        self.lookup.proposing(len(found[0][1]) if chosen else 0)
         if chosen:
             return Proposal(DraftTree.from_chain([self.pending, *found[0][1]]))
         if use_spaf:  # no runner-up leaves: a chain
