@@ -40,6 +40,7 @@ from spaf_edge.core.io_names import MANIFEST
 from spaf_edge.core.machine import cpu_model
 from spaf_edge.core.manifest import Manifest
 from spaf_edge.core.prompt_sets import load_prompts
+from spaf_edge.decoding.loop import DecodeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -68,19 +69,21 @@ class Candidate:
     serial_parallel_transition: int
     draft_stop_threshold: float | None = None
     proposers: str = "spaf+lookup"  # who drafts (spaf_edge.decoding.proposers)
-    lookup_min_match: int = 2  # the match a lookup branch needs to be the step's chain
-    lookup_start: int = 4  # tokens a lookup chain copies after a step that did not accept a whole one
-    lookup_depth: int = 16  # tokens a lookup chain copies at most (each whole acceptance doubles the start)
+    lookup_min_match: int = DecodeSettings.lookup_min_match  # the match a lookup branch needs to be the chain
+    lookup_start: int = DecodeSettings.lookup_start  # tokens a lookup chain copies after a step that did not
+    # accept a whole one; each one that did doubles it
+    lookup_depth: int = DecodeSettings.lookup_depth  # tokens a lookup chain copies at most
     tree_width: int = 1  # SpAF candidates per depth (> 1 only where the engine verifies trees exactly)
 
     @property
     def label(self) -> str:
         eta = "-" if self.draft_stop_threshold is None else f"{self.draft_stop_threshold:g}"
         label = f"N={self.num_draft_tokens} s={self.serial_parallel_transition} eta={eta}"
-        if self.proposers != "spaf+lookup" or self.lookup_min_match != 2:
+        if self.proposers != "spaf+lookup" or self.lookup_min_match != DecodeSettings.lookup_min_match:
             match = f" m={self.lookup_min_match}" if self.proposers == "spaf+lookup" else ""
             label += f" {self.proposers}{match}"
-        if (self.lookup_start, self.lookup_depth) != (4, 16) and "lookup" in self.proposers:
+        if (self.lookup_start, self.lookup_depth) != (DecodeSettings.lookup_start, DecodeSettings.lookup_depth) \
+                and "lookup" in self.proposers:
             label += f" copy={self.lookup_start}..{self.lookup_depth}"
         if self.tree_width > 1:
             label += f" width={self.tree_width}"
@@ -95,7 +98,7 @@ class Candidate:
                     proposers=self.proposers, lookup_min_match=self.lookup_min_match, lookup_start=self.lookup_start,
                     lookup_depth=self.lookup_depth, tree_width=self.tree_width)
 
-    def with_proposers(self, proposers: str, lookup_min_match: int, lookup_start: int = 4, lookup_depth: int = 16,
+    def with_proposers(self, proposers: str, lookup_min_match: int, lookup_start: int, lookup_depth: int,
                        tree_width: int = 1) -> Candidate:
         return Candidate(self.num_draft_tokens, self.serial_parallel_transition, self.draft_stop_threshold,
                          proposers, lookup_min_match, lookup_start, lookup_depth, tree_width)
