@@ -118,9 +118,7 @@ def measure_agreement(
         category[0] += matched
         category[1] += positions
         previous = hidden
-        for step in range(1, aligned_steps + 1):
-            if step >= ids.shape[1]:
-                break
+        for step in range(1, min(aligned_steps + 1, ids.shape[1])):
             predicted = model.align(ids[:, step:], previous[:, :-1], k)  # positions step .. S-1
             # The adapter reads the top drafted a step earlier (and exact keys of earlier positions).
             states = model.adapt(predicted, k, model.top_state(states[:, :-1]), offset=step, context=context)
