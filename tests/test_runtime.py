@@ -42,6 +42,10 @@ from spaf_edge.generation.reference import spaf_generate
 from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.engine import Engine
 from spaf_edge.runtime.graphs import Binding
+from spaf_edge.runtime.precision_defaults import (
+    STOP_THRESHOLD_FLOORS,
+    precision_defaults,
+)
 from spaf_edge.runtime.rows import MAX_ROWS
 from spaf_edge.runtime.stream import IncrementalDecoder
 from spaf_edge.runtime.tokenizer import TextTokenizer
@@ -279,6 +283,34 @@ def test_defaults_come_from_tuned_over_spaf(export_copy, tiny):
     assert (settings.num_draft_tokens, settings.serial_parallel_transition) == (3, 2)
     assert settings.draft_stop_threshold == 0.2 and settings.params.greedy
     assert Engine.from_folder(export_copy).settings(num_draft_tokens=1).serial_parallel_transition == 1
+
+
+def test_int4_on_a_cpu_stops_drafts_at_its_floor_unless_told_otherwise(tmp_path):
+    """A verify row costs more at int4 on a CPU: the untuned threshold rises to the floor; a tuned entry
+    and an explicit option still win, and the fp32 export of the same model keeps its config's value."""
+    floor = STOP_THRESHOLD_FLOORS[("cpu", "int4")]
+    model = make_tiny_spaf("llama", spaf_config=SpAFConfig(cutoff_layer=2, draft_stop_threshold=floor / 2),
+                           **EXPORTABLE)
+    fp32 = Engine.from_folder(export(model, tmp_path / "fp32", max_length=64))
+    assert fp32.settings().draft_stop_threshold == floor / 2
+    folder = export(model, tmp_path / "int4", quantization="int4", max_length=64)
+    engine = Engine.from_folder(folder)
+    assert engine.settings().draft_stop_threshold == engine.untuned_defaults["draft_stop_threshold"] == floor
+    assert engine.settings(draft_stop_threshold=0.1).draft_stop_threshold == 0.1
+    edit_manifest(folder, lambda data: data.update(tuned={"draft_stop_threshold": 0.2}))
+    assert Engine.from_folder(folder).settings().draft_stop_threshold == 0.2
+
+
+@pytest.mark.parametrize("provider, quantization, config, expected", [
+    ("cpu", "int4", 0.15, {"draft_stop_threshold": 0.3}),
+    ("cpu", "int4", None, {"draft_stop_threshold": 0.3}),  # never stopping is raised too
+    ("cpu", "int4", 0.5, {}),  # a stricter config keeps its own
+    ("cpu", None, 0.15, {}),
+    ("cuda", "int4", 0.15, {}),  # rows are cheap on a GPU: tune decides there
+])
+def test_precision_floors(provider, quantization, config, expected):
+    assert STOP_THRESHOLD_FLOORS[("cpu", "int4")] == 0.3
+    assert precision_defaults(provider, quantization, {"draft_stop_threshold": config}) == expected
 
 
 def test_a_stream_stops_when_another_generation_starts(byte_engine):

@@ -4,7 +4,8 @@
 graphs on the chosen execution provider with the shared weights loaded once, checks
 their IO against the manifest, preallocates the KV caches and binds them in place.
 ``generate`` / ``stream`` run :class:`spaf_edge.runtime.decoder.Decoder`. Decoding
-settings left unset come from the manifest: its ``tuned`` entry over its ``spaf`` one.
+settings left unset come from the manifest: its ``tuned`` entry over its ``spaf`` one
+(with the provider's floors for the export's precision, ``precision_defaults``).
 
 Batch 1, one generation at a time per engine (the KV caches are the engine's): a stream
 that is still open when another generation starts raises if iterated further.
@@ -49,6 +50,7 @@ from spaf_edge.runtime.graphs import (
     UpperGraph,
 )
 from spaf_edge.runtime.kv import KVCache
+from spaf_edge.runtime.precision_defaults import precision_defaults
 from spaf_edge.runtime.rows import (
     ROW_CALLS,
     TREE_MODES,
@@ -195,10 +197,18 @@ class Engine:
 
     # ---- settings -------------------------------------------------------
     @property
-    def defaults(self) -> dict[str, Any]:
-        """Decoding defaults: the manifest's ``tuned`` settings over its SpAF config."""
-        merged = {**self.manifest.spaf, **(self.manifest.tuned or {})}
+    def untuned_defaults(self) -> dict[str, Any]:
+        """Decoding defaults without a ``tuned`` entry: the SpAF config, with this provider's
+        floors for the export's precision (:mod:`spaf_edge.runtime.precision_defaults`)."""
+        spaf = self.manifest.spaf
+        merged = {**spaf, **precision_defaults(self.provider.name, self.manifest.quantization, spaf)}
         return {key: merged[key] for key in DECODING_KEYS if key in merged}
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Decoding defaults: the manifest's ``tuned`` settings over :attr:`untuned_defaults`."""
+        tuned = {key: value for key, value in (self.manifest.tuned or {}).items() if key in DECODING_KEYS}
+        return {**self.untuned_defaults, **tuned}
 
     def settings(
         self,

@@ -4,7 +4,7 @@ Torch-free. A coarse grid of drafting settings (num_draft_tokens N, serial_paral
 s, draft-stop threshold η) is timed with greedy decoding on calibration prompts, never
 MT-Bench (tuning on the benchmark would contaminate it). Successive halving keeps it cheap:
 every candidate runs on the first prompts, the best quarter on all of them, next to the
-config's defaults and plain greedy decoding. A second stage times the fastest setting with
+untuned defaults and plain greedy decoding. A second stage times the fastest setting with
 each way of combining the proposers (SpAF alone, lookup alone, SpAF + lookup with a lookup
 branch replacing SpAF's chain from a match of 1, 2 or 3 tokens). Runs interleave candidates prompt by prompt, so
 a change of machine load hits all of them alike. tokens/s = total new tokens / total wall
@@ -215,7 +215,7 @@ class TuneResult:
         return _ratio(self.chosen, self.plain_greedy)
 
     def table(self, rows: int = 8) -> str:
-        """The fastest settings, the config's defaults and plain greedy, aligned."""
+        """The fastest settings, the untuned defaults and plain greedy, aligned."""
         shown = self.finals[:rows]
         if not any(row is self.default for row in shown):
             shown.append(self.default)
@@ -230,7 +230,7 @@ class TuneResult:
     def summary(self) -> str:
         verdict = (
             f"Chosen {self.chosen.label}: {self.chosen.tokens_per_second:.1f} tok/s, "
-            f"{self.speedup_vs_default:.2f}x over the config's defaults ({self.default.label}), "
+            f"{self.speedup_vs_default:.2f}x over the untuned defaults ({self.default.label}), "
             f"{self.speedup_vs_plain_greedy:.2f}x over plain greedy."
         )
         if self.speedup_vs_plain_greedy < 1:
@@ -259,7 +259,7 @@ def tune_export(folder: str | Path, options: TuneOptions | None = None) -> TuneR
     prompt_path = Path(options.prompts) if options.prompts is not None else calibration_prompts_path()
     prompts = encode_calibration(engine, prompt_path, options)
     candidates = options.grid.candidates()
-    default_setting = default_candidate(engine.manifest)
+    default_setting = default_candidate(engine)
     default = Measurement(default_setting.label, default_setting)
 
     reference = [run_plain(engine, ids, options.max_new_tokens).tokens for ids in prompts]  # also warms up
@@ -368,10 +368,10 @@ def run_candidate(engine, ids: list[int], max_new_tokens: int, candidate: Candid
     return engine.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0, **candidate.engine_options())
 
 
-def default_candidate(manifest: Manifest) -> Candidate:
-    """The export's SpAF config settings (what `run` uses without a tuned entry)."""
+def default_candidate(engine) -> Candidate:
+    """What `run` uses without a tuned entry: the export's SpAF config with the provider's floors."""
     fallback = SpAFConfig()
-    spaf = manifest.spaf
+    spaf = engine.untuned_defaults
     n = spaf.get("num_draft_tokens", fallback.num_draft_tokens)
     s = min(spaf.get("serial_parallel_transition", fallback.serial_parallel_transition), n)
     return Candidate(n, s, spaf.get("draft_stop_threshold", fallback.draft_stop_threshold))
