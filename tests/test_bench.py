@@ -589,6 +589,11 @@ def test_bench_command_end_to_end_on_a_tiny_model(exportable_model_dir, tmp_path
     assert all(p["prompts"] == 3 for p in result["pairs"])
     assert result["settings"]["categories"] == ["chat", "math"]
     assert len(runners["spaf"]["acceptance_by_position"]) == 5  # the export's default num_draft_tokens
+    # the report says what each engine row ran with
+    assert runners["spaf"]["settings"].startswith("spaf+lookup, N=5 s=")
+    assert runners["spaf-sample"]["settings"].endswith("temperature 0.7, top-p 0.9")
+    assert runners["engine-greedy"]["settings"] == "plain greedy" and runners["hf"]["settings"] is None
+    assert f"- `spaf`: {runners['spaf']['settings']}" in (tmp_path / "results" / "tiny" / RESULTS_MD).read_text()
 
 
 def test_cached_exports_depend_on_every_source_the_exporter_writes_with():

@@ -55,6 +55,10 @@ def test_run_streams_the_engine_text(tiny):
     assert result.stdout == expected.text + "\n"
     assert "tau=" in result.stderr and "verify steps" in result.stderr
     assert f"lossless: {engine.lossless} (" in result.stderr  # whether SpAF's tokens are exact on this device
+    assert f"decoding: {engine.settings().describe()}\n" in result.stderr
+    options = invoke("run", tiny / "export", "--prompt", "Hello", "--max-new-tokens", 4, "--stats",
+                     "--num-draft-tokens", 2, "--draft-stop-threshold", 0.25, "--proposers", "spaf")
+    assert "decoding: spaf, N=2 s=" in options.stderr and "eta=0.25\n" in options.stderr
     piped = invoke("run", tiny / "export", "--stdin", "--max-new-tokens", 10, input="Hello")
     assert piped.stdout == result.stdout
 

@@ -112,6 +112,7 @@ class Runner:
 
     def __init__(self, context: BenchContext) -> None:
         self.context = context
+        self.settings: str | None = None  # the decoding settings behind the row, set by load (reported)
 
     @property
     def greedy(self) -> bool:
@@ -473,6 +474,9 @@ class EngineRunner(Runner):
             lambda: Engine.from_folder(context.export_dir, provider=context.provider, threads=context.threads,
                                        trees=self.trees),
         )
+        temperature, top_p = self.sampling
+        self.settings = self.engine.settings(temperature=temperature, top_p=top_p, mode=self.mode,
+                                             **self.decoding).describe()
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> RunOutput:
         result = self.engine.generate(
@@ -582,7 +586,8 @@ class RemoteRunner(Runner):
             [self.python, "-m", WORKER_MODULE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._errors, text=True, env=worker_env(),
         )
-        self._call({"mode": "serve", "runner": self.target.name, "context": self.context.to_dict()})
+        ready = self._call({"mode": "serve", "runner": self.target.name, "context": self.context.to_dict()})
+        self.settings = ready.get("settings")
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> RunOutput:
         reply = self._call({"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens, "seed": seed})

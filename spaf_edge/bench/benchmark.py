@@ -171,7 +171,7 @@ def assemble_result(
             runs = [r for r in measured.runs if r.runner == name]
             summaries[name] = {
                 "label": runner.label, "role": runner.role, "greedy": runner.greedy, "status": "measured",
-                **metrics.summarize_runner(runs), "memory": memory.get(name),
+                "settings": runner.settings, **metrics.summarize_runner(runs), "memory": memory.get(name),
             }
         elif name in skipped:
             cls = resolve_runner(name)

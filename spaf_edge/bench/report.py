@@ -49,6 +49,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         ["weight quantization", settings.get("quantization", "none")],
         ["sampling row", f"temperature {settings['sample_temperature']}, top-p {settings['sample_top_p']}"],
     ])
+    described = [(name, r["settings"]) for name, r in result["runners"].items() if r.get("settings")]
+    if described:
+        lines += ["Decoding settings of the engine rows (the export's defaults unless the row says otherwise):", ""]
+        lines += [f"- `{name}`: {text}" for name, text in described] + [""]
     lines += ["## Machine", ""]
     packages = ", ".join(f"{k} {v}" for k, v in machine.get("packages", {}).items())
     lines += _table(["", ""], [

@@ -3,7 +3,7 @@
 The first stdin line is a JSON request naming a runner and a :class:`BenchContext`.
 - ``mode: memory`` loads the runner, generates once and replies with the process's
   RSS at start and its peak (bytes).
-- ``mode: serve`` loads the runner, replies ``{"ready": true}``, then answers one
+- ``mode: serve`` loads the runner, replies ``{"ready": true, "settings": ...}``, then answers one
   generate request per stdin line (``prompt_ids``, ``max_new_tokens``, ``seed``) with
   ``tokens`` and ``stats`` until stdin closes. Used for baselines that need another
   interpreter (e.g. optimum in its own venv).
@@ -36,7 +36,7 @@ def main() -> int:
             out = runner.generate(request["prompt_ids"], request["max_new_tokens"], request.get("seed", 0))
             _reply(replies, start_rss_bytes=start_rss, peak_rss_bytes=peak_rss_bytes(), new_tokens=len(out.tokens))
             return 0
-        _reply(replies, ready=True)
+        _reply(replies, ready=True, settings=runner.settings)
         for line in sys.stdin:
             call = json.loads(line)
             out = runner.generate(call["prompt_ids"], call["max_new_tokens"], call.get("seed", 0))

@@ -54,6 +54,9 @@ def command(export_dir, prompt, from_stdin, chat_loop, max_new_tokens, chat, spe
         proposers=proposers, tree_width=tree_width, lookup_branches=lookup_branches, lookup_depth=lookup_depth,
         lookup_start=lookup_start, lookup_min_match=lookup_min_match, max_nodes=max_nodes,
     )
+    if stats:  # what the export's defaults, a tuned entry and the options above resolve to
+        decoding = engine.settings(**{key: value for key, value in settings.items() if key != "seed"})
+        click.echo(f"[spaf-edge run] decoding: {decoding.describe()}", err=True)
     if chat_loop:
         chat_session(engine, max_new_tokens, settings, stats, special_tokens)
         return

@@ -44,6 +44,23 @@ class DecodeSettings:
     lookup_start: int = 4  # ... after a step that did not accept a whole lookup chain; doubled after one that did
     max_nodes: int = 16  # candidates in a tree at most (the pending token not counted)
 
+    def describe(self) -> str:
+        """One line for reports, e.g. ``spaf+lookup, N=4 s=0 eta=0.3, lookup match 2, copies 4..16``."""
+        sampling = f"temperature {self.params.temperature:g}, top-p {self.params.top_p:g}"
+        if self.mode != "spaf":
+            return "plain greedy" if self.params.greedy else f"plain sampling, {sampling}"
+        eta = "off" if self.draft_stop_threshold is None else f"{self.draft_stop_threshold:g}"
+        parts = ["+".join(self.proposers)]
+        if "spaf" in self.proposers:
+            parts.append(f"N={self.num_draft_tokens} s={self.serial_parallel_transition} eta={eta}")
+        if "lookup" in self.proposers:
+            parts.append(f"lookup match {self.lookup_min_match}, copies {self.lookup_start}..{self.lookup_depth}")
+        if self.tree_width > 1:
+            parts.append(f"tree width {self.tree_width}, {self.max_nodes} nodes")
+        if not self.params.greedy:
+            parts.append(sampling)
+        return ", ".join(parts)
+
 
 @dataclass
 class Proposal:
