@@ -103,6 +103,8 @@ def test_tune_stores_the_fastest_finalist_and_the_engine_uses_it(tiny, export_co
     assert tuned["exit_layer"] == 2 and tuned["calibration"]["num_prompts"] == len(PROMPTS)
     assert tuned["calibration"]["greedy_mismatches"] == result.mismatches == 0
     assert "*" in result.table() and "plain greedy" in result.table()
+    result.finals[-1].label += " spaf+lookup m=3 copy=2..8"  # wider than the setting column
+    assert len({len(line) for line in result.table().splitlines()}) == 1  # the columns stay aligned
 
     engine = Engine.from_folder(export_copy)
     settings = engine.settings()

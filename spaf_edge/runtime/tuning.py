@@ -219,11 +219,13 @@ class TuneResult:
         shown = self.finals[:rows]
         if not any(row is self.default for row in shown):
             shown.append(self.default)
-        lines = [f"{'setting':<28} {'tok/s':>8} {'tau':>6} {'vs greedy':>10}"]
-        for row in [*shown, self.plain_greedy]:
-            mark = " *" if row is self.chosen else ""
-            name = row.label + (" (default)" if row is self.default else "") + mark
-            lines.append(f"{name:<28} {row.tokens_per_second:>8.1f} {row.tau:>6.2f} "
+        entries = [*shown, self.plain_greedy]
+        names = [row.label + (" (default)" if row is self.default else "") + (" *" if row is self.chosen else "")
+                 for row in entries]
+        width = max(28, *map(len, names))
+        lines = [f"{'setting':<{width}} {'tok/s':>8} {'tau':>6} {'vs greedy':>10}"]
+        for name, row in zip(names, entries):
+            lines.append(f"{name:<{width}} {row.tokens_per_second:>8.1f} {row.tau:>6.2f} "
                          f"{_ratio(row, self.plain_greedy):>9.2f}x")
         return "\n".join(lines)
 
