@@ -858,6 +858,24 @@ def test_invalid_settings(byte_engine, options, named):
         engine.stream("hello", **{"max_new_tokens": 4, **options})
 
 
+@pytest.mark.parametrize("options", [
+    dict(lookup_depth=100_000),  # once allocated a 37 GiB tree mask before failing
+    dict(num_draft_tokens=MAX_ROWS),
+    dict(proposers="spaf", num_draft_tokens=50),
+])
+def test_verify_calls_wider_than_the_row_check_are_refused(byte_engine, options):
+    """The engine claims row invariance for the call widths it compared at load: wider settings fail
+    before anything is allocated, naming the limit; the widest allowed still runs."""
+    engine, _ = byte_engine
+    before = engine.decoder.buffers.logits.array.shape  # [1, rows, V]
+    with pytest.raises(ConfigError, match=f"verifies at most {MAX_ROWS}.*at most {MAX_ROWS - 1}"):
+        engine.generate(PROMPTS[0], max_new_tokens=4, **options)
+    assert engine.decoder.buffers.logits.array.shape == before  # nothing grown
+    widest = {key: min(value, MAX_ROWS - 1) for key, value in options.items() if key != "proposers"}
+    assert len(engine.generate(PROMPTS[0], max_new_tokens=4, **widest).tokens) == 4
+    assert engine.rows.rows == MAX_ROWS  # and the load-time check compared calls that wide
+
+
 def test_bad_prompts(engine):
     with pytest.raises(ConfigError, match="outside the vocabulary"):
         engine.generate([5, 96], max_new_tokens=2)

@@ -222,6 +222,7 @@ def test_empty_or_unfitting_prompt_files_are_refused(tiny, export_copy, tmp_path
 
 @pytest.mark.parametrize("args,message", [
     (["--draft-tokens", "0,2"], "draft tokens [0, 2]"),
+    (["--draft-tokens", "4,17"], "draft tokens [4, 17]: the engine verifies at most 17 rows"),
     (["--transitions", "-1"], "transitions [-1]"),
     (["--thresholds", "none,1.5"], "thresholds [None, 1.5]"),
     (["--draft-tokens", "1,2", "--transitions", "3"], "grid is empty"),

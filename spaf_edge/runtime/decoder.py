@@ -105,15 +105,19 @@ class Decoder:
         reuse_cache: bool = False,
     ) -> Iterator[list[int]]:
         """Generate into ``result``, yielding the tokens each verify step commits."""
-        drafts = settings.num_draft_tokens if settings.mode == "spaf" else 0
-        trees = drafts and self.proposer is not None and self.proposer.trees
-        depth = max(drafts, settings.lookup_depth if drafts and "lookup" in settings.proposers else 0)
-        nodes = max(depth, settings.max_nodes if trees else 0) + 1  # a verify call's rows
+        depth, nodes = self.call_rows(settings)
         # D + 3 rows: an attending adapter may queue positions T .. T+D and one more after a final
         # draft-less step, plus the pending token's row
         self.buffers.ensure_rows(max(depth + 3, nodes), logit_rows=nodes)
         self.tree_inputs.ensure_rows(nodes)
         return decode(self, prompt_ids, max_new_tokens, settings, rng, result, reuse_cache)
+
+    def call_rows(self, settings: DecodeSettings) -> tuple[int, int]:
+        """(longest chain of candidates, rows of the widest verify call) that ``settings`` make."""
+        drafts = settings.num_draft_tokens if settings.mode == "spaf" else 0
+        trees = drafts and self.proposer is not None and self.proposer.trees
+        depth = max(drafts, settings.lookup_depth if drafts and "lookup" in settings.proposers else 0)
+        return depth, max(depth, settings.max_nodes if trees else 0) + 1
 
     # ---- phases ---------------------------------------------------------
     def prefill(self, prompt_ids: Sequence[int], reuse_cache: bool = False, active: bool = False) -> None:

@@ -52,6 +52,7 @@ from spaf_edge.runtime.graphs import (
 from spaf_edge.runtime.kv import KVCache
 from spaf_edge.runtime.precision_defaults import precision_defaults
 from spaf_edge.runtime.rows import (
+    MAX_ROWS,
     ROW_CALLS,
     TREE_MODES,
     RowCheck,
@@ -226,8 +227,22 @@ class Engine:
         ``tree``: ``proposers``, ``tree_width``, ``lookup_branches``, ``max_nodes``
         (:func:`spaf_edge.decoding.loop.resolve_settings`).
         """
-        return resolve_settings(self.defaults, temperature, top_p, top_k, num_draft_tokens, serial_parallel_transition,
-                                draft_stop_threshold, mode, **tree)
+        self._check_open()
+        settings = resolve_settings(self.defaults, temperature, top_p, top_k, num_draft_tokens,
+                                    serial_parallel_transition, draft_stop_threshold, mode, **tree)
+        rows = self.decoder.call_rows(settings)[1]
+        if rows > MAX_ROWS:
+            raise ConfigError(
+                f"These settings verify up to {rows} rows in one call (num_draft_tokens "
+                f"{settings.num_draft_tokens}, lookup_depth {settings.lookup_depth}, max_nodes {settings.max_nodes}); "
+                f"the engine verifies at most {MAX_ROWS}, the widest call its load-time check compares bit for bit. "
+                f"Lower them to at most {MAX_ROWS - 1}."
+            )
+        return settings
+
+    def _check_open(self) -> None:
+        if self.decoder is None:
+            raise ConfigError(f"This engine of {self.folder} was closed; load it again with Engine.from_folder.")
 
     # ---- text -----------------------------------------------------------
     def encode(self, prompt: str | Sequence[int], chat: bool = True, special_tokens: bool = False) -> list[int]:
@@ -298,8 +313,7 @@ class Engine:
         special_tokens: bool = False,
     ) -> tuple[DecodeResult, Iterator[list[int]]]:
         """Validate eagerly (errors surface at the call, not at the first iteration)."""
-        if self.decoder is None:
-            raise ConfigError(f"This engine of {self.folder} was closed; load it again with Engine.from_folder.")
+        self._check_open()
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"Invalid max_new_tokens={max_new_tokens!r}: expected an integer >= 1.")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):

@@ -41,6 +41,7 @@ from spaf_edge.core.machine import cpu_model
 from spaf_edge.core.manifest import Manifest
 from spaf_edge.core.prompt_sets import load_prompts
 from spaf_edge.decoding.loop import DecodeSettings
+from spaf_edge.runtime.rows import MAX_ROWS
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,9 @@ class Grid:
             bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < least]
             if not values or bad:
                 raise ConfigError(f"Invalid tune grid {name} {list(values)}: give integers >= {least}, e.g. 1,2,3.")
+        if max(self.num_draft_tokens) >= MAX_ROWS:
+            raise ConfigError(f"Invalid tune grid draft tokens {list(self.num_draft_tokens)}: the engine verifies at "
+                              f"most {MAX_ROWS} rows a call, so give at most {MAX_ROWS - 1}.")
         bad = [v for v in self.thresholds if v is not None and not (isinstance(v, (int, float)) and 0 <= v < 1)]
         if not self.thresholds or bad:
             raise ConfigError(
