@@ -76,7 +76,7 @@ step export stop "$PYTHON" -m spaf_edge export --precision "$PRECISION" --out "$
 # Go on when validate fails: fp16 rounding can flip a greedy token against the fp32 PyTorch reference, and
 # bench then shows whether SpAF still equals the engine's own plain greedy (the lossless check that matters).
 step validate go "$PYTHON" -m spaf_edge validate "$EXPORT" --provider "$PROVIDER"
-if (( TUNE_SECONDS > 0 )); then  # a tune cut short stores nothing: the bench then uses the config's settings
+if (( TUNE_SECONDS > 0 )); then  # a tune cut short stores nothing: the bench then uses the untuned defaults
     step tune go timeout "$TUNE_SECONDS" "$PYTHON" -m spaf_edge tune "$EXPORT" --provider "$PROVIDER" --no-progress
 fi
 step bench stop "$PYTHON" -m spaf_edge bench --export-dir "$EXPORT" --provider "$PROVIDER" --precision "$PRECISION" \
