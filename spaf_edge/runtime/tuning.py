@@ -34,13 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from spaf_edge.core.atomic import atomic_write_text
-from spaf_edge.core.config import SpAFConfig
 from spaf_edge.core.errors import ConfigError, ContextLengthError, StorageError
 from spaf_edge.core.io_names import MANIFEST
 from spaf_edge.core.machine import cpu_model
 from spaf_edge.core.manifest import Manifest
 from spaf_edge.core.prompt_sets import load_prompts
-from spaf_edge.decoding.loop import DecodeSettings
+from spaf_edge.decoding.loop import DecodeSettings, resolve_settings
 from spaf_edge.runtime.rows import MAX_ROWS
 
 logger = logging.getLogger(__name__)
@@ -376,11 +375,8 @@ def run_candidate(engine, ids: list[int], max_new_tokens: int, candidate: Candid
 
 def default_candidate(engine) -> Candidate:
     """What `run` uses without a tuned entry: the export's SpAF config with the provider's floors."""
-    fallback = SpAFConfig()
-    spaf = engine.untuned_defaults
-    n = spaf.get("num_draft_tokens", fallback.num_draft_tokens)
-    s = min(spaf.get("serial_parallel_transition", fallback.serial_parallel_transition), n)
-    return Candidate(n, s, spaf.get("draft_stop_threshold", fallback.draft_stop_threshold))
+    settings = resolve_settings(engine.untuned_defaults)
+    return Candidate(settings.num_draft_tokens, settings.serial_parallel_transition, settings.draft_stop_threshold)
 
 
 def encode_calibration(engine, path: Path, options: TuneOptions) -> list[list[int]]:
