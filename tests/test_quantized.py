@@ -130,6 +130,22 @@ def test_row_check_finds_an_exact_mode_and_padded_calls_stay_lossless(quantizati
             assert padded.decoder.lower.kv.length == padded.decoder.upper.kv.length == padded.decoder.position
 
 
+def test_padded_engine_verifies_a_first_draft_in_the_padding_rows_place(tmp_path):
+    """Where one-row calls run as two, a step keeps its first SpAF draft below the threshold:
+    the second row then checks it instead of computing padding."""
+    folder = tiny_export(tmp_path / "export", "int4")
+    assert Engine.from_folder(folder, row_calls="native").settings().min_drafts == 0
+    padded = Engine.from_folder(folder, row_calls="padded")
+    assert padded.settings().min_drafts == 1 and padded.settings(min_drafts=0).min_drafts == 0
+    assert "keeps 1 below eta" in padded.settings(draft_stop_threshold=0.5).describe()
+    for prompt in PROMPTS:
+        plain = padded.generate(prompt, max_new_tokens=20, mode="greedy").tokens
+        result = padded.generate(prompt, max_new_tokens=20, draft_stop_threshold=0.999, proposers="spaf")
+        assert result.tokens == plain
+        drafted = result.stats.drafted  # one draft per step, none past it (the last step may have no room)
+        assert len(drafted) == 1 and drafted[0] >= result.stats.verify_steps - 1, drafted
+
+
 def test_padded_engine_generates_to_the_end_of_its_context(tmp_path):
     engine = Engine.from_folder(tiny_export(tmp_path / "export", "int4", max_length=24), row_calls="padded")
     plain = engine.generate(PROMPTS[0], max_new_tokens=40, mode="greedy")

@@ -120,6 +120,22 @@ def test_draft_stop_threshold_stays_lossless(threshold):
         assert drafted > 0
 
 
+def test_min_drafts_keeps_doubtful_first_drafts_and_stays_lossless():
+    """Below the threshold a chain keeps its first ``min_drafts`` drafts and stops there."""
+    model = make_tiny_spaf("llama", seed=2, initializer_range=0.3)
+    make_upper_identity(model)
+    prompt = PROMPTS[0]
+    for kept in (1, 2):
+        result = greedy(model, prompt, num_draft_tokens=5, serial_parallel_transition=0, draft_stop_threshold=0.999,
+                        min_drafts=kept, proposers="spaf")
+        assert result.tokens == hf_greedy(model.base, prompt, NEW_TOKENS)
+        # no draft is confident: each step drafts the kept ones and no more (the last steps may have less room)
+        drafted = result.stats.drafted
+        assert len(drafted) == kept and drafted[0] >= result.stats.verify_steps - kept, drafted
+    with pytest.raises(ConfigError, match="min_drafts"):
+        greedy(model, prompt, min_drafts=-1)
+
+
 def test_eos_stops_at_first_eos_inclusive_like_hf(model_type):
     model = make_tiny_spaf(model_type)
     prompt = PROMPTS[0]

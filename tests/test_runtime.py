@@ -43,7 +43,10 @@ from spaf_edge.runtime.embeddings import EmbeddingTable
 from spaf_edge.runtime.engine import Engine
 from spaf_edge.runtime.graphs import Binding
 from spaf_edge.runtime.precision_defaults import (
+    OTHER,
     STOP_THRESHOLD_FLOORS,
+    VNNI,
+    cpu_kernels,
     precision_defaults,
 )
 from spaf_edge.runtime.rows import MAX_ROWS
@@ -288,7 +291,7 @@ def test_defaults_come_from_tuned_over_spaf(export_copy, tiny):
 def test_int4_on_a_cpu_stops_drafts_at_its_floor_unless_told_otherwise(tmp_path):
     """A verify row costs more at int4 on a CPU: the untuned threshold rises to the floor; a tuned entry
     and an explicit option still win, and the fp32 export of the same model keeps its config's value."""
-    floor = STOP_THRESHOLD_FLOORS[("cpu", "int4")]
+    floor = STOP_THRESHOLD_FLOORS[("cpu", "int4", cpu_kernels())]
     model = make_tiny_spaf("llama", spaf_config=SpAFConfig(cutoff_layer=2, draft_stop_threshold=floor / 2),
                            **EXPORTABLE)
     fp32 = Engine.from_folder(export(model, tmp_path / "fp32", max_length=64))
@@ -301,16 +304,22 @@ def test_int4_on_a_cpu_stops_drafts_at_its_floor_unless_told_otherwise(tmp_path)
     assert Engine.from_folder(folder).settings().draft_stop_threshold == 0.2
 
 
-@pytest.mark.parametrize("provider, quantization, config, expected", [
-    ("cpu", "int4", 0.15, {"draft_stop_threshold": 0.3}),
-    ("cpu", "int4", None, {"draft_stop_threshold": 0.3}),  # never stopping is raised too
-    ("cpu", "int4", 0.5, {}),  # a stricter config keeps its own
-    ("cpu", None, 0.15, {}),
-    ("cuda", "int4", 0.15, {}),  # rows are cheap on a GPU: tune decides there
+@pytest.mark.parametrize("provider, quantization, kernels, config, expected", [
+    ("cpu", "int4", VNNI, 0.15, {"draft_stop_threshold": 0.3}),
+    ("cpu", "int4", VNNI, None, {"draft_stop_threshold": 0.3}),  # never stopping is raised too
+    ("cpu", "int4", VNNI, 0.5, {}),  # a stricter config keeps its own
+    ("cpu", "int4", OTHER, 0.15, {"draft_stop_threshold": 0.5}),  # AVX2 only: rows cost more
+    ("cpu", "int8", OTHER, 0.3, {"draft_stop_threshold": 0.5}),
+    ("cpu", None, OTHER, 0.15, {}),
+    ("cuda", "int4", None, 0.15, {}),  # rows are cheap on a GPU: tune decides there
 ])
-def test_precision_floors(provider, quantization, config, expected):
-    assert STOP_THRESHOLD_FLOORS[("cpu", "int4")] == 0.3
-    assert precision_defaults(provider, quantization, {"draft_stop_threshold": config}) == expected
+def test_precision_floors(provider, quantization, kernels, config, expected):
+    assert precision_defaults(provider, quantization, {"draft_stop_threshold": config}, kernels) == expected
+
+
+def test_cpu_kernel_class_follows_the_vector_extensions():
+    assert cpu_kernels(["AVX2", "FMA", "AVX-512F", "AVX-512BW", "AVX-512 VNNI"]) == VNNI
+    assert cpu_kernels(["AVX2", "FMA"]) == cpu_kernels(["NEON", "NEON dotprod"]) == cpu_kernels([]) == OTHER
 
 
 def test_a_stream_stops_when_another_generation_starts(byte_engine):

@@ -265,3 +265,32 @@ def test_run_notes_when_the_tuning_was_measured_on_another_setup(capsys):
     err = capsys.readouterr().err
     assert "provider 'cpu' (now 'cuda')" in err and "thread_pool 'global' (now 'session')" in err
     assert "threads 2" not in err  # only what differs is named
+
+
+def test_run_notes_when_the_tuning_was_measured_on_another_cpu(capsys):
+    from spaf_edge.cli.run import warn_if_tuned_elsewhere
+    from spaf_edge.runtime.tuning import describe_device
+
+    here = {"provider": "cpu", "threads": 2, "thread_pool": "global", "device": describe_device("cpu")}
+    warn_if_tuned_elsewhere(here, "cpu", 2, "global")
+    assert capsys.readouterr().err == ""
+    zen4 = "AMD EPYC (family 25 model 17; AVX2, FMA, AVX-512F; 2 logical cores)"
+    warn_if_tuned_elsewhere({**here, "device": zen4}, "cpu", 2, "global", device="AMD EPYC (family 23 model 1; AVX2)")
+    err = capsys.readouterr().err
+    assert "family 25 model 17" in err and "(now 'AMD EPYC (family 23 model 1; AVX2)')" in err and "re-run" in err
+
+
+def test_cpu_is_named_with_its_family_model_and_vector_extensions():
+    from spaf_edge.bench.report import _cpu_line
+    from spaf_edge.core.machine import cpu_features, cpu_id
+
+    zen4 = {"vendor_id": "AuthenticAMD", "cpu family": "25", "model": "17", "model name": "AMD EPYC",
+            "flags": "fpu sse2 avx2 fma avx512f avx512bw avx512_vnni avx512_bf16"}
+    assert cpu_id(zen4) == "family 25 model 17"
+    assert cpu_features(zen4) == ["AVX2", "FMA", "AVX-512F", "AVX-512BW", "AVX-512 VNNI", "AVX-512 BF16"]
+    arm = {"cpu implementer": "0x41", "cpu part": "0xd0c", "features": "fp asimd asimddp i8mm"}
+    assert cpu_id(arm) == "implementer 0x41 part 0xd0c" and cpu_features(arm) == ["NEON", "NEON dotprod", "I8MM"]
+    assert cpu_id({}) is None and cpu_features({}) == []
+    line = _cpu_line({"cpu": "AMD EPYC", "cpu_id": "family 23 model 1", "cpu_features": ["AVX2", "FMA"]})
+    assert line == "AMD EPYC (family 23 model 1; AVX2, FMA)"
+    assert _cpu_line({"cpu": "AMD EPYC"}) == "AMD EPYC"  # results written before the id was recorded

@@ -6,7 +6,8 @@ not resolve 10 % on a shared VM. Per pass and setting: tok/s over the set, tau, 
 first setting, and how many answers equal plain greedy's (they must all).
 
 A setting is ``key=value`` pairs joined by ``,`` (engine options: ``draft_stop_threshold=0.3``,
-``lookup_start=8,lookup_depth=16``, ``proposers=spaf``); ``default`` is the export's own defaults.
+``lookup_start=8,lookup_depth=16``, ``proposers=spaf``, ``mode=greedy`` for plain decoding); ``default`` is
+the export's own defaults.
 
 usage: python benchmarks/engine/paired_settings.py EXPORT_DIR PROMPT_SET PER_CATEGORY PASSES OUT.jsonl
                                                    SETTING [SETTING ...]
@@ -30,7 +31,7 @@ def parse(setting: str) -> dict:
     options = {}
     for pair in setting.split(","):
         key, value = pair.split("=")
-        options[key] = value if key == "proposers" else json.loads(value)
+        options[key] = value if key in ("proposers", "mode") else json.loads(value)
     return options
 
 

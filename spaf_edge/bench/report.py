@@ -56,7 +56,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += ["## Machine", ""]
     packages = ", ".join(f"{k} {v}" for k, v in machine.get("packages", {}).items())
     lines += _table(["", ""], [
-        ["CPU", machine.get("cpu")],
+        ["CPU", _cpu_line(machine)],
         ["cores", f"{machine.get('physical_cores')} physical / {machine.get('logical_cores')} logical"],
         ["RAM", f"{machine.get('ram_gb')} GiB"],
         ["OS", machine.get("os")],
@@ -264,3 +264,9 @@ def _plot_acceptance(axes: Any, result: dict[str, Any]) -> None:
     axes.set_title("Acceptance by draft position")
     if rows:
         axes.legend(fontsize=8)
+
+
+def _cpu_line(machine: dict) -> str:
+    """Model, family/model and vector extensions (results written before they were recorded: the model)."""
+    details = [part for part in (machine.get("cpu_id"), ", ".join(machine.get("cpu_features") or ())) if part]
+    return f"{machine.get('cpu')} ({'; '.join(details)})" if details else str(machine.get("cpu"))

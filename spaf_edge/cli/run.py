@@ -102,11 +102,19 @@ def read_stdin_bytes(line: bool = False) -> bytes:
     return stream.readline() if line else stream.read()
 
 
-def warn_if_tuned_elsewhere(tuned: dict | None, provider: str, threads: int | None, thread_pool: str) -> None:
-    """The stored tuning is a measurement of one provider and thread setting: say when this run differs."""
+def warn_if_tuned_elsewhere(tuned: dict | None, provider: str, threads: int | None, thread_pool: str,
+                            device: str | None = None) -> None:
+    """The stored tuning is a measurement of one device, provider and thread setting: say when this run differs.
+
+    ``device``: this machine as :func:`~spaf_edge.runtime.tuning.describe_device` names it; None: found here.
+    """
     if not tuned:
         return
-    now = (("provider", provider), ("threads", threads), ("thread_pool", thread_pool))
+    if device is None and "device" in tuned:
+        from spaf_edge.runtime.tuning import describe_device
+
+        device = describe_device(provider)
+    now = (("device", device), ("provider", provider), ("threads", threads), ("thread_pool", thread_pool))
     differences = [f"{name} {tuned.get(name)!r} (now {value!r})" for name, value in now
                    if name in tuned and tuned[name] != value]
     if differences:

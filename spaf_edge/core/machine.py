@@ -1,7 +1,13 @@
-"""Describe the machine a benchmark ran on: CPU, cores, memory, OS, library versions, load."""
+"""Describe the machine a benchmark ran on: CPU, cores, memory, OS, library versions, load.
+
+The CPU is named with its family/model and the vector extensions ONNX Runtime's kernels
+choose between (AVX2, AVX-512, VNNI, AMX; NEON dot product): a cloud VM calls a Zen 1 and a
+Zen 4 alike "AMD EPYC", and their int4 kernels, speeds and best decoding settings differ.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -19,6 +25,8 @@ def describe_machine(provider: str, threads: int | None) -> dict[str, Any]:
     """Everything a reader needs to judge the numbers; absent packages are left out."""
     return {
         "cpu": cpu_model(),
+        "cpu_id": cpu_id(),
+        "cpu_features": cpu_features(),
         "logical_cores": os.cpu_count(),
         "physical_cores": _physical_cores(),
         "ram_gb": _round_gb(total_ram_bytes()),
@@ -55,6 +63,56 @@ def cpu_model() -> str:
         except (OSError, subprocess.SubprocessError):
             pass
     return platform.processor() or platform.machine()
+
+
+# Kernel-relevant extensions, in /proc/cpuinfo's spelling -> how reports print them.
+_FEATURES = {
+    "avx2": "AVX2", "fma": "FMA", "avx_vnni": "AVX-VNNI", "avx512f": "AVX-512F", "avx512bw": "AVX-512BW",
+    "avx512_vnni": "AVX-512 VNNI", "avx512_bf16": "AVX-512 BF16", "amx_tile": "AMX", "amx_int8": "AMX-INT8",
+    "asimd": "NEON", "asimddp": "NEON dotprod", "i8mm": "I8MM", "sve": "SVE", "bf16": "BF16",
+}
+
+
+@functools.cache
+def _cpuinfo_fields() -> dict[str, str]:
+    """The first processor's ``key: value`` lines of /proc/cpuinfo (empty where there is none); read once."""
+    cpuinfo = Path("/proc/cpuinfo")
+    fields: dict[str, str] = {}
+    if not cpuinfo.is_file():
+        return fields
+    for line in cpuinfo.read_text(errors="replace").splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    return fields
+
+
+def cpu_id(fields: dict[str, str] | None = None) -> str | None:
+    """``family 25 model 17`` (x86) or ``implementer 0x41 part 0xd0c`` (Arm); None where unknown."""
+    fields = _cpuinfo_fields() if fields is None else fields
+    if "cpu family" in fields and "model" in fields:
+        return f"family {fields['cpu family']} model {fields['model']}"
+    if "cpu implementer" in fields and "cpu part" in fields:
+        return f"implementer {fields['cpu implementer']} part {fields['cpu part']}"
+    return None
+
+
+def cpu_features(fields: dict[str, str] | None = None) -> list[str]:
+    """The vector extensions among :data:`_FEATURES` that this CPU reports, in that order."""
+    fields = _cpuinfo_fields() if fields is None else fields
+    present = set((fields.get("flags") or fields.get("features") or "").split())
+    return [label for flag, label in _FEATURES.items() if flag in present]
+
+
+def describe_cpu(logical_cores: bool = False) -> str:
+    """One line: model, id and extensions, e.g. ``AMD EPYC (family 23 model 1; AVX2, FMA)``."""
+    details = [part for part in (cpu_id(), ", ".join(cpu_features())) if part]
+    if logical_cores:
+        details.append(f"{os.cpu_count()} logical cores")
+    return f"{cpu_model()} ({'; '.join(details)})" if details else cpu_model()
 
 
 def total_ram_bytes() -> int | None:

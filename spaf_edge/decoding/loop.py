@@ -43,6 +43,9 @@ class DecodeSettings:
     lookup_depth: int = 16  # tokens a lookup branch copies at most (SpAF drafts num_draft_tokens)
     lookup_start: int = 4  # ... after a step that did not accept a whole lookup chain; doubled after one that did
     max_nodes: int = 16  # candidates in a tree at most (the pending token not counted)
+    # SpAF drafts a chain keeps below draft_stop_threshold: 1 where a one-row verify call runs a
+    # second row anyway (an engine that pads one-row calls), so that row checks a draft for free
+    min_drafts: int = 0
 
     def describe(self) -> str:
         """One line for reports, e.g. ``spaf+lookup, N=4 s=0 eta=0.3, lookup match 2, copies 4..16``."""
@@ -53,6 +56,8 @@ class DecodeSettings:
         parts = ["+".join(self.proposers)]
         if "spaf" in self.proposers:
             parts.append(f"N={self.num_draft_tokens} s={self.serial_parallel_transition} eta={eta}")
+            if self.min_drafts and self.draft_stop_threshold is not None:
+                parts.append(f"keeps {self.min_drafts} below eta")
         if "lookup" in self.proposers:
             parts.append(f"lookup match {self.lookup_min_match}, copies {self.lookup_start}..{self.lookup_depth}")
         if self.tree_width > 1:
@@ -222,6 +227,7 @@ def resolve_settings(
     lookup_min_match: int | None = None,
     lookup_depth: int | None = None,
     lookup_start: int | None = None,
+    min_drafts: int | None = None,
 ) -> DecodeSettings:
     """Options left unset come from ``defaults`` (a config's or manifest's decoding keys); validated (ConfigError)."""
     if mode not in MODES:
@@ -240,7 +246,8 @@ def resolve_settings(
     tree = {}
     for name, value, least in (("tree_width", tree_width, 1), ("lookup_branches", lookup_branches, 1),
                                ("max_nodes", max_nodes, 1), ("lookup_min_match", lookup_min_match, 1),
-                               ("lookup_depth", lookup_depth, 1), ("lookup_start", lookup_start, 1)):
+                               ("lookup_depth", lookup_depth, 1), ("lookup_start", lookup_start, 1),
+                               ("min_drafts", min_drafts, 0)):
         value = defaults.get(name, DecodeSettings.__dataclass_fields__[name].default) if value is None else value
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(f"Invalid {name}={value!r}: expected an integer >= {least}.")

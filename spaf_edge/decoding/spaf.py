@@ -152,11 +152,14 @@ class SpAFProposer:
                     break
                 token = choose(q, params, rng)
             threshold = settings.draft_stop_threshold
-            if threshold is not None and (top_probability(logits) if params.greedy else q.max()) < threshold:
+            doubtful = threshold is not None and (top_probability(logits) if params.greedy else q.max()) < threshold
+            if doubtful and j > settings.min_drafts:
                 break
             tokens.append(token)
             probs.append(q)
             runners.append(runners_up(logits, calls.draft_vocab, token, settings.tree_width - 1))
+            if doubtful and j >= settings.min_drafts:  # kept for a free verify row; the chain ends here
+                break
         tree = DraftTree.from_chain(tokens, probs)
         # Runner-up leaves, after the chain (its serial nodes stay first): deterministic candidates,
         # point masses to the acceptance rule; one of them is often the base's token after a rejection.

@@ -76,6 +76,7 @@ from spaf_edge.runtime.tokenizer import TextTokenizer
 DECODING_KEYS = (
     "num_draft_tokens", "serial_parallel_transition", "draft_stop_threshold", "temperature", "top_p", "top_k",
     "proposers", "tree_width", "lookup_branches", "lookup_depth", "lookup_start", "lookup_min_match", "max_nodes",
+    "min_drafts",
 )
 PREFILL_CHUNK = 64  # prompt positions per prefill call (rows of the hidden-state buffers)
 LOGIT_ROWS = 8  # initial rows of the logits buffer: a verify pass of up to 7 drafts (grown for more)
@@ -200,9 +201,13 @@ class Engine:
     @property
     def untuned_defaults(self) -> dict[str, Any]:
         """Decoding defaults without a ``tuned`` entry: the SpAF config, with this provider's
-        floors for the export's precision (:mod:`spaf_edge.runtime.precision_defaults`)."""
+        floors for the export's precision (:mod:`spaf_edge.runtime.precision_defaults`), and
+        where one-row calls are padded to two rows, a first draft kept whatever its probability:
+        the padding row would compute nothing useful in its place."""
         spaf = self.manifest.spaf
         merged = {**spaf, **precision_defaults(self.provider.name, self.manifest.quantization, spaf)}
+        if self.decoder is not None and self.decoder.pad:
+            merged["min_drafts"] = max(1, merged.get("min_drafts", 0))
         return {key: merged[key] for key in DECODING_KEYS if key in merged}
 
     @property

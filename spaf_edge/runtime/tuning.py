@@ -36,7 +36,7 @@ from typing import Any
 from spaf_edge.core.atomic import atomic_write_text
 from spaf_edge.core.errors import ConfigError, ContextLengthError, StorageError
 from spaf_edge.core.io_names import MANIFEST
-from spaf_edge.core.machine import cpu_model
+from spaf_edge.core.machine import describe_cpu
 from spaf_edge.core.manifest import Manifest
 from spaf_edge.core.prompt_sets import load_prompts
 from spaf_edge.decoding.loop import DecodeSettings, resolve_settings
@@ -430,7 +430,8 @@ def tuned_entry(engine, chosen: Measurement, default: Measurement, plain: Measur
 
 
 def describe_device(provider: str) -> str:
-    """The CPU model, or the GPU's name for CUDA providers (when nvidia-smi answers)."""
+    """The CPU (model, family/model, vector extensions, cores), or the GPU's name for CUDA providers
+    (when nvidia-smi answers)."""
     if provider in ("cuda", "tensorrt"):
         try:
             done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
@@ -440,7 +441,7 @@ def describe_device(provider: str) -> str:
                 return names[0]
         except (OSError, subprocess.SubprocessError):
             pass
-    return f"{cpu_model()} ({os.cpu_count()} logical cores)"
+    return describe_cpu(logical_cores=True)
 
 
 # ---- manifest -------------------------------------------------------------------------
