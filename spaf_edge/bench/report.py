@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from spaf_edge.core.atomic import atomic_write_bytes, atomic_write_text
+from spaf_edge.core.machine import cpu_line
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -268,5 +269,4 @@ def _plot_acceptance(axes: Any, result: dict[str, Any]) -> None:
 
 def _cpu_line(machine: dict) -> str:
     """Model, family/model and vector extensions (results written before they were recorded: the model)."""
-    details = [part for part in (machine.get("cpu_id"), ", ".join(machine.get("cpu_features") or ())) if part]
-    return f"{machine.get('cpu')} ({'; '.join(details)})" if details else str(machine.get("cpu"))
+    return cpu_line(machine.get("cpu"), machine.get("cpu_id"), machine.get("cpu_features"))

@@ -109,10 +109,13 @@ def cpu_features(fields: dict[str, str] | None = None) -> list[str]:
 
 def describe_cpu(logical_cores: bool = False) -> str:
     """One line: model, id and extensions, e.g. ``AMD EPYC (family 23 model 1; AVX2, FMA)``."""
-    details = [part for part in (cpu_id(), ", ".join(cpu_features())) if part]
-    if logical_cores:
-        details.append(f"{os.cpu_count()} logical cores")
-    return f"{cpu_model()} ({'; '.join(details)})" if details else cpu_model()
+    return cpu_line(cpu_model(), cpu_id(), cpu_features(), (f"{os.cpu_count()} logical cores",) if logical_cores else ())
+
+
+def cpu_line(model: str | None, identity: str | None, features: list[str] | None, extra: tuple[str, ...] = ()) -> str:
+    """``model (identity; features; extra...)``, leaving out what is unknown; just the model if all is."""
+    details = [part for part in (identity, ", ".join(features or ()), *extra) if part]
+    return f"{model} ({'; '.join(details)})" if details else str(model)
 
 
 def total_ram_bytes() -> int | None:

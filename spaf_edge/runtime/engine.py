@@ -207,7 +207,7 @@ class Engine:
         spaf = self.manifest.spaf
         merged = {**spaf, **precision_defaults(self.provider.name, self.manifest.quantization, spaf)}
         if self.decoder is not None and self.decoder.pad:
-            merged["min_drafts"] = max(1, merged.get("min_drafts", 0))
+            merged["min_drafts"] = 1
         return {key: merged[key] for key in DECODING_KEYS if key in merged}
 
     @property
