@@ -24,6 +24,7 @@ from spaf_edge.core.errors import (
     UnsupportedArchitectureError,
 )
 from spaf_edge.core.manifest import DTYPES, Manifest, ModelSizes, sha256_file
+from spaf_edge.core.progress import progress_bar
 from spaf_edge.exporters.graph_builder import OPSET
 from spaf_edge.exporters.graphs import (
     GraphPlan,
@@ -144,10 +145,9 @@ def export_pretrained(
 
 def build_graphs(plan: GraphPlan, progress: bool = True) -> dict[str, Any]:
     """Build the four graphs in memory; one progress step per decoder layer."""
-    from tqdm.auto import tqdm
 
-    with torch.no_grad(), tqdm(total=plan.config.num_hidden_layers, desc="export layers", unit="layer",
-                               disable=not progress) as bar:
+    with torch.no_grad(), progress_bar(total=plan.config.num_hidden_layers, desc="export layers", unit="layer",
+                                      disable=not progress) as bar:
         return {
             io_names.LOWER_GRAPH: build_lower(plan, bar.update),
             io_names.UPPER_GRAPH: build_upper(plan, bar.update),

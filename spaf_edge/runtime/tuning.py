@@ -38,6 +38,7 @@ from spaf_edge.core.errors import ConfigError, ContextLengthError, StorageError
 from spaf_edge.core.io_names import MANIFEST
 from spaf_edge.core.machine import describe_cpu
 from spaf_edge.core.manifest import Manifest
+from spaf_edge.core.progress import progress_bar
 from spaf_edge.core.prompt_sets import load_prompts
 from spaf_edge.decoding.loop import DecodeSettings, resolve_settings
 from spaf_edge.runtime.rows import MAX_ROWS
@@ -335,10 +336,9 @@ class Timer:
         self.mismatches = 0
 
     def measure(self, rows: list[Measurement], prompt_indices: range, phase: str) -> None:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(rows) * len(prompt_indices), desc=f"tune ({phase})", unit="run",
-                   disable=not self.options.progress, leave=False)
+        bar = progress_bar(total=len(rows) * len(prompt_indices), desc=f"tune ({phase})", unit="run",
+                           disable=not self.options.progress, leave=False)
         with bar:
             for index in prompt_indices:
                 for row in rows:

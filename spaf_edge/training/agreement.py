@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from spaf_edge.core.progress import progress_bar
 from spaf_edge.model import SpAFModel
 from spaf_edge.training.features import compute_base_features, previous_exact_tops
 
@@ -58,7 +59,6 @@ def reference_replies(
     cache: Path | None = None, progress: bool = True,
 ) -> list[ReferenceReply]:
     """The base's greedy replies to ``(category, prompt_ids)`` pairs, cached in ``cache`` when given."""
-    from tqdm.auto import tqdm
 
     from spaf_edge.core.atomic import atomic_write_text
     from spaf_edge.training.distill import eos_token_ids, generate_batch
@@ -72,7 +72,7 @@ def reference_replies(
     eos = eos_token_ids(model.base, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][1]))  # batches of similar length pad little
     replies: dict[int, ReferenceReply] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc="reference replies", disable=not progress):
+    for start in progress_bar(range(0, len(order), batch_size), desc="reference replies", disable=not progress):
         rows = order[start:start + batch_size]
         outputs = generate_batch(model.base, [prompts[i][1] for i in rows], pad_id, eos, max_new_tokens, 0.0, 1.0)
         for i, (tokens, _) in zip(rows, outputs):

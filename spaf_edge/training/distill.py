@@ -47,6 +47,7 @@ from typing import Any
 
 from spaf_edge.core.errors import ConfigError, UnsupportedArchitectureError
 from spaf_edge.core.jsonl import read_jsonl
+from spaf_edge.core.progress import progress_bar
 from spaf_edge.prompts import encode_prompt
 from spaf_edge.training.data import is_evaluation_row, refuse_evaluation_data
 
@@ -207,7 +208,6 @@ def distill(
     ``shard`` ``(K, N)``: only the selected prompts of shard K of N (:func:`shard_prompts`), so that N
     processes (each with its own ``out_path``) split the work.
     """
-    from tqdm.auto import tqdm
 
     if batch_size < 1 or max_new_tokens < 1:
         raise ConfigError("--batch-size and --max-new-tokens must be integers >= 1.")
@@ -242,7 +242,7 @@ def distill(
     summary = DistillSummary(out, 0, len(rows) - len(pending), len(encoded) - len(kept), 0, 0.0, replies.device,
                              replies.name)
     started = time.perf_counter()
-    with out.open("a", encoding="utf-8") as handle, tqdm(
+    with out.open("a", encoding="utf-8") as handle, progress_bar(
         total=len(kept), desc="distill", unit="prompt", disable=not progress
     ) as bar:
         for start in range(0, len(kept), replies.group):

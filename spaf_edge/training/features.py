@@ -26,6 +26,7 @@ import torch
 
 from spaf_edge.core.atomic import atomic_directory
 from spaf_edge.core.errors import ConfigError
+from spaf_edge.core.progress import progress_bar
 from spaf_edge.model import SpAFModel
 from spaf_edge.training.data import TokenDataset
 
@@ -90,7 +91,6 @@ def build_feature_cache(
     model: SpAFModel, dataset: TokenDataset, folder: str | os.PathLike, batch_size: int = 8, progress: bool = True
 ) -> Path:
     """Write (or reuse) the fp16 features of ``dataset`` under ``folder/<key>``; return that folder."""
-    from tqdm.auto import tqdm
 
     key = cache_key(model, dataset)
     target = Path(folder) / key
@@ -103,7 +103,7 @@ def build_feature_cache(
             name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float16, shape=shape)
             for name in feature_names(model.config.adapter_layers, fused_layers(model))
         }
-        for start in tqdm(range(0, count, batch_size), desc="caching base features", disable=not progress):
+        for start in progress_bar(range(0, count, batch_size), desc="caching base features", disable=not progress):
             rows = slice(start, min(count, start + batch_size))
             features = compute_base_features(model, dataset.input_ids[rows], dataset.attention_mask[rows])
             for k, hidden in features.cutoff.items():

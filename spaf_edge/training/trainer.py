@@ -48,6 +48,7 @@ from torch import nn
 from spaf_edge.core.atomic import atomic_write_text
 from spaf_edge.core.config import RECIPE_FIELDS, SpAFConfig
 from spaf_edge.core.errors import ConfigError
+from spaf_edge.core.progress import progress_bar
 from spaf_edge.model import SpAFModel
 from spaf_edge.training import checkpoint as ckpt
 from spaf_edge.training import distributed as dist
@@ -380,10 +381,9 @@ class TrainingRun:
 
     def start(self) -> None:
         """Open the progress bar, start the clock and, with a time budget, its planner."""
-        from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=self.settings.steps, initial=self.step, desc="train",
-                        disable=not (self.progress and self.accelerator.is_main_process))
+        self.bar = progress_bar(total=self.settings.steps, initial=self.step, desc="train",
+                                disable=not (self.progress and self.accelerator.is_main_process))
         self.started = time.perf_counter()
         self.module.train()
         if self.settings.time_budget is not None:
