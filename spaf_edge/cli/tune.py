@@ -40,7 +40,7 @@ def _threshold_list(ctx, param, value: str | None):
 @click.option("--transitions", callback=_int_list, default=None, metavar="LIST",
               help="serial_parallel_transition values to try (those <= N; 0: every draft aligned) [0,1,2].")
 @click.option("--thresholds", callback=_threshold_list, default=None, metavar="LIST",
-              help="Draft-stop thresholds to try, 'none' = off [none,0.3,0.5].")
+              help="Draft-stop thresholds to try, 'none' = off [none,0.3,0.5,0.7].")
 @options.chat
 @options.provider
 @options.threads

@@ -110,11 +110,11 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Grid:
-    """Every (N, s, η) with s <= N. Defaults: N 1..8, s 0..2, η in {off, 0.3, 0.5}."""
+    """Every (N, s, η) with s <= N. Defaults: N 1..8, s 0..2, η in {off, 0.3, 0.5, 0.7}."""
 
     num_draft_tokens: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     transitions: tuple[int, ...] = (0, 1, 2)
-    thresholds: tuple[float | None, ...] = (None, 0.3, 0.5)
+    thresholds: tuple[float | None, ...] = (None, 0.3, 0.5, 0.7)
 
     def __post_init__(self) -> None:
         for name, values, least in (("draft tokens", self.num_draft_tokens, 1), ("transitions", self.transitions, 0)):
