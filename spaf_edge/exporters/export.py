@@ -145,7 +145,6 @@ def export_pretrained(
 
 def build_graphs(plan: GraphPlan, progress: bool = True) -> dict[str, Any]:
     """Build the four graphs in memory; one progress step per decoder layer."""
-
     with torch.no_grad(), progress_bar(total=plan.config.num_hidden_layers, desc="export layers", unit="layer",
                                       disable=not progress) as bar:
         return {

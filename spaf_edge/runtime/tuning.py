@@ -336,7 +336,6 @@ class Timer:
         self.mismatches = 0
 
     def measure(self, rows: list[Measurement], prompt_indices: range, phase: str) -> None:
-
         bar = progress_bar(total=len(rows) * len(prompt_indices), desc=f"tune ({phase})", unit="run",
                            disable=not self.options.progress, leave=False)
         with bar:

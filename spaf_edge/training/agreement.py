@@ -59,7 +59,6 @@ def reference_replies(
     cache: Path | None = None, progress: bool = True,
 ) -> list[ReferenceReply]:
     """The base's greedy replies to ``(category, prompt_ids)`` pairs, cached in ``cache`` when given."""
-
     from spaf_edge.core.atomic import atomic_write_text
     from spaf_edge.training.distill import eos_token_ids, generate_batch
 

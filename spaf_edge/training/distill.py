@@ -208,7 +208,6 @@ def distill(
     ``shard`` ``(K, N)``: only the selected prompts of shard K of N (:func:`shard_prompts`), so that N
     processes (each with its own ``out_path``) split the work.
     """
-
     if batch_size < 1 or max_new_tokens < 1:
         raise ConfigError("--batch-size and --max-new-tokens must be integers >= 1.")
     refuse_evaluation_data(out_path)

@@ -91,7 +91,6 @@ def build_feature_cache(
     model: SpAFModel, dataset: TokenDataset, folder: str | os.PathLike, batch_size: int = 8, progress: bool = True
 ) -> Path:
     """Write (or reuse) the fp16 features of ``dataset`` under ``folder/<key>``; return that folder."""
-
     key = cache_key(model, dataset)
     target = Path(folder) / key
     if (target / CACHE_META).is_file():

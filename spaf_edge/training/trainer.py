@@ -381,7 +381,6 @@ class TrainingRun:
 
     def start(self) -> None:
         """Open the progress bar, start the clock and, with a time budget, its planner."""
-
         self.bar = progress_bar(total=self.settings.steps, initial=self.step, desc="train",
                                 disable=not (self.progress and self.accelerator.is_main_process))
         self.started = time.perf_counter()
