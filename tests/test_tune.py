@@ -294,3 +294,18 @@ def test_cpu_is_named_with_its_family_model_and_vector_extensions():
     line = _cpu_line({"cpu": "AMD EPYC", "cpu_id": "family 23 model 1", "cpu_features": ["AVX2", "FMA"]})
     assert line == "AMD EPYC (family 23 model 1; AVX2, FMA)"
     assert _cpu_line({"cpu": "AMD EPYC"}) == "AMD EPYC"  # results written before the id was recorded
+
+
+def test_cpuinfo_is_read_from_the_first_processor_and_the_lines_after_every_block():
+    from spaf_edge.core.machine import cpu_features, cpu_id, cpu_model, parse_cpuinfo
+
+    x86 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 1\n"
+           "model name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n\n"
+           "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: other\nflags\t\t: avx512f\n\n")
+    fields = parse_cpuinfo(x86)
+    assert (cpu_model(fields), cpu_id(fields), cpu_features(fields)) == ("AMD EPYC", "family 23 model 1", ["AVX2", "FMA"])
+    arm = ("processor\t: 0\nFeatures\t: fp asimd asimddp\nCPU implementer\t: 0x41\nCPU part\t: 0xd08\n\n"
+           "processor\t: 1\nFeatures\t: fp asimd asimddp\n\nHardware\t: BCM2711\nRevision\t: c03111\n")
+    fields = parse_cpuinfo(arm)
+    assert (cpu_model(fields), cpu_id(fields), cpu_features(fields)) == ("BCM2711", "implementer 0x41 part 0xd08",
+                                                                         ["NEON", "NEON dotprod"])

@@ -49,12 +49,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.lower().startswith(("model name", "hardware")):
-                return line.split(":", 1)[1].strip()
+def cpu_model(fields: dict[str, str] | None = None) -> str:
+    """The CPU's marketing name: x86's ``model name``, else Arm's ``Hardware`` line, else the OS's answer."""
+    fields = _cpuinfo_fields() if fields is None else fields
+    if fields.get("model name") or fields.get("hardware"):
+        return fields.get("model name") or fields["hardware"]
     if platform.system() == "Darwin":
         try:
             return subprocess.run(
@@ -75,18 +74,19 @@ _FEATURES = {
 
 @functools.cache
 def _cpuinfo_fields() -> dict[str, str]:
-    """The first processor's ``key: value`` lines of /proc/cpuinfo (empty where there is none); read once."""
+    """:func:`parse_cpuinfo` of /proc/cpuinfo (empty where there is none); read once."""
     cpuinfo = Path("/proc/cpuinfo")
+    return parse_cpuinfo(cpuinfo.read_text(errors="replace")) if cpuinfo.is_file() else {}
+
+
+def parse_cpuinfo(text: str) -> dict[str, str]:
+    """``key: value`` lines of a /proc/cpuinfo text, keys lower-cased; the first processor's value wins,
+    and lines outside every processor's block (Arm's ``Hardware`` at the end) are kept too."""
     fields: dict[str, str] = {}
-    if not cpuinfo.is_file():
-        return fields
-    for line in cpuinfo.read_text(errors="replace").splitlines():
-        if not line.strip():
-            if fields:
-                break
-            continue
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip().lower(), value.strip())
+    for line in text.splitlines():
+        key, colon, value = line.partition(":")
+        if colon:
+            fields.setdefault(key.strip().lower(), value.strip())
     return fields
 
 
