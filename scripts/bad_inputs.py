@@ -460,8 +460,8 @@ def run_cases(
 
 def default_export() -> Path:
     """The demo's cached export (built on first use, like `spaf-edge demo`)."""
-    from spaf_edge.bench.exports import cached_export
     from spaf_edge.bench.demo import DEMO_MAX_LENGTH
+    from spaf_edge.bench.exports import cached_export
     from spaf_edge.models.loading import resolve_base_model, resolve_components
 
     return cached_export(resolve_base_model("default"), resolve_components("default", None), "fp32", DEMO_MAX_LENGTH)

@@ -10,10 +10,11 @@
 # env: PROMPTS  training prompts the leg distills replies of, bundled gzipped
 #               [../shared/data/train_prompts.jsonl beside the repository; skipped with a note when
 #               absent; empty: none, the leg trains without distilling]. Never MT-Bench.
-#      REPLIES  replies an earlier leg brought back (.jsonl or .jsonl.gz, e.g. DIR/replies.jsonl.gz of
-#               --unpack): the leg's distill continues them (done prompts are skipped) [none]
+#      REPLIES  replies the leg's distill continues (done prompts are skipped), .jsonl or .jsonl.gz: the
+#               committed corpus, or what an earlier leg brought back (DIR/replies.jsonl.gz of --unpack)
+#               [models/smollm2-135m-instruct/distilled_replies.jsonl.gz; empty: none]
 #      DATA     training JSONL when the leg has no replies, plain or .gz/.xz
-#               [models/smollm2-135m-instruct/distilled_replies.jsonl]; bundled unless git tracks it
+#               [models/smollm2-135m-instruct/distilled_replies.jsonl.gz]; bundled unless git tracks it
 #      STATE    a run folder to continue (checkpoint/, settings.json, train_log.jsonl; e.g. DIR of
 #               --unpack, or a committed compact state); bundled unless git tracks it; unset: the leg
 #               starts a new run
@@ -83,10 +84,11 @@ if [[ ${1:-} == --unpack ]]; then
 fi
 
 DEST=${1:-runs/gpu_leg}
-DATA=${DATA:-models/smollm2-135m-instruct/distilled_replies.jsonl}
+CORPUS=models/smollm2-135m-instruct/distilled_replies.jsonl.gz
+DATA=${DATA:-$CORPUS}
 STATE=${STATE:-}
 PROMPTS=${PROMPTS-$REPO/../shared/data/train_prompts.jsonl}
-REPLIES=${REPLIES:-}
+REPLIES=${REPLIES-$CORPUS}
 git check-ignore -q "$DEST" || fail "$DEST is not git-ignored: it would travel with the working tree (use runs/...)"
 [[ -f $DATA ]] || fail "DATA=$DATA: no such file"
 [[ -z $REPLIES || -f $REPLIES ]] || fail "REPLIES=$REPLIES: no such file"

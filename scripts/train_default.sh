@@ -13,9 +13,10 @@ PROMPTS=${2:-../shared/data/train_prompts.jsonl}
 SPAF=${SPAF:-.venv/bin/spaf-edge}
 PYTHON=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
-# 208 base replies (shipped) + the training prompts in a seeded order; train takes the first 3208 rows.
-"$PYTHON" scripts/make_training_mix.py models/smollm2-135m-instruct/distilled_replies.jsonl "$PROMPTS" \
-  "$OUT/train_mix.jsonl"
+# The committed corpus's first 208 base replies + the training prompts in a seeded order; train takes the
+# first 3208 rows.
+"$PYTHON" scripts/make_training_mix.py models/smollm2-135m-instruct/distilled_replies.jsonl.gz "$PROMPTS" \
+  "$OUT/train_mix.jsonl" 0 208
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$SPAF" train --data "$OUT/train_mix.jsonl" --max-examples 3208 \
   --out "$OUT/run" --config configs/spaf_smollm2_fused.json --draft-vocab-size 4096 --steps 1000 \
   --batch-size 4 --seq-len 256 --lr 1e-3 --warmup 30 --eval-every 250 --save-every 100 \

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from spaf_edge.core.errors import ConfigError
+
 
 def encode_prompt(tokenizer: Any, text: str, chat: bool = True, special_tokens: bool = False) -> list[int]:
     """Apply the chat template (a single user turn) when the tokenizer has one and ``chat``.
@@ -25,6 +27,19 @@ def encode_prompt(tokenizer: Any, text: str, chat: bool = True, special_tokens: 
         )
         return list(encoded["input_ids"])
     return list(tokenizer(text)["input_ids"])
+
+
+def encode_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Earlier turns and a last user turn through the chat template, ready for the assistant's reply.
+
+    Special-token strings in the contents are plain text, as in :func:`encode_prompt`.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("A conversation of several turns needs a chat template; this tokenizer has none.")
+    if getattr(tokenizer, "backend_tokenizer", None) is not None:
+        return text_tokenizer(tokenizer).encode_chat(messages)
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+    return list(encoded["input_ids"])
 
 
 def text_tokenizer(tokenizer: Any):

@@ -3,6 +3,7 @@ ONNX Runtime backend against the torch one."""
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import make_tiny_base, make_tiny_tokenizer
 from spaf_edge.core.config import SpAFConfig
 from spaf_edge.core.errors import ConfigError, UnsupportedArchitectureError
 from spaf_edge.model import SpAFModel
-from spaf_edge.prompts import encode_prompt
+from spaf_edge.prompts import encode_conversation, encode_prompt
 from spaf_edge.training.data import load_examples
 from spaf_edge.training.distill import (
     PromptRow,
@@ -24,6 +25,7 @@ from spaf_edge.training.distill import (
     resolve_backend,
     torch_backend,
 )
+from spaf_edge.training.second_turns import FOLLOW_UPS, follow_up
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -125,6 +127,57 @@ def test_resume_reads_rows_holding_unicode_line_separators(tiny, prompts, tmp_pa
     summary = run(tiny, prompts, out)
     assert summary.already_done == 1 and summary.written == 6
     assert sorted(r["prompt_index"] for r in map(json.loads, out.read_text().split("\n")[:-1])) == list(range(7))
+
+
+def first_turns(path, finishes=("eos", "eos", "length", "eos")):
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}],
+             "prompt_index": 10 + i, "finish_reason": finish, "source": f"src{i}", "license": "MIT"}
+            for i, finish in enumerate(finishes)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rows
+
+
+def test_second_turns_follow_up_complete_first_turns_and_reply_to_the_conversation(tiny, tmp_path):
+    model, tokenizer = tiny
+    firsts = first_turns(tmp_path / "first.jsonl")
+    out = tmp_path / "second.jsonl"
+    summary = run(tiny, tmp_path / "first.jsonl", out, second_turns=True, seed=5, max_new_tokens=6)
+    rows = sorted(read_rows(out), key=lambda row: row["prompt_index"])
+    # The reply cut at the token limit (index 12) gets no follow-up.
+    assert summary.written == 3 and [row["prompt_index"] for row in rows] == [10, 11, 13]
+    for row in rows:
+        first = next(f for f in firsts if f["prompt_index"] == row["prompt_index"])
+        messages = row["messages"]
+        assert messages[:2] == first["messages"] and [m["role"] for m in messages[2:]] == ["user", "assistant"]
+        assert messages[2]["content"] == follow_up(5, row["prompt_index"]) and messages[2]["content"] in FOLLOW_UPS
+        assert row["turn"] == 2 and row["source"] == first["source"] and row["license"] == "MIT"
+        ids = encode_conversation(tokenizer, messages[:3])
+        assert ids[: len(encode_prompt(tokenizer, messages[0]["content"]))] == encode_prompt(
+            tokenizer, messages[0]["content"])
+        reply, _ = generate_batch(model, [ids], tokenizer.pad_token_id, [tokenizer.eos_token_id], 6, 0.0, 1.0)[0]
+        assert messages[3]["content"] == tokenizer.decode(reply, skip_special_tokens=True)
+    # Both assistant turns are trained.
+    example = load_examples(out, tokenizer)[0]
+    spans = sum(1 for i, trained in enumerate(example.trained) if trained and (i == 0 or not example.trained[i - 1]))
+    assert spans == 2
+    # Resumed, nothing is redone; another seed picks other follow-ups for some rows.
+    assert run(tiny, tmp_path / "first.jsonl", out, second_turns=True, seed=5).written == 0
+    assert {follow_up(seed, 10) for seed in range(20)} != {follow_up(5, 10)}
+
+
+def test_second_turns_read_gzipped_first_turns_and_refuse_other_rows(tiny, tmp_path):
+    first_turns(tmp_path / "first.jsonl")
+    packed = tmp_path / "first.jsonl.gz"
+    packed.write_bytes(gzip.compress((tmp_path / "first.jsonl").read_bytes()))
+    run(tiny, tmp_path / "first.jsonl", tmp_path / "a.jsonl", second_turns=True)
+    run(tiny, packed, tmp_path / "b.jsonl", second_turns=True)
+    assert read_rows(tmp_path / "a.jsonl") == read_rows(tmp_path / "b.jsonl")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    with pytest.raises(ConfigError, match="not a first-turn row"):
+        run(tiny, prompts, tmp_path / "c.jsonl", second_turns=True)
+    with pytest.raises(ConfigError, match="cannot append to a gzip file"):
+        run(tiny, tmp_path / "first.jsonl", tmp_path / "d.jsonl.gz", second_turns=True)
 
 
 def test_distill_device_errors_name_the_fix(tiny, prompts, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from conftest import make_tiny_tokenizer
 
 from spaf_edge.core.errors import ConfigError
+from spaf_edge.core.jsonl import read_jsonl
 from spaf_edge.core.prompt_sets import (
     PROMPT_SETS,
     grounded_passages,
@@ -29,7 +30,7 @@ from spaf_edge.training.distill import read_prompts
 
 CATEGORIES = ("summarization", "extraction", "passage_qa", "code_editing")
 TRAIN_PROMPTS = Path("/work/shared/data/train_prompts.jsonl")
-DISTILLED = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct" / "distilled_replies.jsonl"
+DISTILLED = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct" / "distilled_replies.jsonl.gz"
 CODE_CATEGORIES = {"code_editing"}
 
 
@@ -103,8 +104,11 @@ def test_rows_come_from_the_training_prompts_and_are_all_excluded_from_them(rows
 
 @pytest.mark.skipif(not DISTILLED.is_file(), reason="the committed distilled replies are not in this checkout")
 def test_the_committed_distilled_replies_hold_no_evaluation_prompt():
-    lines = DISTILLED.read_text(encoding="utf-8").splitlines()
-    assert lines and not any(is_evaluation_row(json.loads(line)) for line in lines)
+    rows = [row for _, row in read_jsonl(DISTILLED)]
+    assert rows and not any(is_evaluation_row(row) for row in rows)
+    # Every row names its prompt's source and license, and no prompt was distilled twice.
+    assert all(isinstance(row.get("source"), str) and isinstance(row.get("license"), str) for row in rows)
+    assert len({row["prompt_index"] for row in rows}) == len(rows)
 
 
 def test_distillation_prompts_skip_evaluation_ones_and_keep_file_indices(rows, tmp_path, caplog):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import sys
 
-from spaf_edge.core.progress import LOG_INTERVAL, progress_bar
+from spaf_edge.core.progress import LOG_INTERVAL, advance, progress_bar
 
 
 class Terminal(io.StringIO):
@@ -31,3 +31,14 @@ def test_a_terminal_keeps_tqdms_interval_and_explicit_settings_win(monkeypatch):
     log = io.StringIO()
     monkeypatch.setattr(sys, "stderr", log)
     assert interval(log, mininterval=0) == 0
+
+
+def test_advancing_with_a_postfix_does_not_force_redraws_in_a_log(monkeypatch):
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    with progress_bar(total=200, file=log, desc="work") as bar:
+        for step in range(200):
+            advance(bar, 1, **{"tok/s": str(step)})
+    # The first draw and the final one on close: not one per step, as set_postfix's default refresh gives.
+    assert log.getvalue().count("work") == 2
+    assert "tok/s=199" in log.getvalue()

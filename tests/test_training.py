@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 
@@ -91,6 +92,20 @@ def test_prompt_rows_are_the_rendered_user_turn_all_trained(tokenizer):
     assert all(example.trained)
     # A "text" field wins over "prompt" (the row is a document).
     assert tokenizer.decode(render_row({"prompt": "a", "text": "bcd"}, tokenizer).input_ids).startswith("bcd")
+
+
+def test_gzipped_data_reads_as_the_plain_file_and_a_cut_archive_is_named(tmp_path, tokenizer):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}\u2028b"}]}
+            for i in range(5)]
+    plain = tmp_path / "replies.jsonl"
+    plain.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    packed = tmp_path / "replies.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert load_examples(packed, tokenizer) == load_examples(plain, tokenizer)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(packed.read_bytes()[:-12])
+    with pytest.raises(ConfigError, match="cut.jsonl.gz is not a readable gzip file"):
+        load_examples(cut, tokenizer)
 
 
 def test_mt_bench_data_is_refused(tmp_path, tokenizer):

@@ -11,7 +11,8 @@ from spaf_edge.cli import options
 
 @click.command("distill")
 @click.option("--prompts", type=click.Path(dir_okay=False), required=True,
-              help="Prompt JSONL, one {'prompt': ..., 'source': ..., 'license': ...} per line (never MT-Bench).")
+              help="Prompt JSONL (or .jsonl.gz), one {'prompt': ..., 'source': ..., 'license': ...} per line (never "
+                   "MT-Bench).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
               help="Output chat JSONL for `spaf-edge train`; appended to and resumed if it exists.")
 @options.base_model
@@ -41,9 +42,13 @@ from spaf_edge.cli import options
 @click.option("--shard", default=None, metavar="K/N",
               help="Generate only shard K of N (the prompts whose line index is K modulo N), so that N processes "
                    "or machines split the prompts; give each shard its own --out.")
+@click.option("--second-turns", is_flag=True,
+              help="--prompts is a first-turn output of distill (.jsonl or .jsonl.gz): each complete reply gets a "
+                   "follow-up request (one of a built-in set, chosen by --seed and the row) and the base's reply "
+                   "to the conversation. Use another --out than the first turns'.")
 @options.progress
 def command(prompts, out, base_model, backend, max_new_tokens, batch_size, limit, shuffle, seed, temperature, top_p,
-            max_prompt_tokens, device, components, export, threads, shard, progress):
+            max_prompt_tokens, device, components, export, threads, shard, second_turns, progress):
     """Generate the base model's replies to training prompts (resumable).
 
     Greedy by default; --temperature T samples, seeded per prompt (per batch with torch)
@@ -58,7 +63,7 @@ def command(prompts, out, base_model, backend, max_new_tokens, batch_size, limit
         prompts, out, base_model, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, seed=seed,
         temperature=temperature, top_p=top_p, shuffle=shuffle, max_prompt_tokens=max_prompt_tokens,
         device=device, progress=progress, backend=backend, components=components, export=export, threads=threads,
-        shard=shard,
+        shard=shard, second_turns=second_turns,
     )
     click.echo(json.dumps({
         "out": str(summary.out), "written": summary.written, "already_done": summary.already_done,

@@ -23,6 +23,16 @@ def progress_bar(iterable: Any = None, **options: Any) -> Any:
     return tqdm(iterable, **options)
 
 
+def advance(bar: Any, steps: int = 1, **postfix: str) -> None:
+    """Move ``bar`` on by ``steps`` and show ``postfix`` with it, redrawing only when its interval is up.
+
+    tqdm's ``set_postfix`` redraws at once by default, which would undo the rare redraws in a log.
+    """
+    if postfix:
+        bar.set_postfix(postfix, refresh=False)
+    bar.update(steps)
+
+
 def _is_terminal(stream: Any) -> bool:
     try:
         return bool(stream.isatty())

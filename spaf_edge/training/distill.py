@@ -13,7 +13,10 @@ wrote the row; ``spaf-edge train`` reads only ``messages``. The output is resuma
 are appended as whole lines and flushed per group (a batch, or one prompt with ONNX); on
 restart a partial last line is cut off and prompts whose ``prompt_index`` is already
 written are skipped. Prompts are processed in order of token length, so the written order
-differs from the prompt file's.
+differs from the prompt file's. With ``second_turns`` the prompts are first-turn rows of an
+earlier call, each followed up by a request (:mod:`spaf_edge.training.second_turns`): rows of
+four messages with ``"turn": 2``. ``--out`` is plain JSONL (lines are appended); the readers
+(``--prompts``, ``train --data``) also take ``.jsonl.gz``.
 
 Two backends generate, from the same prompt ids (:func:`spaf_edge.prompts.encode_prompt`
 with the base's tokenizer):
@@ -41,14 +44,14 @@ import os
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spaf_edge.core.errors import ConfigError, UnsupportedArchitectureError
 from spaf_edge.core.jsonl import read_jsonl
-from spaf_edge.core.progress import progress_bar
-from spaf_edge.prompts import encode_prompt
+from spaf_edge.core.progress import advance, progress_bar
+from spaf_edge.prompts import encode_conversation, encode_prompt
 from spaf_edge.training.data import is_evaluation_row, refuse_evaluation_data
 
 log = logging.getLogger(__name__)
@@ -57,8 +60,19 @@ log = logging.getLogger(__name__)
 @dataclass
 class PromptRow:
     index: int  # 0-based position among the prompt file's rows
-    prompt: str
+    prompt: str  # the user turn to reply to
     extra: dict[str, Any]  # other fields (source, license, ...), kept in the output
+    history: list[dict[str, str]] = field(default_factory=list)  # earlier turns (second turns: prompt, reply)
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return [*self.history, {"role": "user", "content": self.prompt}]
+
+    def encode(self, tokenizer: Any) -> list[int]:
+        """The ids the reply follows: the chat template over the turns."""
+        if self.history:
+            return encode_conversation(tokenizer, self.messages)
+        return encode_prompt(tokenizer, self.prompt)
 
 
 @dataclass
@@ -196,6 +210,7 @@ def distill(
     export: str | os.PathLike | None = None,
     threads: int | None = None,
     shard: tuple[int, int] | None = None,
+    second_turns: bool = False,
 ) -> DistillSummary:
     """Generate the base model's replies to the prompts and append them to ``out_path``.
 
@@ -206,13 +221,23 @@ def distill(
     the base (default: :func:`spaf_edge.models.loading.resolve_components`); ``export`` is an
     existing export folder of the same base to use instead; ``threads`` are ONNX Runtime's.
     ``shard`` ``(K, N)``: only the selected prompts of shard K of N (:func:`shard_prompts`), so that N
-    processes (each with its own ``out_path``) split the work.
+    processes (each with its own ``out_path``) split the work. ``second_turns``: ``prompts_path`` holds
+    first-turn rows of an earlier distill, each followed up (:mod:`spaf_edge.training.second_turns`).
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ConfigError("--batch-size and --max-new-tokens must be integers >= 1.")
     refuse_evaluation_data(out_path)
     out = Path(out_path)
-    rows = shard_prompts(select_prompts(read_prompts(prompts_path), limit, shuffle, seed), shard)
+    if out.suffix == ".gz":
+        raise ConfigError(f"--out {out}: distill appends plain JSONL lines and cannot append to a gzip file. Write "
+                          "a .jsonl file (to continue a gzipped corpus, `gunzip -k` it first) and gzip it when done.")
+    if second_turns:
+        from spaf_edge.training.second_turns import read_first_turns
+
+        prompt_rows = read_first_turns(prompts_path, seed)
+    else:
+        prompt_rows = read_prompts(prompts_path)
+    rows = shard_prompts(select_prompts(prompt_rows, limit, shuffle, seed), shard)
     done = repair_and_read_done(out)
     pending = [row for row in rows if row.index not in done]
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -230,7 +255,7 @@ def distill(
             raise ConfigError(f"--device {device}: the onnx backend runs on the CPU. Use --backend torch to "
                               "generate on a GPU.")
         tokenizer = tokenizer or base_tokenizer(base_model)
-    encoded = [(row, encode_prompt(tokenizer, row.prompt)) for row in pending]
+    encoded = [(row, row.encode(tokenizer)) for row in pending]
     kept = [(row, ids) for row, ids in encoded if len(ids) <= max_prompt_tokens]
     kept.sort(key=lambda item: len(item[1]))
     if chosen == "onnx":
@@ -256,8 +281,7 @@ def distill(
             os.fsync(handle.fileno())
             summary.written += len(batch)
             summary.seconds = time.perf_counter() - started
-            bar.update(len(batch))
-            bar.set_postfix({"tok/s": f"{summary.tokens_per_second:.0f}"})
+            advance(bar, len(batch), **{"tok/s": f"{summary.tokens_per_second:.0f}"})
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -402,7 +426,7 @@ def torch_device(name: str) -> Any:
 
 
 def output_row(row: PromptRow, reply: str, finish_reason: str, label: dict[str, str]) -> dict[str, Any]:
-    messages = [{"role": "user", "content": row.prompt}, {"role": "assistant", "content": reply}]
+    messages = [*row.messages, {"role": "assistant", "content": reply}]
     return {"messages": messages, "prompt_index": row.index, "finish_reason": finish_reason,
             "distilled_with": label, **row.extra}
 

@@ -48,7 +48,7 @@ from torch import nn
 from spaf_edge.core.atomic import atomic_write_text
 from spaf_edge.core.config import RECIPE_FIELDS, SpAFConfig
 from spaf_edge.core.errors import ConfigError
-from spaf_edge.core.progress import progress_bar
+from spaf_edge.core.progress import advance, progress_bar
 from spaf_edge.model import SpAFModel
 from spaf_edge.training import checkpoint as ckpt
 from spaf_edge.training import distributed as dist
@@ -421,8 +421,7 @@ class TrainingRun:
 
     def show_progress(self, losses: dict[str, float]) -> None:
         postfix = {short_name(k): f"{v:.3f}" for k, v in losses.items()} | {"tok/s": f"{self.tokens_per_second():.0f}"}
-        self.bar.set_postfix(postfix)
-        self.bar.update(1)
+        advance(self.bar, 1, **postfix)
 
     def evaluate(self) -> dict[str, float] | None:
         """Mean losses over at most ``eval_batches`` held-out batches and all ranks, logged (None: no eval split)."""
