@@ -16,7 +16,8 @@ from spaf_edge.cli import options
 @click.command("train")
 @options.base_model
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
-              help="Training JSONL: {'text': ...} or {'messages': [...]} rows (e.g. from `spaf-edge distill`). "
+              help="Training JSONL (or .jsonl.gz): {'text': ...} or {'messages': [...]} rows (e.g. from `spaf-edge "
+                   "distill`). "
                    "Optional with --resume (the saved path is used).")
 @click.option("--out", "run_dir", type=click.Path(file_okay=False), required=True,
               help="Run folder: checkpoint/ (latest), final/ (SpAF components), train_log.jsonl.")
