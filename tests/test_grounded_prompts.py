@@ -27,10 +27,13 @@ from spaf_edge.training.data import (
     load_examples,
 )
 from spaf_edge.training.distill import read_prompts
+from spaf_edge.training.second_turns import FOLLOW_UPS
 
 CATEGORIES = ("summarization", "extraction", "passage_qa", "code_editing")
 TRAIN_PROMPTS = Path("/work/shared/data/train_prompts.jsonl")
-DISTILLED = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct" / "distilled_replies.jsonl.gz"
+COMPONENTS = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"
+DISTILLED = COMPONENTS / "distilled_replies.jsonl.gz"
+SECOND_TURNS = COMPONENTS / "distilled_second_turns.jsonl.gz"
 CODE_CATEGORIES = {"code_editing"}
 
 
@@ -109,6 +112,25 @@ def test_the_committed_distilled_replies_hold_no_evaluation_prompt():
     # Every row names its prompt's source and license, and no prompt was distilled twice.
     assert all(isinstance(row.get("source"), str) and isinstance(row.get("license"), str) for row in rows)
     assert len({row["prompt_index"] for row in rows}) == len(rows)
+    if TRAIN_PROMPTS.is_file():  # each row answers the training prompt it names, with that prompt's attribution
+        train = [json.loads(line) for line in TRAIN_PROMPTS.read_text(encoding="utf-8").splitlines()]
+        for row in rows:
+            prompt = train[row["prompt_index"]]
+            assert row["messages"][0]["content"] == prompt["prompt"]
+            assert (row["source"], row["license"]) == (prompt["source"], prompt["license"])
+
+
+@pytest.mark.skipif(not SECOND_TURNS.is_file(), reason="the committed second turns are not in this checkout")
+def test_the_committed_second_turns_follow_committed_first_turns():
+    firsts = {row["prompt_index"]: row for _, row in read_jsonl(DISTILLED)}
+    rows = [row for _, row in read_jsonl(SECOND_TURNS)]
+    assert rows and not any(is_evaluation_row(row) for row in rows)
+    assert len({row["prompt_index"] for row in rows}) == len(rows)
+    for row in rows:
+        first = firsts[row["prompt_index"]]
+        assert first["finish_reason"] == "eos" and row["turn"] == 2
+        assert row["messages"][:2] == first["messages"] and row["messages"][2]["content"] in FOLLOW_UPS
+        assert (row["source"], row["license"]) == (first["source"], first["license"])
 
 
 def test_distillation_prompts_skip_evaluation_ones_and_keep_file_indices(rows, tmp_path, caplog):
