@@ -30,7 +30,7 @@ from spaf_edge.training.distill import read_prompts
 from spaf_edge.training.second_turns import FOLLOW_UPS
 
 CATEGORIES = ("summarization", "extraction", "passage_qa", "code_editing")
-TRAIN_PROMPTS = Path("/work/shared/data/train_prompts.jsonl")
+TRAIN_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "train_prompts.jsonl"  # ../shared
 COMPONENTS = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"
 DISTILLED = COMPONENTS / "distilled_replies.jsonl.gz"
 SECOND_TURNS = COMPONENTS / "distilled_second_turns.jsonl.gz"

@@ -56,7 +56,7 @@ def refuse_evaluation_data(path: str | os.PathLike) -> None:
     if EVALUATION_NAME.search(str(path)):
         raise ConfigError(
             f"{path} looks like evaluation data (MT-Bench or the grounded prompts); training on it would "
-            "contaminate every benchmark. Use training prompts instead (e.g. /work/shared/data/train_prompts.jsonl)."
+            "contaminate every benchmark. Use training prompts instead (e.g. ../shared/data/train_prompts.jsonl)."
         )
 
 
