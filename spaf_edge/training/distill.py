@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PromptRow:
-    index: int  # 0-based position among the prompt file's rows
+    index: int  # 0-based position among the prompt file's rows (second turns: the first turn's prompt_index)
     prompt: str  # the user turn to reply to
     extra: dict[str, Any]  # other fields (source, license, ...), kept in the output
     history: list[dict[str, str]] = field(default_factory=list)  # earlier turns (second turns: prompt, reply)
