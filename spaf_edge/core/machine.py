@@ -52,8 +52,9 @@ def package_versions() -> dict[str, str]:
 def cpu_model(fields: dict[str, str] | None = None) -> str:
     """The CPU's marketing name: x86's ``model name``, else Arm's ``Hardware`` line, else the OS's answer."""
     fields = _cpuinfo_fields() if fields is None else fields
-    if fields.get("model name") or fields.get("hardware"):
-        return fields.get("model name") or fields["hardware"]
+    name = fields.get("model name") or fields.get("hardware")
+    if name:
+        return name
     if platform.system() == "Darwin":
         try:
             return subprocess.run(

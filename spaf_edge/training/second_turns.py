@@ -21,7 +21,7 @@ from typing import Any
 from spaf_edge.core.errors import ConfigError
 from spaf_edge.core.jsonl import read_jsonl
 from spaf_edge.training.data import is_evaluation_row, refuse_evaluation_data
-from spaf_edge.training.distill import PromptRow
+from spaf_edge.training.distill import PromptRow, group_seed
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ CARRIED = ("source", "license")
 
 def follow_up(seed: int, prompt_index: int) -> str:
     """The follow-up request of a row: fixed by the seed and the row, whatever else is selected."""
-    return FOLLOW_UPS[random.Random(seed * 1_000_003 + prompt_index).randrange(len(FOLLOW_UPS))]
+    return FOLLOW_UPS[random.Random(group_seed(seed, prompt_index)).randrange(len(FOLLOW_UPS))]
 
 
 def first_turn(row: dict[str, Any]) -> list[dict[str, str]] | None:
