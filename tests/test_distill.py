@@ -118,6 +118,24 @@ def test_sampled_distill_is_seeded(tiny, prompts, tmp_path):
     assert read_rows(tmp_path / "a.jsonl") == read_rows(tmp_path / "b.jsonl")
 
 
+def test_sampled_rows_record_their_rule_and_a_file_keeps_one(tiny, prompts, tmp_path):
+    out = tmp_path / "sampled.jsonl"
+    run(tiny, prompts, out, temperature=0.7, top_p=0.9, seed=3, limit=2)
+    assert [row["sampling"] for row in read_rows(out)] == [{"temperature": 0.7, "top_p": 0.9, "seed": 3}] * 2
+    # Continuing under another rule (greedy, another temperature or seed) would mix two corpora in one file.
+    for other in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.9, seed=3), dict(temperature=0.7, top_p=0.9)):
+        with pytest.raises(ConfigError, match="sampled at temperature 0.7, top-p 0.9, seed 3") as caught:
+            run(tiny, prompts, out, **other)
+        assert "another --out" in str(caught.value)
+    assert len(read_rows(out)) == 2
+    assert run(tiny, prompts, out, temperature=0.7, top_p=0.9, seed=3).written == 5
+    greedy = tmp_path / "greedy.jsonl"
+    run(tiny, prompts, greedy, limit=2)
+    assert all("sampling" not in row for row in read_rows(greedy))
+    with pytest.raises(ConfigError, match=r"greedy, and this run asks for sampled at temperature 0\.7"):
+        run(tiny, prompts, greedy, temperature=0.7)
+
+
 def test_resume_reads_rows_holding_unicode_line_separators(tiny, prompts, tmp_path):
     # json.dumps(ensure_ascii=False) keeps U+2028 raw; it must not split the row on resume.
     out = tmp_path / "out.jsonl"

@@ -34,6 +34,9 @@ TRAIN_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "train
 COMPONENTS = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"
 DISTILLED = COMPONENTS / "distilled_replies.jsonl.gz"
 SECOND_TURNS = COMPONENTS / "distilled_second_turns.jsonl.gz"
+SAMPLED = COMPONENTS / "distilled_sampled_replies.jsonl.gz"
+# How each committed first-turn file was drawn (docs/training.md "The committed corpus"); None is greedy.
+FIRST_TURN_FILES = {DISTILLED: None, SAMPLED: {"temperature": 0.7, "top_p": 1.0, "seed": 0}}
 CODE_CATEGORIES = {"code_editing"}
 
 
@@ -105,10 +108,14 @@ def test_rows_come_from_the_training_prompts_and_are_all_excluded_from_them(rows
     assert all(train[p.index]["prompt"] == p.prompt for p in kept)
 
 
-@pytest.mark.skipif(not DISTILLED.is_file(), reason="the committed distilled replies are not in this checkout")
-def test_the_committed_distilled_replies_hold_no_evaluation_prompt():
-    rows = [row for _, row in read_jsonl(DISTILLED)]
+@pytest.mark.parametrize("path", FIRST_TURN_FILES, ids=lambda path: path.name)
+def test_the_committed_distilled_replies_hold_no_evaluation_prompt(path):
+    if not path.is_file():
+        pytest.skip(f"{path.name} is not in this checkout")
+    rows = [row for _, row in read_jsonl(path)]
     assert rows and not any(is_evaluation_row(row) for row in rows)
+    # One sampling rule per file, the one the docs give for it.
+    assert all(row.get("sampling") == FIRST_TURN_FILES[path] for row in rows)
     # Every row names its prompt's source and license, and no prompt was distilled twice.
     assert all(isinstance(row.get("source"), str) and isinstance(row.get("license"), str) for row in rows)
     assert len({row["prompt_index"] for row in rows}) == len(rows)

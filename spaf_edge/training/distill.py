@@ -9,7 +9,9 @@ generates replies (greedy unless a temperature is given) and appends chat rows t
 
 ``source``/``license`` (and any other fields of the prompt row) are carried over for
 attribution; ``distilled_with`` names the backend (and the export or torch device) that
-wrote the row; ``spaf-edge train`` reads only ``messages``. The output is resumable: rows
+wrote the row; sampled rows add ``"sampling": {"temperature", "top_p", "seed"}`` (greedy rows have
+no such field, and a file keeps one rule: a resume with another is refused); ``spaf-edge train``
+reads only ``messages``. The output is resumable: rows
 are appended as whole lines and flushed per group (a batch, or one prompt with ONNX); on
 restart a partial last line is cut off and prompts whose ``prompt_index`` is already
 written are skipped. Prompts are processed in order of token length, so the written order
@@ -149,8 +151,20 @@ def shard_prompts(rows: list[PromptRow], shard: tuple[int, int] | None) -> list[
     return [row for row in rows if row.index % count == index]
 
 
-def repair_and_read_done(out: Path) -> set[int]:
-    """Cut a partial last line off ``out`` and return the prompt indices it holds."""
+def sampling_record(temperature: float, top_p: float, seed: int) -> dict[str, float] | None:
+    """What a sampled row records of how it was drawn (``"sampling"``); None for greedy rows, which carry no
+    such field (the rows of older runs are all greedy)."""
+    if temperature <= 0:
+        return None
+    return {"temperature": temperature, "top_p": top_p, "seed": seed}
+
+
+def repair_and_read_done(out: Path, sampling: dict[str, float] | None = None) -> set[int]:
+    """Cut a partial last line off ``out`` and return the prompt indices it holds.
+
+    A row drawn under another sampling rule than ``sampling`` (:func:`sampling_record`; greedy rows have
+    none) is refused: a resumed run would mix greedy and sampled replies, or two temperatures, in one file.
+    """
     if not out.is_file():
         return set()
     data = out.read_bytes()
@@ -164,13 +178,26 @@ def repair_and_read_done(out: Path) -> set[int]:
         if not line.strip():
             continue
         try:
-            done.add(int(json.loads(line)["prompt_index"]))
+            row = json.loads(line)
+            done.add(int(row["prompt_index"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ConfigError(
                 f"{out}:{number} is not a row written by `spaf-edge distill` ({exc}). "
                 "Pass a new --out file, or remove the foreign lines."
             ) from exc
+        if row.get("sampling") != sampling:
+            raise ConfigError(
+                f"{out}:{number} was {describe_sampling(row.get('sampling'))}, and this run asks for "
+                f"{describe_sampling(sampling)}. Keep one sampling rule per file: pass another --out, or the "
+                "file's own --temperature/--top-p/--seed to continue it."
+            )
     return done
+
+
+def describe_sampling(record: dict[str, float] | None) -> str:
+    if record is None:
+        return "greedy"
+    return f"sampled at temperature {record['temperature']}, top-p {record['top_p']}, seed {record['seed']}"
 
 
 BACKENDS = ("auto", "onnx", "torch")
@@ -238,7 +265,8 @@ def distill(
     else:
         prompt_rows = read_prompts(prompts_path)
     rows = shard_prompts(select_prompts(prompt_rows, limit, shuffle, seed), shard)
-    done = repair_and_read_done(out)
+    drawn = sampling_record(temperature, top_p, seed)
+    done = repair_and_read_done(out, drawn)
     pending = [row for row in rows if row.index not in done]
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     chosen = resolve_backend(backend, device, model)
@@ -274,7 +302,7 @@ def distill(
             lines = []
             for (row, _), (tokens, finish) in zip(batch, replies.generate(batch)):
                 text = replies.tokenizer.decode(tokens, skip_special_tokens=True)
-                lines.append(json.dumps(output_row(row, text, finish, replies.label), ensure_ascii=False) + "\n")
+                lines.append(json.dumps(output_row(row, text, finish, replies.label, drawn), ensure_ascii=False) + "\n")
                 summary.new_tokens += len(tokens)
             handle.write("".join(lines))
             handle.flush()
@@ -425,10 +453,12 @@ def torch_device(name: str) -> Any:
     return device
 
 
-def output_row(row: PromptRow, reply: str, finish_reason: str, label: dict[str, str]) -> dict[str, Any]:
+def output_row(row: PromptRow, reply: str, finish_reason: str, label: dict[str, str],
+               sampling: dict[str, float] | None = None) -> dict[str, Any]:
     messages = [*row.messages, {"role": "assistant", "content": reply}]
+    drawn = {} if sampling is None else {"sampling": sampling}
     return {"messages": messages, "prompt_index": row.index, "finish_reason": finish_reason,
-            "distilled_with": label, **row.extra}
+            "distilled_with": label, **drawn, **row.extra}
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
