@@ -19,11 +19,13 @@ from spaf_edge.cli import options
 @click.option("--max-new-tokens", type=options.NEW_TOKENS, default=256, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "onnx", "torch"]), default="auto", show_default=True,
               help="onnx: the ONNX Runtime engine's lossless SpAF decoding of an fp32 export (exported once, "
-                   "cached), one prompt at a time: the fast one on a CPU. torch: transformers generate in "
-                   "batches: the one for a GPU. auto: torch when --device is CUDA or (auto) torch sees a GPU, "
-                   "else onnx.")
-@click.option("--batch-size", type=int, default=8, show_default=True,
-              help="Prompts generated together (torch backend; onnx generates one at a time).")
+                   "cached), one prompt at a time; its greedy replies are the base's, token for token. torch: "
+                   "transformers generate in batches: the one for a GPU, and 1.4-1.6x onnx on a 2-core AVX2 "
+                   "CPU at --batch-size 64 (docs/training.md). auto: torch when --device is CUDA or (auto) "
+                   "torch sees a GPU, else onnx.")
+@click.option("--batch-size", type=int, default=64, show_default=True,
+              help="Prompts generated together (torch backend; onnx generates one at a time). On a CPU, 16 "
+                   "made about half the tokens per second of 64.")
 @click.option("--limit", type=int, default=None, help="Use only N prompts (the first N, or random with --shuffle).")
 @click.option("--shuffle", is_flag=True, help="Pick --limit prompts at random (seeded) instead of the first ones.")
 @click.option("--seed", type=options.SEED, default=0, show_default=True, help="Seed of --shuffle and of sampling.")
