@@ -116,6 +116,12 @@ def test_sampled_distill_is_seeded(tiny, prompts, tmp_path):
     second = run(tiny, prompts, tmp_path / "b.jsonl", temperature=1.0, seed=3)
     assert first.written == second.written == 7
     assert read_rows(tmp_path / "a.jsonl") == read_rows(tmp_path / "b.jsonl")
+    # On a CPU each prompt draws from its own seed: a run stopped after 3 prompts and resumed, with
+    # another batch size, writes the same replies.
+    run(tiny, prompts, tmp_path / "c.jsonl", temperature=1.0, seed=3, limit=3, batch_size=2)
+    run(tiny, prompts, tmp_path / "c.jsonl", temperature=1.0, seed=3, batch_size=5)
+    by_prompt = {row["prompt_index"]: row for row in read_rows(tmp_path / "a.jsonl")}
+    assert {row["prompt_index"]: row for row in read_rows(tmp_path / "c.jsonl")} == by_prompt
 
 
 def test_sampled_rows_record_their_rule_and_a_file_keeps_one(tiny, prompts, tmp_path):
@@ -254,9 +260,9 @@ def test_onnx_greedy_replies_are_torch_greedy_token_for_token(saved, prompts, tm
     sampling = dict(max_new_tokens=24, temperature=0.0, top_p=1.0, seed=0)
     torch_replies = torch_backend(saved[0], None, None, "cpu", 1, **sampling)
     onnx_replies = onnx_backend(saved[0], tokenizer, saved[1], None, 1, 64, **sampling)
-    expected = [torch_replies.generate([item])[0] for item in batch]  # one at a time: no padding
-    assert onnx_replies.generate(batch) == expected
-    assert sum(len(tokens) for tokens, _ in expected) > 4 * 8  # replies long enough to mean something
+    expected = [next(torch_replies.generate([item])) for item in batch]  # one at a time: no padding
+    assert list(onnx_replies.generate(batch)) == [(position, *reply) for position, (_, *reply) in enumerate(expected)]
+    assert sum(len(tokens) for _, tokens, _ in expected) > 4 * 8  # replies long enough to mean something
 
     # End to end, from the same prompt file: the same rows but for the label of the backend.
     torch_rows = {row["prompt_index"]: row for row in read_rows(_written(run_saved(
@@ -266,7 +272,7 @@ def test_onnx_greedy_replies_are_torch_greedy_token_for_token(saved, prompts, tm
     assert len(onnx_rows) == 7
     for index, row in onnx_rows.items():
         assert row.pop("distilled_with")["backend"] == "onnx"
-        assert torch_rows[index].pop("distilled_with") == {"backend": "torch", "device": "cpu"}
+        assert torch_rows[index].pop("distilled_with") == {"backend": "torch", "device": "cpu", "batching": "refill"}
         assert row == torch_rows[index]
 
 

@@ -29,14 +29,16 @@ with the base's tokenizer):
   speculative-sampling rule, so replies are drawn from the base's distribution (not the
   same draws as torch's for a seed). Faster than batched ``generate`` at batch 8 on an AVX-512
   CPU, slower than it at batch 64 on an AVX2 one (docs/training.md).
-- ``torch``: transformers ``generate`` in batches with left padding. Batched greedy
-  decoding may differ from unbatched decoding by float rounding after a near-tie; for
-  training data that does not matter. The choice for a GPU.
+- ``torch``: ``--batch-size`` prompts decoded together. On a CPU a row whose reply ends takes
+  the next prompt at once (:mod:`spaf_edge.training.refill`), so no slot idles until its batch's
+  longest reply ends; on a GPU transformers ``generate`` runs batch after batch with left padding.
+  Batched greedy decoding may differ from unbatched decoding by float rounding after a near-tie;
+  for training data that does not matter. The choice for a GPU, and on a 2-core AVX2 CPU.
 
 ``auto`` picks ``torch`` when CUDA is chosen or available (or a torch model is passed in),
-``onnx`` otherwise. Sampling is seeded per prompt group (``seed * 1_000_003`` plus the
-first prompt's index), so a resumed run draws what an uninterrupted one would (for torch,
-with the same batch size).
+``onnx`` otherwise. Sampling is seeded per prompt (``seed * 1_000_003`` plus the prompt's
+index; per batch, from its first prompt, for ``generate`` on a GPU), so a resumed run draws
+what an uninterrupted one would (for ``generate``, with the same batch size).
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ import json
 import logging
 import os
 import random
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,19 +205,21 @@ def describe_sampling(record: dict[str, float] | None) -> str:
 
 
 BACKENDS = ("auto", "onnx", "torch")
+SYNC_SECONDS = 1.0  # rows are flushed as they end and fsynced at least this often and after each group
 EXPORT_LENGTH_STEP = 1024  # onnx exports hold a multiple of this many KV rows, so settings share exports
 
 
 @dataclass
 class ReplyBackend:
-    """Generates the replies of a group of prompts: ``generate([(row, prompt_ids), ...])``."""
+    """Generates the replies of a group of prompts: ``generate([(row, prompt_ids), ...])`` yields
+    ``(position in the group, reply tokens, finish reason)`` for each, in the order they end."""
 
     name: str  # "onnx" | "torch"
     tokenizer: Any  # the base's transformers tokenizer: encodes prompts, decodes replies
     group: int  # prompts generated (and written) together
     device: str
     label: dict[str, str]  # written into each row as "distilled_with"
-    generate: Callable[[list[tuple[PromptRow, list[int]]]], list[tuple[list[int], str]]]
+    generate: Callable[[list[tuple[PromptRow, list[int]]]], Iterator[tuple[int, list[int], str]]]
 
 
 def distill(
@@ -298,19 +303,22 @@ def distill(
     with out.open("a", encoding="utf-8") as handle, progress_bar(
         total=len(kept), desc="distill", unit="prompt", disable=not progress
     ) as bar:
+        synced = time.perf_counter()
         for start in range(0, len(kept), replies.group):
             batch = kept[start : start + replies.group]
-            lines = []
-            for (row, _), (tokens, finish) in zip(batch, replies.generate(batch)):
+            for position, tokens, finish in replies.generate(batch):
                 text = replies.tokenizer.decode(tokens, skip_special_tokens=True)
-                lines.append(json.dumps(output_row(row, text, finish, replies.label, drawn), ensure_ascii=False) + "\n")
+                row = output_row(batch[position][0], text, finish, replies.label, drawn)
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                handle.flush()
+                if time.perf_counter() - synced >= SYNC_SECONDS:
+                    os.fsync(handle.fileno())
+                    synced = time.perf_counter()
                 summary.new_tokens += len(tokens)
-            handle.write("".join(lines))
-            handle.flush()
+                summary.written += 1
+                summary.seconds = time.perf_counter() - started
+                advance(bar, 1, **{"tok/s": f"{summary.tokens_per_second:.0f}"})
             os.fsync(handle.fileno())
-            summary.written += len(batch)
-            summary.seconds = time.perf_counter() - started
-            advance(bar, len(batch), **{"tok/s": f"{summary.tokens_per_second:.0f}"})
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -340,7 +348,9 @@ def torch_backend(
     base_model: str | None, model: Any, tokenizer: Any, device: str, batch_size: int, max_new_tokens: int,
     temperature: float, top_p: float, seed: int,
 ) -> ReplyBackend:
-    """transformers ``generate`` in batches of ``batch_size`` prompts (left padding)."""
+    """``batch_size`` prompts decoded together. On a CPU a row whose reply ends takes the next prompt at once
+    (:mod:`spaf_edge.training.refill`; each prompt samples from its own seed); elsewhere transformers
+    ``generate`` runs batch after batch (left padding; one seed per batch)."""
     import torch
 
     target = None if device == "auto" else torch_device(device)
@@ -355,11 +365,23 @@ def torch_backend(
     eos_ids = eos_token_ids(model, tokenizer)
     where = str(next(model.parameters()).device)
 
-    def generate(batch: list[tuple[PromptRow, list[int]]]) -> list[tuple[list[int], str]]:
-        torch.manual_seed(group_seed(seed, batch[0][0].index))
-        return generate_batch(model, [ids for _, ids in batch], pad_id, eos_ids, max_new_tokens, temperature, top_p)
+    label = {"backend": "torch", "device": where}
+    if next(model.parameters()).device.type == "cpu":
+        from spaf_edge.training.refill import generate_refilled, pick_tokens
 
-    return ReplyBackend("torch", tokenizer, batch_size, where, {"backend": "torch", "device": where}, generate)
+        def refill(batch: list[tuple[PromptRow, list[int]]]) -> Iterator[tuple[int, list[int], str]]:
+            pick = pick_tokens(temperature, top_p, [group_seed(seed, row.index) for row, _ in batch])
+            return generate_refilled(model, [ids for _, ids in batch], eos_ids, max_new_tokens, batch_size, pick)
+
+        # One group: the slots are refilled from all prompts, and rows are written as they end.
+        return ReplyBackend("torch", tokenizer, sys.maxsize, where, {**label, "batching": "refill"}, refill)
+
+    def generate(batch: list[tuple[PromptRow, list[int]]]) -> Iterator[tuple[int, list[int], str]]:
+        torch.manual_seed(group_seed(seed, batch[0][0].index))
+        yield from enumerate(generate_batch(model, [ids for _, ids in batch], pad_id, eos_ids, max_new_tokens,
+                                            temperature, top_p))
+
+    return ReplyBackend("torch", tokenizer, batch_size, where, label, generate)
 
 
 def onnx_backend(
@@ -397,13 +419,11 @@ def onnx_backend(
         )
     eos = set(engine.eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
-    def generate(batch: list[tuple[PromptRow, list[int]]]) -> list[tuple[list[int], str]]:
-        replies = []
-        for row, ids in batch:
+    def generate(batch: list[tuple[PromptRow, list[int]]]) -> Iterator[tuple[int, list[int], str]]:
+        for position, (row, ids) in enumerate(batch):
             result = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                      top_k=0, seed=group_seed(seed, row.index))
-            replies.append(cut_reply(result.tokens, eos))
-        return replies
+            yield (position, *cut_reply(result.tokens, eos))
 
     label = {"backend": "onnx", "export": (engine.manifest.manifest_sha256 or "")[:16]}
     return ReplyBackend("onnx", tokenizer, 1, f"{engine.provider.name} (onnxruntime)", label, generate)
