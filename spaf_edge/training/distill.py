@@ -11,8 +11,8 @@ generates replies (greedy unless a temperature is given) and appends chat rows t
 attribution; ``distilled_with`` names the backend (and the export or torch device) that
 wrote the row; sampled rows add ``"sampling": {"temperature", "top_p", "seed"}`` (greedy rows have
 no such field, and a file keeps one rule: a resume with another is refused); ``spaf-edge train``
-reads only ``messages``. The output is resumable: rows
-are appended as whole lines and flushed per group (a batch, or one prompt with ONNX); on
+reads only ``messages``. The output is resumable: each row is appended as a whole line when
+its reply ends and fsynced within a second (and after each group); on
 restart a partial last line is cut off and prompts whose ``prompt_index`` is already
 written are skipped. Prompts are processed in order of token length, so the written order
 differs from the prompt file's. With ``second_turns`` the prompts are first-turn rows of an
