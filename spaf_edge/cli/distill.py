@@ -20,9 +20,9 @@ from spaf_edge.cli import options
 @click.option("--backend", type=click.Choice(["auto", "onnx", "torch"]), default="auto", show_default=True,
               help="onnx: the ONNX Runtime engine's lossless SpAF decoding of an fp32 export (exported once, "
                    "cached), one prompt at a time; its greedy replies are the base's, token for token. torch: "
-                   "transformers generate in batches: the one for a GPU, and 1.4-1.6x onnx on a 2-core AVX2 "
-                   "CPU at --batch-size 64 (docs/training.md). auto: torch when --device is CUDA or (auto) "
-                   "torch sees a GPU, else onnx.")
+                   "--batch-size prompts decoded together (on a CPU a finished row takes the next prompt at "
+                   "once): the one for a GPU, and the faster one on a 2-core AVX2 CPU (docs/training.md). "
+                   "auto: torch when --device is CUDA or (auto) torch sees a GPU, else onnx.")
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Prompts generated together (torch backend; onnx generates one at a time). On a CPU, 16 "
                    "made about half the tokens per second of 64.")

@@ -73,7 +73,7 @@ def generate_refilled(
     device = next(model.parameters()).device
     cache = None
     mask = torch.zeros((0, 0), dtype=torch.long, device=device)  # [slots, cache columns]: 1 = read
-    active: list[Slot] = []
+    active: list[Slot | None] = []  # None: a slot left empty once no prompt is pending
     feed: list[int] = []  # the token each active slot feeds next
 
     def finished(slot: Slot, token: int) -> str | None:
