@@ -45,7 +45,7 @@ class SpAFModel(nn.Module):
         # Draft vocabulary: token ids whose LM-head rows the drafts use (all when empty).
         self.register_buffer("draft_vocab", torch.zeros(0, dtype=torch.long), persistent=False)
         self.fingerprint = model_fingerprint(base)
-        self._cache_kwarg = _cache_kwarg_name(self.arch.layers(base)[0])
+        self._cache_kwarg = cache_kwarg_name(self.arch.layers(base)[0])
         self.build_spaf_modules(config)
 
     def build_spaf_modules(self, config: SpAFConfig) -> None:
@@ -441,7 +441,7 @@ def read_component_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _cache_kwarg_name(layer: nn.Module) -> str:
-    # transformers 5.x renamed the decoder layers' ``past_key_values`` argument to ``cache``.
-    params = inspect.signature(layer.forward).parameters
+def cache_kwarg_name(module: nn.Module) -> str:
+    # transformers 5.x renamed the ``past_key_values`` argument (of decoder layers and models) to ``cache``.
+    params = inspect.signature(module.forward).parameters
     return "cache" if "cache" in params else "past_key_values"

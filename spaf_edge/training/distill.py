@@ -216,7 +216,7 @@ class ReplyBackend:
 
     name: str  # "onnx" | "torch"
     tokenizer: Any  # the base's transformers tokenizer: encodes prompts, decodes replies
-    group: int  # prompts generated (and written) together
+    group: int  # prompts handed to one generate call (rows are written as each reply ends)
     device: str
     label: dict[str, str]  # written into each row as "distilled_with"
     generate: Callable[[list[tuple[PromptRow, list[int]]]], Iterator[tuple[int, list[int], str]]]
@@ -499,12 +499,10 @@ def generate_batch(
     """Left-pad, generate, and cut each reply at its first EOS. Returns (tokens, finish_reason)."""
     import torch
 
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # [B, P]
-    attention = torch.zeros_like(input_ids)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        attention[row, width - len(ids):] = 1
+    from spaf_edge.training.refill import left_pad
+
+    input_ids, attention = left_pad(prompts, pad_id)  # [B, P]
+    width = input_ids.shape[1]
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None}

@@ -14,13 +14,14 @@ unbatched decoding after a near-tie, as with any batched float arithmetic.
 
 from __future__ import annotations
 
-import inspect
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from spaf_edge.model import cache_kwarg_name
 
 # Cut the cache's left columns once this many are unread by every slot (each cut copies the cache).
 TRIM_COLUMNS = 32
@@ -71,6 +72,7 @@ def generate_refilled(
     eos = set(eos_ids)
     pending = deque(range(len(prompts)))
     device = next(model.parameters()).device
+    cache_name = cache_kwarg_name(model)
     cache = None
     mask = torch.zeros((0, 0), dtype=torch.long, device=device)  # [slots, cache columns]: 1 = read
     active: list[Slot | None] = []  # None: a slot left empty once no prompt is pending
@@ -124,7 +126,7 @@ def generate_refilled(
         mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
         positions = torch.tensor([[slot.position] for slot in active], device=device)  # [n, 1]
         logits, cache = step(model, input_ids=torch.tensor([[t] for t in feed], device=device), attention_mask=mask,
-                             position_ids=positions, cache=cache)
+                             position_ids=positions, **{cache_name: cache})
         tokens = pick(logits, [slot.prompt for slot in active])
         for index, (slot, token) in enumerate(zip(list(active), tokens)):
             slot.position += 1
@@ -137,12 +139,8 @@ def generate_refilled(
 
 
 def step(model: Any, **inputs: Any) -> tuple[torch.Tensor, Any]:
-    """One forward with a cache: (last position's logits [n, vocab] in fp32, the cache)."""
-    cache = inputs.pop("cache", None)
-    if cache is not None:
-        # transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name warns, then goes).
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        inputs[name] = cache
+    """One forward that keeps its cache (a cache passed in under :func:`cache_kwarg_name`'s name grows):
+    (last position's logits [n, vocab] in fp32, the cache)."""
     out = model(**inputs, use_cache=True, logits_to_keep=1)
     cache = out.cache if "cache" in out else out.past_key_values
     return out.logits[:, -1].float(), cache
@@ -151,15 +149,21 @@ def step(model: Any, **inputs: Any) -> tuple[torch.Tensor, Any]:
 def prefill_padded(model: Any, prompts: list[list[int]]) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """One left-padded prefill of ``prompts``: (cache, mask [n, L], last logits [n, vocab])."""
     device = next(model.parameters()).device
-    width = max(len(ids) for ids in prompts)
-    ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)  # [n, L]
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, device=device)
-        mask[row, width - len(prompt):] = 1
+    ids, mask = (tensor.to(device) for tensor in left_pad(prompts, 0))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits, cache = step(model, input_ids=ids, attention_mask=mask, position_ids=positions)
     return cache, mask, logits
+
+
+def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompts`` right-aligned in one tensor: (ids [n, L] with ``pad_id`` before each prompt, mask [n, L])."""
+    width = max(len(ids) for ids in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
 
 
 def place(cache: Any, mask: torch.Tensor, index: int, single: Any) -> tuple[Any, torch.Tensor]:
